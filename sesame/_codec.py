@@ -1,0 +1,336 @@
+"""
+Wire codecs: protobuf tunnel frames <-> the codec-neutral frames of
+:mod:`sesame._frames`.
+
+``SesameCodec`` speaks ``sesame.type`` (joeycumines/sesame), ``GrpcTunnelCodec``
+speaks ``grpctunnel.v1`` (jhump/grpctunnel).  A codec is built for one role:
+the tunnel client encodes ``ClientToServer`` and decodes ``ServerToClient``,
+the tunnel server the reverse.  Decoding never raises: anything malformed
+becomes an :class:`~sesame._frames.Invalid` frame that the core turns into the
+right protocol error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+
+from sesame._core import GRPCTUNNEL_FLOW, SESAME_FLOW, FlowPolicy, Role
+from sesame._frames import (
+    Cancel,
+    CloseStream,
+    Frame,
+    HalfClose,
+    Headers,
+    Invalid,
+    Message,
+    MessageData,
+    Metadata,
+    NewStream,
+    Settings,
+    Status,
+    WindowUpdate,
+)
+from sesame.grpctunnel.v1 import tunnel_pb2 as gt_pb
+from sesame.type import grpcmetadata_pb2 as md_pb
+from sesame.type import grpctunnel_pb2 as st_pb
+
+NEGOTIATE_KEY = "grpctunnel-negotiate"
+
+
+def status_to_proto(status: Status) -> status_pb2.Status:
+    pb = status_pb2.Status(code=status.code, message=status.message)
+    if status.details:
+        pb.details.extend(status.details)
+    return pb
+
+
+def status_from_proto(pb: status_pb2.Status) -> Status:
+    return Status(pb.code, pb.message, tuple(pb.details))
+
+
+def _group(md: Metadata) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for k, v in md:
+        grouped.setdefault(k, []).append(v)
+    return grouped
+
+
+def _bin(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+def _text(v: Any) -> str:
+    return v.decode("latin-1") if isinstance(v, bytes) else str(v)
+
+
+class Codec:
+    """Common shape of both codecs."""
+
+    name: str
+    policy: FlowPolicy
+    strict_ids: bool
+    first_stream_id: int
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    def encode(self, frame: Frame) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> Frame:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SesameCodec(Codec):
+    name = "sesame.type"
+    policy = SESAME_FLOW
+    strict_ids = False
+    first_stream_id = 1
+    service = "sesame.type.TunnelService"
+
+    def __init__(self, role: Role) -> None:
+        super().__init__(role)
+        if role is Role.CLIENT:
+            self._out_type, self._in_type = st_pb.ClientToServer, st_pb.ServerToClient
+            self._decode_one: Callable[[Any], Frame] = self._decode_s2c
+        else:
+            self._out_type, self._in_type = st_pb.ServerToClient, st_pb.ClientToServer
+            self._decode_one = self._decode_c2s
+
+    # metadata (PROTOCOL.md 1.3.1)
+    @staticmethod
+    def md_to_proto(md: Metadata, pb: md_pb.GrpcMetadata) -> None:
+        data = pb.data
+        for k, values in _group(md).items():
+            entry = data[k]
+            if k.endswith("-bin"):
+                entry.bin.values.extend(_bin(v) for v in values)
+            else:
+                entry.str.values.extend(_text(v) for v in values)
+
+    @staticmethod
+    def md_from_proto(pb: md_pb.GrpcMetadata) -> Metadata:
+        out: list[tuple[str, Any]] = []
+        for k, value in pb.data.items():
+            which = value.WhichOneof("data")
+            if which == "bin":
+                out.extend((k, v) for v in value.bin.values)
+            elif which == "str":
+                out.extend((k, v) for v in value.str.values)
+        return tuple(out)
+
+    def encode(self, frame: Frame) -> bytes:
+        pb = self._out_type(stream_id=frame.stream_id)
+        t = type(frame)
+        if t is MessageData:
+            pb.message_data = frame.data
+        elif t is Message:
+            pb.message.size = frame.size
+            pb.message.data = frame.data
+        elif t is WindowUpdate:
+            pb.window_update = frame.increment
+        elif t is NewStream:
+            pb.new_stream.method = frame.method
+            self.md_to_proto(frame.headers, pb.new_stream.header)
+        elif t is Headers:
+            pb.header.SetInParent()
+            self.md_to_proto(frame.headers, pb.header)
+        elif t is HalfClose:
+            pb.half_close.SetInParent()
+        elif t is Cancel:
+            pb.cancel.SetInParent()
+        elif t is CloseStream:
+            cs = pb.close_stream
+            cs.status.CopyFrom(status_to_proto(frame.status))
+            if frame.trailers:
+                self.md_to_proto(frame.trailers, cs.trailer)
+        else:
+            raise TypeError(f"{self.name} cannot encode {t.__name__}")
+        return pb.SerializeToString()
+
+    def decode(self, data: bytes) -> Frame:
+        try:
+            pb = self._in_type.FromString(data)
+        except DecodeError as exc:
+            return Invalid(0, f"undecodable frame: {exc}")
+        if pb.stream_id == 0:
+            return Invalid(0, "stream id 0")
+        return self._decode_one(pb)
+
+    def _decode_c2s(self, pb: Any) -> Frame:
+        sid = pb.stream_id
+        which = pb.WhichOneof("frame")
+        if which == "message_data":
+            return MessageData(sid, pb.message_data)
+        if which == "message":
+            return Message(sid, pb.message.size, pb.message.data)
+        if which == "window_update":
+            return WindowUpdate(sid, pb.window_update)
+        if which == "new_stream":
+            ns = pb.new_stream
+            return NewStream(sid, ns.method, self.md_from_proto(ns.header))
+        if which == "half_close":
+            return HalfClose(sid)
+        if which == "cancel":
+            return Cancel(sid)
+        return Invalid(sid, "no frame set")
+
+    def _decode_s2c(self, pb: Any) -> Frame:
+        sid = pb.stream_id
+        which = pb.WhichOneof("frame")
+        if which == "message_data":
+            return MessageData(sid, pb.message_data)
+        if which == "message":
+            return Message(sid, pb.message.size, pb.message.data)
+        if which == "window_update":
+            return WindowUpdate(sid, pb.window_update)
+        if which == "header":
+            return Headers(sid, self.md_from_proto(pb.header))
+        if which == "close_stream":
+            cs = pb.close_stream
+            return CloseStream(
+                sid,
+                status_from_proto(cs.status),
+                self.md_from_proto(cs.trailer) if cs.HasField("trailer") else (),
+            )
+        return Invalid(sid, "no frame set")
+
+
+class GrpcTunnelCodec(Codec):
+    """
+    ``grpctunnel.v1``.  ``-bin`` metadata values travel as text whose
+    characters are the bytes U+0000-U+00FF (Latin-1), as grpctunnel-py does;
+    the proto field is a ``string``, so raw non-UTF-8 bytes cannot be sent.
+    """
+
+    name = "grpctunnel.v1"
+    policy = GRPCTUNNEL_FLOW
+    strict_ids = True
+    first_stream_id = 1
+    service = "grpctunnel.v1.TunnelService"
+
+    def __init__(self, role: Role) -> None:
+        super().__init__(role)
+        if role is Role.CLIENT:
+            self._out_type, self._in_type = gt_pb.ClientToServer, gt_pb.ServerToClient
+            self._decode_one: Callable[[Any], Frame] = self._decode_s2c
+        else:
+            self._out_type, self._in_type = gt_pb.ServerToClient, gt_pb.ClientToServer
+            self._decode_one = self._decode_c2s
+
+    @staticmethod
+    def md_to_proto(md: Metadata, pb: gt_pb.Metadata) -> None:
+        for k, values in _group(md).items():
+            entry = pb.md[k]
+            entry.val.extend(_text(v) for v in values)
+
+    @staticmethod
+    def md_from_proto(pb: gt_pb.Metadata) -> Metadata:
+        out: list[tuple[str, Any]] = []
+        for k, value in pb.md.items():
+            if k.endswith("-bin"):
+                out.extend((k, v.encode("latin-1", "replace")) for v in value.val)
+            else:
+                out.extend((k, v) for v in value.val)
+        return tuple(out)
+
+    def encode(self, frame: Frame) -> bytes:
+        pb = self._out_type(stream_id=frame.stream_id)
+        t = type(frame)
+        client = self.role is Role.CLIENT
+        if t is MessageData:
+            if client:
+                pb.more_request_data = frame.data
+            else:
+                pb.more_response_data = frame.data
+        elif t is Message:
+            m = pb.request_message if client else pb.response_message
+            m.size = frame.size
+            m.data = frame.data
+        elif t is WindowUpdate:
+            pb.window_update = frame.increment
+        elif t is NewStream:
+            ns = pb.new_stream
+            ns.method_name = frame.method
+            self.md_to_proto(frame.headers, ns.request_headers)
+            ns.initial_window_size = frame.initial_window or 0
+            ns.protocol_revision = frame.revision or 0
+        elif t is Headers:
+            pb.response_headers.SetInParent()
+            self.md_to_proto(frame.headers, pb.response_headers)
+        elif t is HalfClose:
+            pb.half_close.SetInParent()
+        elif t is Cancel:
+            pb.cancel.SetInParent()
+        elif t is CloseStream:
+            cs = pb.close_stream
+            cs.status.CopyFrom(status_to_proto(frame.status))
+            if frame.trailers:
+                self.md_to_proto(frame.trailers, cs.response_trailers)
+        elif t is Settings:
+            pb.settings.supported_protocol_revisions.extend(frame.revisions)
+            pb.settings.initial_window_size = frame.initial_window
+        else:
+            raise TypeError(f"{self.name} cannot encode {t.__name__}")
+        return pb.SerializeToString()
+
+    def decode(self, data: bytes) -> Frame:
+        try:
+            pb = self._in_type.FromString(data)
+        except DecodeError as exc:
+            return Invalid(0, f"undecodable frame: {exc}")
+        return self._decode_one(pb)
+
+    def _decode_c2s(self, pb: Any) -> Frame:
+        sid = pb.stream_id
+        which = pb.WhichOneof("frame")
+        if which == "more_request_data":
+            return MessageData(sid, pb.more_request_data)
+        if which == "request_message":
+            return Message(sid, pb.request_message.size, pb.request_message.data)
+        if which == "window_update":
+            return WindowUpdate(sid, pb.window_update)
+        if which == "new_stream":
+            ns = pb.new_stream
+            return NewStream(
+                sid,
+                ns.method_name,
+                self.md_from_proto(ns.request_headers),
+                ns.initial_window_size,
+                ns.protocol_revision,
+            )
+        if which == "half_close":
+            return HalfClose(sid)
+        if which == "cancel":
+            return Cancel(sid)
+        return Invalid(sid, "no frame set")
+
+    def _decode_s2c(self, pb: Any) -> Frame:
+        sid = pb.stream_id
+        which = pb.WhichOneof("frame")
+        if which == "more_response_data":
+            return MessageData(sid, pb.more_response_data)
+        if which == "response_message":
+            return Message(sid, pb.response_message.size, pb.response_message.data)
+        if which == "window_update":
+            return WindowUpdate(sid, pb.window_update)
+        if which == "response_headers":
+            return Headers(sid, self.md_from_proto(pb.response_headers))
+        if which == "close_stream":
+            cs = pb.close_stream
+            return CloseStream(
+                sid,
+                status_from_proto(cs.status),
+                self.md_from_proto(cs.response_trailers) if cs.HasField("response_trailers") else (),
+            )
+        if which == "settings":
+            st = pb.settings
+            return Settings(sid, tuple(st.supported_protocol_revisions), st.initial_window_size)
+        return Invalid(sid, "no frame set")
+
+
+CODECS: dict[str, type[Codec]] = {"sesame": SesameCodec, "grpctunnel": GrpcTunnelCodec}

@@ -1,0 +1,430 @@
+"""
+Serving gRPC services over tunnels: a registrar that generated
+``add_FooServicer_to_server(servicer, registry)`` functions accept, and the
+per-stream machinery that runs servicer methods.
+
+Synchronous servicer methods run in the bridge's bounded handler pool, one
+worker per running call (as ``grpc.server`` does); nothing else takes a
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import grpc
+from google.rpc import status_pb2
+
+from sesame._channel import SEND_LIMIT, STATUS_DETAILS_KEY, status_code
+from sesame._codec import status_from_proto
+from sesame._core import StreamRequested
+from sesame._frames import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INVALID_ARGUMENT,
+    OK,
+    UNIMPLEMENTED,
+    UNKNOWN,
+    Status,
+    TunnelError,
+)
+from sesame._tunnel import TunnelConnection
+
+log = logging.getLogger("sesame.server")
+
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def parse_timeout(value: str) -> float | None:
+    """Seconds from a ``grpc-timeout`` value, or None when malformed."""
+    if not value or len(value) > 9 or value[-1] not in _TIMEOUT_UNITS or not value[:-1].isdigit():
+        return None
+    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    invocation_metadata: tuple
+
+
+class ServiceRegistry:
+    """
+    Holds the services a tunnel serves.  Pass it where generated code wants a
+    server: ``foo_pb2_grpc.add_FooServicer_to_server(FooServicer(), registry)``.
+    """
+
+    def __init__(self) -> None:
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._services: set[str] = set()
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(generic_rpc_handlers)
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._services.add(service_name)
+        for name, handler in method_handlers.items():
+            path = f"/{service_name}/{name}"
+            if path in self._methods:
+                raise ValueError(f"method {path} registered twice")
+            self._methods[path] = handler
+
+    def lookup(self, method: str, metadata: tuple = ()) -> grpc.RpcMethodHandler | None:
+        handler = self._methods.get(method)
+        if handler is not None:
+            return handler
+        details = _CallDetails(method, metadata)
+        for g in self._generic:
+            handler = g.service(details)
+            if handler is not None:
+                return handler
+        return None
+
+    @property
+    def empty(self) -> bool:
+        return not self._methods and not self._generic
+
+    def service_names(self) -> list[str]:
+        names = set(self._services)
+        for g in self._generic:
+            name = getattr(g, "service_name", None)
+            if callable(name):
+                names.add(name())
+        return sorted(names)
+
+
+class _Abort(Exception):
+    pass
+
+
+class TunnelServicerContext(grpc.ServicerContext):
+    """The ``context`` a servicer method receives for a tunnelled call."""
+
+    def __init__(self, stream: _ServedStream) -> None:
+        self._s = stream
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self._trailers: tuple = ()
+
+    # RpcContext
+    def is_active(self) -> bool:
+        return not self._s.ended
+
+    def time_remaining(self) -> float | None:
+        d = self._s.deadline
+        return None if d is None else max(d - time.monotonic(), 0.0)
+
+    def cancel(self) -> None:
+        self._s.cancel_from_handler()
+
+    def add_callback(self, callback: Callable[[], Any]) -> bool:
+        return self._s.add_callback(callback)
+
+    # ServicerContext
+    def invocation_metadata(self) -> tuple:
+        return self._s.metadata
+
+    def peer(self) -> str:
+        return self._s.conn.outer.peer()
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def auth_context(self) -> dict:
+        return {}
+
+    def set_compression(self, compression: Any) -> None:
+        pass
+
+    def disable_next_message_compression(self) -> None:
+        pass
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self._s.send_headers(tuple(initial_metadata))
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._trailers = tuple(trailing_metadata)
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailers
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        if code == grpc.StatusCode.OK:
+            code = grpc.StatusCode.UNKNOWN
+        self._code = code
+        self._details = details
+        raise _Abort(details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self._trailers = (*self._trailers, *(status.trailing_metadata or ()))
+        self.abort(status.code, status.details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def final_status(self) -> tuple[Status, tuple]:
+        code = self._code.value[0] if self._code is not None else OK
+        status = Status(code, self._details or "")
+        trailers = []
+        for k, v in self._trailers:
+            if k == STATUS_DETAILS_KEY:
+                try:
+                    pb = status_pb2.Status.FromString(v)
+                    status = Status(code, self._details or pb.message, status_from_proto(pb).details)
+                except Exception:  # noqa: BLE001
+                    trailers.append((k, v))
+            else:
+                trailers.append((k, v))
+        return status, tuple(trailers)
+
+
+class _ServedStream:
+    """One served call: loop-side events in, handler thread out."""
+
+    def __init__(
+        self, conn: TunnelConnection, ev: StreamRequested, handler: grpc.RpcMethodHandler
+    ) -> None:
+        self.conn = conn
+        self.bridge = conn.bridge
+        self.sid = ev.stream_id
+        self.method = ev.method
+        self.handler = handler
+        self.deadline: float | None = None
+        md = []
+        for k, v in ev.headers:
+            if k == "grpc-timeout":
+                t = parse_timeout(v) if isinstance(v, str) else None
+                if t is not None:
+                    d = time.monotonic() + t
+                    self.deadline = d if self.deadline is None else min(self.deadline, d)
+            else:
+                md.append((k, v))
+        self.metadata = tuple(md)
+        self.cond = threading.Condition()
+        self.requests: deque[tuple[bytes, int]] = deque()
+        self.requests_done = False
+        self.ended = False
+        self.end_status: Status | None = None
+        self.callbacks: list[Callable[[], Any]] = []
+        self.paused = False
+        self.unsent = 0
+        self.started = False
+        self.got_request = False
+        self.timer = None
+        if self.deadline is not None:
+            self.timer = conn.loop.call_later(
+                max(self.deadline - time.monotonic(), 0), self._expire
+            )
+        if handler.request_streaming:
+            self._start()
+
+    # --- loop side ------------------------------------------------------------
+
+    def _expire(self) -> None:
+        self.timer = None
+        self.conn.cancel(self.sid, Status(DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def on_headers(self, headers: tuple) -> None:  # pragma: no cover - client-side event
+        pass
+
+    def on_message(self, data: bytes, cost: int) -> None:
+        if not self.handler.request_streaming:
+            if self.got_request:
+                self.conn.close_stream(
+                    self.sid,
+                    Status(INVALID_ARGUMENT,
+                           f"Already received request for non-client-stream method {self.method}"),
+                )
+                return
+            self.got_request = True
+            self.conn.consumed(self.sid, cost)
+            with self.cond:
+                self.requests.append((data, 0))
+            return
+        with self.cond:
+            self.requests.append((data, cost))
+            self.cond.notify_all()
+
+    def on_requests_ended(self) -> None:
+        with self.cond:
+            self.requests_done = True
+            self.cond.notify_all()
+        if not self.handler.request_streaming and not self.started:
+            if not self.got_request:
+                # A peer that never sends empty messages (grpctunnel-py) means
+                # "the default message" here.
+                self.requests.append((b"", 0))
+            self._start()
+
+    def on_writable(self) -> None:
+        with self.cond:
+            self.paused = False
+            self.cond.notify_all()
+
+    def on_end(self, status: Status, trailers: tuple, local: bool) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        with self.cond:
+            self.ended = True
+            self.end_status = status
+            self.cond.notify_all()
+            callbacks, self.callbacks = self.callbacks, []
+        if callbacks:
+            pool = self.bridge.handler_pool()
+            for cb in callbacks:
+                pool.submit(_quietly, cb)
+
+    def _start(self) -> None:
+        self.started = True
+        try:
+            self.bridge.handler_pool().submit(self._run)
+        except RuntimeError:  # pool shut down
+            self.conn.cancel(self.sid, Status(CANCELLED, "server shutting down"))
+
+    def _loop_send(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.core.is_live(self.sid):
+            try:
+                conn.send_message(self.sid, data)
+            except TunnelError as exc:
+                conn.cancel(self.sid, Status(exc.code, str(exc)))
+        with self.cond:
+            self.unsent -= len(data)
+            if conn.core.queued_bytes(self.sid) > conn.core.send_low_water:
+                self.paused = True
+            self.cond.notify_all()
+
+    def _loop_headers(self, headers: tuple) -> None:
+        if self.conn.core.is_live(self.sid):
+            try:
+                self.conn.send_headers(self.sid, headers)
+            except TunnelError:
+                log.warning("initial metadata sent twice on %s", self.method)
+
+    def _loop_finish(self, status: Status, trailers: tuple) -> None:
+        self.conn.close_stream(self.sid, status, trailers)
+
+    # --- handler thread side ----------------------------------------------------
+
+    def add_callback(self, cb: Callable[[], Any]) -> bool:
+        with self.cond:
+            if self.ended:
+                return False
+            self.callbacks.append(cb)
+            return True
+
+    def cancel_from_handler(self) -> None:
+        self.bridge.post(self.conn.cancel, self.sid, Status(CANCELLED, "cancelled by server"))
+
+    def send_headers(self, headers: tuple) -> None:
+        self.bridge.post(self._loop_headers, headers)
+
+    def send(self, data: bytes) -> bool:
+        with self.cond:
+            while not self.ended and (self.paused or self.unsent > SEND_LIMIT):
+                self.cond.wait()
+            if self.ended:
+                return False
+            self.unsent += len(data)
+        self.bridge.post(self._loop_send, data)
+        return True
+
+    def request_iterator(self) -> Iterator[Any]:
+        de = self.handler.request_deserializer
+        while True:
+            with self.cond:
+                while not self.requests and not self.requests_done and not self.ended:
+                    self.cond.wait()
+                if self.requests:
+                    data, cost = self.requests.popleft()
+                elif self.ended and self.end_status is not None and self.end_status.code != OK:
+                    return
+                else:
+                    return
+            if cost:
+                self.bridge.post(self.conn.consumed, self.sid, cost)
+            yield de(data) if de else data
+
+    def _run(self) -> None:
+        ctx = TunnelServicerContext(self)
+        h = self.handler
+        ser = h.response_serializer
+        try:
+            if self.ended:
+                return
+            if h.request_streaming:
+                arg: Any = self.request_iterator()
+            else:
+                data, _ = self.requests.popleft()
+                de = h.request_deserializer
+                arg = de(data) if de else data
+            if h.unary_unary is not None:
+                resp = h.unary_unary(arg, ctx)
+                if ctx.code() is None or ctx.code() == grpc.StatusCode.OK:
+                    self.send(ser(resp) if ser else resp)
+            elif h.stream_unary is not None:
+                resp = h.stream_unary(arg, ctx)
+                if ctx.code() is None or ctx.code() == grpc.StatusCode.OK:
+                    self.send(ser(resp) if ser else resp)
+            else:
+                fn = h.unary_stream if h.unary_stream is not None else h.stream_stream
+                for resp in fn(arg, ctx):
+                    if not self.send(ser(resp) if ser else resp):
+                        break
+            status, trailers = ctx.final_status()
+        except _Abort:
+            status, trailers = ctx.final_status()
+        except Exception as exc:
+            if self.ended:
+                return
+            log.debug("servicer %s raised", self.method, exc_info=True)
+            status = Status(UNKNOWN, f"Exception calling application: {exc}")
+            trailers = ctx.final_status()[1]
+        self.bridge.post(self._loop_finish, status, trailers)
+
+
+def _quietly(cb: Callable[[], Any]) -> None:
+    try:
+        cb()
+    except Exception:
+        log.exception("callback failed")
+
+
+def stream_factory(
+    registry: ServiceRegistry,
+) -> Callable[[TunnelConnection, StreamRequested], _ServedStream | None]:
+    """The ``on_stream`` hook of a serving :class:`TunnelConnection`."""
+
+    def on_stream(conn: TunnelConnection, ev: StreamRequested) -> _ServedStream | None:
+        handler = registry.lookup(ev.method, ev.headers)
+        if handler is None:
+            conn.core.refuse_stream(
+                ev.stream_id, Status(UNIMPLEMENTED, f"{ev.method} not implemented")
+            )
+            return None
+        return _ServedStream(conn, ev, handler)
+
+    return on_stream
+
+
+__all__ = ["ServiceRegistry", "TunnelServicerContext", "parse_timeout", "status_code"]

@@ -1,0 +1,421 @@
+"""
+A live tunnel: a :class:`~sesame._core.TunnelCore` driven by one outer
+``grpc.aio`` bidi call, on the bridge loop.
+
+:class:`TunnelConnection` reads outer messages, feeds the core, dispatches
+its events to per-stream objects (client calls or served handlers) and writes
+what the core wants sent.  All of its methods run on the bridge loop; other
+threads reach it through ``bridge.post``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from sesame import _core
+from sesame._bridge import Bridge
+from sesame._codec import Codec
+from sesame._core import Role, TunnelCore
+from sesame._frames import (
+    CANCELLED,
+    OK,
+    UNAVAILABLE,
+    Frame,
+    Settings,
+    Status,
+)
+
+log = logging.getLogger("sesame.tunnel")
+
+
+class OuterStream(Protocol):
+    """What a tunnel needs from the outer gRPC call, whichever side holds it."""
+
+    async def read(self) -> bytes | None: ...  # None at end of stream
+    async def write(self, data: bytes) -> None: ...
+    async def done_writing(self) -> None: ...
+    def cancel(self) -> None: ...
+    def peer(self) -> str: ...
+    def metadata(self) -> tuple[tuple[str, Any], ...]: ...
+
+
+class ClientOuter:
+    """The network-client end: a ``grpc.aio`` StreamStreamCall."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, target: str) -> None:
+        self.call = call
+        self._target = target
+        self._md: tuple[tuple[str, Any], ...] = ()
+
+    async def read(self) -> bytes | None:
+        msg = await self.call.read()
+        if msg is grpc.aio.EOF:
+            return None
+        return msg
+
+    async def write(self, data: bytes) -> None:
+        await self.call.write(data)
+
+    async def done_writing(self) -> None:
+        await self.call.done_writing()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    def peer(self) -> str:
+        return self._target
+
+    def metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._md
+
+
+class ServerOuter:
+    """The network-server end: a ``grpc.aio`` ServicerContext."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.context = context
+        self._cancelled = False
+
+    async def read(self) -> bytes | None:
+        msg = await self.context.read()
+        if msg is grpc.aio.EOF:
+            return None
+        return msg
+
+    async def write(self, data: bytes) -> None:
+        await self.context.write(data)
+
+    async def done_writing(self) -> None:
+        return None  # the handler returning ends the call
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def peer(self) -> str:
+        return self.context.peer()
+
+    def metadata(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(self.context.invocation_metadata() or ())
+
+
+class StreamHandler(Protocol):
+    """Receives the core's per-stream events (client call or served stream)."""
+
+    def on_headers(self, headers: tuple) -> None: ...
+    def on_message(self, data: bytes, cost: int) -> None: ...
+    def on_requests_ended(self) -> None: ...
+    def on_writable(self) -> None: ...
+    def on_end(self, status: Status, trailers: tuple, local: bool) -> None: ...
+
+
+class TunnelConnection:
+    """
+    One tunnel on the bridge loop.
+
+    :param on_stream: server role only; called with (connection, event) for
+        each :class:`~sesame._core.StreamRequested` and must return the
+        stream's :class:`StreamHandler` (or refuse the stream itself and
+        return ``None``).
+    """
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        codec: Codec,
+        outer: OuterStream,
+        role: Role,
+        *,
+        on_stream: Callable[[TunnelConnection, _core.StreamRequested], StreamHandler | None]
+        | None = None,
+        send_settings: bool = False,
+        expect_settings: bool = False,
+        max_receive_message: int = _core.DEFAULT_MAX_RECEIVE_MESSAGE,
+        max_send_message: int = _core.MAX_SEND_MESSAGE,
+    ) -> None:
+        self.bridge = bridge
+        self.loop = bridge.loop
+        self.codec = codec
+        self.outer = outer
+        self.role = role
+        self.core = TunnelCore(
+            role,
+            codec.policy,
+            strict_ids=codec.strict_ids,
+            first_stream_id=codec.first_stream_id,
+            max_receive_message=max_receive_message,
+            max_send_message=max_send_message,
+            expect_settings=expect_settings,
+        )
+        self.streams: dict[int, StreamHandler] = {}
+        self._on_stream = on_stream
+        self._outq: list[Frame] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._writer_done = False
+        self.closed: asyncio.Future[Status] = self.loop.create_future()
+        self._drained_waiters: list[asyncio.Future[None]] = []
+        self._close_callbacks: list[Callable[[Status], Any]] = []
+        self.settings_ready: asyncio.Future[None] = self.loop.create_future()
+        if not expect_settings:
+            self.settings_ready.set_result(None)
+        if send_settings:
+            self._outq.append(Settings(-1, (0, 1), codec.policy.recv_window))
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.eof = False  # the peer ended the outer call cleanly
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._writer_task = self.loop.create_task(self._writer())
+        self._tasks.append(self.loop.create_task(self._reader()))
+        self._tasks.append(self._writer_task)
+
+    async def run(self) -> Status:
+        """Start (if needed) and wait until the tunnel is over."""
+        if not self._tasks:
+            self.start()
+        return await asyncio.shield(self.closed)
+
+    def add_close_callback(self, cb: Callable[[Status], Any]) -> None:
+        if self.closed.done():
+            cb(self.closed.result())
+        else:
+            self._close_callbacks.append(cb)
+
+    @property
+    def is_closed(self) -> bool:
+        return self.core.terminated is not None
+
+    def terminate(self, status: Status, *, by_peer: bool = False) -> None:
+        """End the tunnel: every open stream ends with ``status``."""
+        if self.core.terminated is None:
+            self.core.terminate(status, by_peer=by_peer)
+            self.pump()
+
+    async def aclose(self, grace: float | None = 5.0) -> None:
+        """Close politely: drain, flush what is queued, end the outer call."""
+        if self.is_closed:
+            await self._finish_outer()
+            return
+        self.core.start_drain()
+        self.pump()
+        if self.core.open_streams and grace:
+            fut = self.loop.create_future()
+            self._drained_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, grace)
+            except TimeoutError:
+                pass
+        self.terminate(Status(CANCELLED, "tunnel closed"))
+        await self._finish_outer()
+
+    async def _finish_outer(self) -> None:
+        # Let the writer flush, then half-close (client end) and give the
+        # peer a moment to end the call before cancelling it.
+        self._writer_done = True
+        self._kick()
+        t = getattr(self, "_writer_task", None)
+        if t is not None and not t.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(t), 2)
+            except (TimeoutError, Exception):  # noqa: BLE001
+                t.cancel()
+        try:
+            await asyncio.wait_for(self.outer.done_writing(), 2)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), 2)
+        except TimeoutError:
+            self.outer.cancel()
+            self._finish(Status(CANCELLED, "tunnel closed"))
+
+    def _finish(self, status: Status) -> None:
+        self.terminate(status)
+        self._writer_done = True
+        self._kick()
+        if not self.closed.done():
+            self.closed.set_result(status)
+            for cb in self._close_callbacks:
+                try:
+                    cb(status)
+                except Exception:
+                    log.exception("tunnel close callback failed")
+            self._close_callbacks.clear()
+
+    # --- I/O tasks ------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        decode = self.codec.decode
+        core = self.core
+        status = Status(UNAVAILABLE, "tunnel closed by peer")
+        try:
+            while True:
+                data = await self.outer.read()
+                if data is None:
+                    self.eof = True
+                    break
+                self.pump(core.receive_frame(decode(data)))
+                if core.terminated is not None:
+                    status = core.terminated
+                    break
+        except asyncio.CancelledError:
+            status = Status(UNAVAILABLE, "tunnel cancelled")
+        except grpc.aio.AioRpcError as exc:
+            status = Status(UNAVAILABLE, f"tunnel failed: {exc.code().name}: {exc.details()}")
+        except Exception as exc:
+            log.exception("tunnel reader failed")
+            status = Status(UNAVAILABLE, f"tunnel failed: {exc}")
+        if core.terminated is None:
+            self.terminate(status, by_peer=True)
+        else:
+            status = core.terminated
+        # the writer ends once it has flushed the close frames
+        self._writer_done = True
+        self._kick()
+        for t in self._tasks:
+            if t is not asyncio.current_task() and not t.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(t), 2)
+                except Exception:  # noqa: BLE001
+                    t.cancel()
+        self._finish(status)
+
+    async def _writer(self) -> None:
+        encode = self.codec.encode
+        write = self.outer.write
+        try:
+            while True:
+                if not self._outq:
+                    if self._writer_done:
+                        return
+                    self._wake = self.loop.create_future()
+                    await self._wake
+                    self._wake = None
+                    continue
+                batch, self._outq = self._outq, []
+                for frame in batch:
+                    await write(encode(frame))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if not self.is_closed:
+                self.terminate(Status(UNAVAILABLE, f"tunnel write failed: {exc}"))
+
+    def _kick(self) -> None:
+        w = self._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # --- core driving (loop only) -----------------------------------------------
+
+    def pump(self, events: list[_core.Event] | None = None) -> None:
+        """Dispatch the core's events and queue its frames for writing."""
+        core = self.core
+        if events is None:
+            events = core.take_events()
+        while events:
+            for ev in events:
+                self._dispatch(ev)
+            events = core.take_events()
+        out = core.data_to_send()
+        if out:
+            if self._outq:
+                self._outq.extend(out)
+            else:
+                self._outq = out
+            self._kick()
+
+    def _dispatch(self, ev: _core.Event) -> None:
+        t = type(ev)
+        if t is _core.MessageReceived:
+            h = self.streams.get(ev.stream_id)
+            if h is not None:
+                h.on_message(ev.data, ev.cost)
+        elif t is _core.StreamWritable:
+            h = self.streams.get(ev.stream_id)
+            if h is not None:
+                h.on_writable()
+        elif t is _core.HeadersReceived:
+            h = self.streams.get(ev.stream_id)
+            if h is not None:
+                h.on_headers(ev.headers)
+        elif t is _core.RequestsEnded:
+            h = self.streams.get(ev.stream_id)
+            if h is not None:
+                h.on_requests_ended()
+        elif t is _core.StreamEnded:
+            h = self.streams.pop(ev.stream_id, None)
+            if h is not None:
+                h.on_end(ev.status, ev.trailers, ev.local)
+        elif t is _core.StreamRequested:
+            if self._on_stream is None:
+                self.core.refuse_stream(
+                    ev.stream_id, Status(12, f"{ev.method} not implemented")
+                )
+                return
+            h = self._on_stream(self, ev)
+            if h is not None:
+                self.streams[ev.stream_id] = h
+        elif t is _core.SettingsReceived:
+            if not self.settings_ready.done():
+                self.settings_ready.set_result(None)
+        elif t is _core.Drained:
+            for f in self._drained_waiters:
+                if not f.done():
+                    f.set_result(None)
+            self._drained_waiters.clear()
+        elif t is _core.TunnelTerminated:
+            if not self.settings_ready.done():
+                self.settings_ready.set_exception(
+                    ConnectionError(f"tunnel closed: {ev.status.message}")
+                )
+                self.settings_ready.exception()  # mark retrieved
+
+    # --- operations other threads post here -------------------------------------
+
+    def open_stream(self, method: str, headers: tuple, handler: StreamHandler) -> int:
+        sid = self.core.open_stream(method, headers)
+        self.streams[sid] = handler
+        self.pump()
+        return sid
+
+    def send_message(self, sid: int, data: bytes) -> None:
+        self.core.send_message(sid, data)
+        self.pump()
+
+    def half_close(self, sid: int) -> None:
+        if self.core.is_live(sid):
+            self.core.half_close(sid)
+            self.pump()
+
+    def cancel(self, sid: int, status: Status | None = None) -> None:
+        self.core.cancel(sid, status)
+        self.pump()
+
+    def consumed(self, sid: int, cost: int) -> None:
+        self.core.consumed(sid, cost)
+        out = self.core.data_to_send()
+        if out:
+            self._outq.extend(out)
+            self._kick()
+
+    def send_headers(self, sid: int, headers: tuple) -> None:
+        self.core.send_headers(sid, headers)
+        self.pump()
+
+    def close_stream(self, sid: int, status: Status, trailers: tuple = ()) -> None:
+        if self.core.is_live(sid):
+            self.core.close_stream(sid, status, trailers)
+        self.pump()
+
+
+def is_ok(status: Status) -> bool:
+    return status.code == OK
+
+
+Awaitable_ = Awaitable  # re-exported for typing convenience
