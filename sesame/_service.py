@@ -20,7 +20,7 @@ from sesame._bridge import Bridge, get_bridge
 from sesame._channel import TunnelChannel, status_code
 from sesame._codec import CODECS, NEGOTIATE_KEY, Codec, GrpcTunnelCodec, SesameCodec
 from sesame._core import GRPCTUNNEL_REV0, Role
-from sesame._frames import CANCELLED, OK, UNIMPLEMENTED, Status
+from sesame._frames import CANCELLED, OK, Status
 from sesame._server import ServiceRegistry, stream_factory
 from sesame._tunnel import ClientOuter, ServerOuter, TunnelConnection
 
@@ -386,4 +386,4 @@ class ReverseTunnelServer:
         self.bridge.run(go(), (grace or 0) + 10)
 
 
-__all__ = ["DIALECTS", "ReverseTunnelServer", "TunnelHost", "open_tunnel", "UNIMPLEMENTED"]
+__all__ = ["DIALECTS", "ReverseTunnelServer", "TunnelHost", "open_tunnel"]
