@@ -49,7 +49,13 @@ from sesame._frames import (
 )
 
 MAX_UINT32 = 2**32 - 1
-MAX_STREAM_ID = 2**64 - 1
+MAX_STREAM_ID = 2**64 - 1  # sesame.type: uint64 ids
+MAX_STRICT_STREAM_ID = 2**63 - 1  # grpctunnel.v1: int64 ids
+# Ids a sesame.type server has seen out of order are kept in a set until the
+# gap below them fills.  Past this many, the lower half of the set is folded
+# into the floor: the holes below it count as used (a late first use of one is
+# refused as a re-use), which bounds memory for peers that skip ids.
+MAX_ID_GAPS = 4096
 DEFAULT_MAX_RECEIVE_MESSAGE = 4 * 1024 * 1024
 MAX_SEND_MESSAGE = 2**31 - 1  # EncodedMessage.size is an int32
 
@@ -77,6 +83,13 @@ class FlowPolicy:
     min_cost: int = 258
     max_chunk: int = 16256
     byte_exact: bool = False  # chunks never exceed the remaining credit
+    # Until a stream's sender shows it holds more credit than the protocol's
+    # fixed 65,535 (+ one 16,256 chunk), return credit at the protocol's
+    # threshold: a peer that never learned our larger window would wait
+    # for an update we were batching (see the window extension in
+    # sesame._service).
+    compat_threshold: int = 26214
+    compat_outstanding: int = 65535 + 16256
 
     def cost(self, n: int) -> int:
         return n if n > self.min_cost else self.min_cost
@@ -199,6 +212,7 @@ class _Stream:
     local_closed: bool = False  # client: half-closed; server: close queued
     # receiving
     granted: int = 0  # credit ever given to the peer (initial + updates)
+    big_sender: bool = False  # the peer proved a window beyond the default
     taken: int = 0  # flow cost received
     pending_credit: int = 0
     remote_closed: bool = False  # server: half_close seen
@@ -209,9 +223,14 @@ class _Stream:
 
 
 def _split_method(method: str) -> tuple[str, str] | None:
+    """PROTOCOL.md 2.6 step 3: strip one ``/``, split at the next one.
+
+    Only an empty name or one without a ``/`` is malformed; odd halves such as
+    ``"svc/"`` are left to the method lookup (UNIMPLEMENTED), as in Go.
+    """
     name = method[1:] if method.startswith("/") else method
     service, sep, meth = name.partition("/")
-    if not sep or not service or not meth:
+    if not sep:
         return None
     return service, meth
 
@@ -241,6 +260,7 @@ class TunnelCore:
         max_send_message: int = MAX_SEND_MESSAGE,
         send_low_water: int = 65536,
         expect_settings: bool = False,
+        max_stream_id: int | None = None,
     ) -> None:
         self.role = role
         self.policy = policy
@@ -252,14 +272,20 @@ class TunnelCore:
         self._out: list[Frame] = []
         self._events: list[Event] = []
         self._blocked: set[int] = set()  # streams waiting for credit
+        if max_stream_id is None:
+            max_stream_id = MAX_STRICT_STREAM_ID if strict_ids else MAX_STREAM_ID
+        self.max_stream_id = max_stream_id
         self._next_id = first_stream_id
         self._last_allocated = first_stream_id - 1
         self._any_allocated = False
         # server-side id bookkeeping: all ids <= _used_floor were used, plus
         # the set _used_above; the set stays tiny because ids are mostly dense.
-        self._last_seen = first_stream_id - 1
-        self._used_floor = first_stream_id - 1
+        # grpctunnel.v1 servers start at -1 (Go's lastSeen), so id 0 is valid.
+        floor = -1 if strict_ids else first_stream_id - 1
+        self._last_seen = floor
+        self._used_floor = floor
         self._used_above: set[int] = set()
+        self._drained_sent = False
         self._expect_settings = expect_settings
         self.draining = False
         self.terminated: Status | None = None
@@ -310,7 +336,7 @@ class TunnelCore:
         self._check_open()
         if self.draining:
             raise TunnelClosedError("tunnel is draining")
-        if self._next_id > MAX_STREAM_ID:
+        if self._next_id > self.max_stream_id:
             raise TunnelClosedError("all stream IDs exhausted")
         sid = self._next_id
         self._next_id += 1
@@ -351,7 +377,7 @@ class TunnelCore:
         if self.role is Role.CLIENT:
             self._out.append(Cancel(stream_id))
         else:
-            self._out.append(CloseStream(stream_id, status))
+            self._send_close_now(s, status)
         self._end(s, status, (), local=True)
 
     # --- local API: server role -----------------------------------------------
@@ -416,7 +442,11 @@ class TunnelCore:
         if s is None or s.ended or not s.policy.enabled or cost <= 0:
             return
         s.pending_credit += cost
-        if s.pending_credit >= s.policy.update_threshold:
+        pol = s.policy
+        threshold = pol.update_threshold
+        if not s.big_sender and threshold > pol.compat_threshold:
+            threshold = pol.compat_threshold
+        if s.pending_credit >= threshold:
             if self.role is Role.SERVER and s.remote_closed and s.policy.byte_exact:
                 s.pending_credit = 0
                 return
@@ -488,6 +518,8 @@ class TunnelCore:
             if s is not None and not s.ended:
                 self._protocol_fault(s, INTERNAL, "settings frame sent to a stream")
                 return
+            if sid > 0 and self._late_frame(sid):
+                return
             raise _Fatal(INTERNAL, "unexpected settings frame")
         if sid <= 0 and not (self.strict_ids and sid == 0):
             raise _Fatal(INVALID_ARGUMENT, f"invalid frame: stream id {sid}")
@@ -503,7 +535,7 @@ class TunnelCore:
             return
         s = self._streams.get(sid)
         if s is None:
-            if sid <= self._last_seen:
+            if self._late_frame(sid):
                 return  # late frame of a finished or refused stream
             raise _Fatal(UNKNOWN, f"received frame for stream ID {sid}: stream never created")
         if isinstance(frame, WindowUpdate):
@@ -530,13 +562,20 @@ class TunnelCore:
                 s.remote_closed = True
                 self._events.append(RequestsEnded(sid))
         elif isinstance(frame, Cancel):
+            status = Status(CANCELLED, "cancelled by client")
             self._drop_queue(s)
-            self._out.append(CloseStream(sid, Status(CANCELLED, "cancelled by client")))
-            self._end(s, Status(CANCELLED, "cancelled by client"), (), local=False)
+            self._send_close_now(s, status)
+            self._end(s, status, (), local=False)
         else:
             self._protocol_fault(
                 s, INVALID_ARGUMENT, f"unexpected {type(frame).__name__} frame from client"
             )
+
+    def _late_frame(self, sid: int) -> bool:
+        """A frame for no live stream: True if ``sid`` was used (ignore it)."""
+        if self.role is Role.SERVER:
+            return sid <= self._last_seen
+        return self._any_allocated and sid <= self._last_allocated
 
     def _accept_new_stream(self, frame: NewStream) -> None:
         sid = frame.stream_id
@@ -545,8 +584,9 @@ class TunnelCore:
             raise _Fatal(UNKNOWN, f"cannot create stream ID {sid}: already exists")
         if self.strict_ids and sid <= self._last_seen:
             raise _Fatal(UNKNOWN, f"cannot create stream ID {sid}: that ID has already been used")
-        reused = self._id_used(sid)
-        self._mark_used(sid)
+        reused = not self.strict_ids and self._id_used(sid)
+        if not self.strict_ids:
+            self._mark_used(sid)
         if sid > self._last_seen:
             self._last_seen = sid
         if reused:
@@ -577,7 +617,7 @@ class TunnelCore:
             self._out.append(
                 CloseStream(
                     sid,
-                    Status(INVALID_ARGUMENT, f"{frame.method!r} is not a well-formed method name"),
+                    Status(INVALID_ARGUMENT, f'"{frame.method}" is not a well-formed method name'),
                 )
             )
             return
@@ -591,7 +631,7 @@ class TunnelCore:
         sid = frame.stream_id
         s = self._streams.get(sid)
         if s is None:
-            if self._any_allocated and sid <= self._last_allocated:
+            if self._late_frame(sid):
                 return
             raise _Fatal(UNKNOWN, f"received frame for stream ID {sid}: stream never created")
         if isinstance(frame, WindowUpdate):
@@ -627,6 +667,10 @@ class TunnelCore:
                 self._protocol_fault(s, RESOURCE_EXHAUSTED, "flow control window exceeded")
                 return
             s.taken += cost
+            if not s.big_sender and (
+                s.taken - (s.granted - pol.recv_window) > pol.compat_outstanding
+            ):
+                s.big_sender = True
         peer = "request" if self.role is Role.SERVER else "response"
         code = INVALID_ARGUMENT if self.role is Role.SERVER else INTERNAL
         if isinstance(frame, Message):
@@ -677,13 +721,18 @@ class TunnelCore:
         status = Status(code, message)
         self._drop_queue(s)
         if self.role is Role.SERVER:
-            if not s.headers_sent:
-                s.headers_sent = True
-                self._out.append(Headers(s.stream_id, ()))
-            self._out.append(CloseStream(s.stream_id, status))
+            self._send_close_now(s, status)
         else:
             self._out.append(Cancel(s.stream_id))
         self._end(s, status, (), local=True)
+
+    def _send_close_now(self, s: _Stream, status: Status) -> None:
+        """Server: header (if none went out yet) and close_stream, bypassing the queue."""
+        if not s.headers_sent:
+            s.headers_sent = True
+            self._out.append(Headers(s.stream_id, ()))
+        s.local_closed = True
+        self._out.append(CloseStream(s.stream_id, status))
 
     # --- internals: send ------------------------------------------------------
 
@@ -707,11 +756,13 @@ class TunnelCore:
     def _enqueue(self, s: _Stream, item: Frame | _OutMessage) -> None:
         if isinstance(item, _OutMessage):
             s.queued_bytes += len(item.view)
-            if s.queued_bytes > self.send_low_water:
-                s.blocked = True
         s.queue.append(item)
         if len(s.queue) == 1:
             self._flush(s)
+        # Only a backlog the caller can observe (after this call) is worth a
+        # StreamWritable later; one that drained at once is not.
+        if s.queued_bytes > self.send_low_water and not s.ended:
+            s.blocked = True
 
     def _flush(self, s: _Stream) -> None:
         q = s.queue
@@ -787,7 +838,11 @@ class TunnelCore:
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if self.draining and not self._streams and self.terminated is None:
+        if (
+            self.draining and not self._streams and self.terminated is None
+            and not self._drained_sent
+        ):
+            self._drained_sent = True
             self._events.append(Drained())
 
     # --- internals: server id bookkeeping -------------------------------------
@@ -799,6 +854,10 @@ class TunnelCore:
         if sid <= self._used_floor:
             return
         self._used_above.add(sid)
+        if len(self._used_above) > MAX_ID_GAPS:
+            ids = sorted(self._used_above)
+            self._used_floor = ids[len(ids) // 2]
+            self._used_above = set(ids[len(ids) // 2 + 1:])
         nxt = self._used_floor + 1
         while nxt in self._used_above:
             self._used_above.discard(nxt)

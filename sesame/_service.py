@@ -45,6 +45,47 @@ def _negotiated(md: Sequence[tuple[str, Any]]) -> bool:
     return any(k == NEGOTIATE_KEY and v == "on" for k, v in md or ())
 
 
+# A sesame-Python extension to sesame.type, carried in outer-call metadata
+# (request headers one way, response headers the other): "I grant each stream
+# this receive window and accept data frames this large".  Peers that do not
+# send it (Go sesame) get the protocol's fixed 65,535 / 16,256 for our sends;
+# what we grant them is ours to choose and always safe.  Fixed small windows
+# cap a stream at window/RTT; frames of 16 KiB make grpcio's per-message cost
+# dominate bulk transfers (DESIGN.md).
+EXT_WINDOW_KEY = "sesame-tunnel-window"
+EXT_CHUNK_KEY = "sesame-tunnel-chunk"
+EXT_WINDOW = 4 * 1024 * 1024
+EXT_CHUNK = 256 * 1024
+
+
+def _ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
+    if codec is not SesameCodec:
+        return ()
+    return ((EXT_WINDOW_KEY, str(EXT_WINDOW)), (EXT_CHUNK_KEY, str(EXT_CHUNK)))
+
+
+def _ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
+    d = {k: v for k, v in md or () if k in (EXT_WINDOW_KEY, EXT_CHUNK_KEY)}
+    try:
+        window, chunk = int(d[EXT_WINDOW_KEY]), int(d[EXT_CHUNK_KEY])
+    except (KeyError, ValueError):
+        return None
+    if not (65535 <= window <= 2**31 - 1 and 1024 <= chunk <= 4 * 1024 * 1024):
+        return None
+    return window, chunk
+
+
+def _ext_apply(conn: TunnelConnection, peer: tuple[int, int] | None, own: bool) -> None:
+    if not isinstance(conn.codec, SesameCodec):
+        return
+    pol = conn.core.policy
+    if own:
+        pol = replace(pol, recv_window=EXT_WINDOW, update_threshold=EXT_WINDOW * 2 // 5)
+    if peer is not None:
+        pol = replace(pol, send_window=peer[0], max_chunk=min(EXT_CHUNK, peer[1]))
+    conn.core.policy = pol
+
+
 def _apply_settings(conn: TunnelConnection) -> None:
     """grpctunnel.v1 tunnel client: adopt the revision/window the server offered."""
     st = conn.core.peer_settings
@@ -111,11 +152,13 @@ class TunnelHost:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "forward tunnels not supported")
             md = tuple(context.invocation_metadata() or ())
             negotiated = codec is GrpcTunnelCodec and _negotiated(md)
-            await context.send_initial_metadata(((NEGOTIATE_KEY, "on"),) if negotiated else ())
+            await context.send_initial_metadata(
+                ((NEGOTIATE_KEY, "on"),) if negotiated else _ext_metadata(codec))
             conn = TunnelConnection(
                 self.bridge, codec(Role.SERVER), ServerOuter(context), Role.SERVER,
                 on_stream=stream_factory(self.services), send_settings=negotiated,
             )
+            _ext_apply(conn, _ext_parse(md), own=True)
             if self._draining:
                 conn.core.start_drain()
             await self._run(conn, context)
@@ -128,11 +171,13 @@ class TunnelHost:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "reverse tunnels not supported")
             md = tuple(context.invocation_metadata() or ())
             negotiated = codec is GrpcTunnelCodec and _negotiated(md)
-            await context.send_initial_metadata(((NEGOTIATE_KEY, "on"),) if negotiated else ())
+            await context.send_initial_metadata(
+                ((NEGOTIATE_KEY, "on"),) if negotiated else _ext_metadata(codec))
             conn = TunnelConnection(
                 self.bridge, codec(Role.CLIENT), ServerOuter(context), Role.CLIENT,
                 expect_settings=negotiated,
             )
+            _ext_apply(conn, _ext_parse(md), own=True)
             conn.start()
             if negotiated:
                 try:
@@ -274,7 +319,7 @@ async def _connect(
     codec = _codec_for(dialect)
     outer_ch = _OuterChannel(target, credentials, options)
     fwd, rev = _paths(codec)
-    md = tuple(metadata)
+    md = (*tuple(metadata), *_ext_metadata(codec))
     if codec is GrpcTunnelCodec:
         md = (*md, (NEGOTIATE_KEY, "on"))
     call = outer_ch.channel.stream_stream(rev if reverse else fwd)(metadata=md)
@@ -291,10 +336,22 @@ async def _connect(
         send_settings=negotiated and reverse,
         expect_settings=negotiated and not reverse,
     )
+    _ext_apply(conn, None, own=True)
     conn.start()
     if negotiated and not reverse:
         await asyncio.wait_for(asyncio.shield(conn.settings_ready), 10)
         _apply_settings(conn)
+    if codec is SesameCodec:
+        # A Go server sends no headers until its first frame: never block on
+        # them, upgrade our send side whenever they come.
+        async def upgrade() -> None:
+            try:
+                headers = await call.initial_metadata()
+            except Exception:  # noqa: BLE001
+                return
+            _ext_apply(conn, _ext_parse(tuple(headers or ())), own=False)
+
+        conn._tasks.append(asyncio.get_running_loop().create_task(upgrade()))
     return conn, outer_ch
 
 
