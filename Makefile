@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m sesame
+	$(BIN)/python -m sesame host
 
 test: $(STAMP)
 	$(BIN)/ruff check .
