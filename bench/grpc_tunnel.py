@@ -34,7 +34,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sesame.tunnel import ReverseTunnelServer, ServiceRegistry, TunnelHost, open_tunnel  # noqa: E402
+from sesame.tunnel import ReverseTunnelServer, ServiceRegistry, TunnelHost, open_tunnel
 
 ECHO = "/bench.Bench/Echo"  # returns the request
 SINK = "/bench.Bench/Sink"  # returns 8 bytes whatever the request
@@ -48,7 +48,7 @@ class _Handlers(grpc.GenericRpcHandler):
             SINK: grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"received"),
         }
 
-    def service(self, details):  # noqa: ANN001
+    def service(self, details):
         return self._h.get(details.method)
 
 
@@ -99,7 +99,7 @@ def throughput(callable_, seconds: float, inflight: int = 32) -> float:
     finished = threading.Event()
     outstanding = [0]
 
-    def on_done(f) -> None:  # noqa: ANN001
+    def on_done(f) -> None:
         nonlocal done
         f.result()
         with lock:
