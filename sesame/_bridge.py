@@ -148,6 +148,26 @@ class Bridge:
             self._thread.join(5)
 
 
+def to_deferred(fut: concurrent.futures.Future[T]) -> Any:
+    """A Twisted Deferred that fires (in the reactor thread) with ``fut``'s outcome."""
+    from twisted.internet import defer, reactor
+
+    d: defer.Deferred[T] = defer.Deferred()
+
+    def done(f: concurrent.futures.Future[T]) -> None:
+        def fire() -> None:
+            exc = f.exception()
+            if exc is not None:
+                d.errback(exc)
+            else:
+                d.callback(f.result())
+
+        reactor.callFromThread(fire)  # type: ignore[attr-defined]
+
+    fut.add_done_callback(done)
+    return d
+
+
 def get_bridge() -> Bridge:
     """The process-wide bridge, created on first use."""
     global _bridge

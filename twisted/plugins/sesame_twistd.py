@@ -1,0 +1,9 @@
+# Keep this module light: every twistd and clientFromString call imports it.
+from twisted.application.service import ServiceMaker
+
+sesame = ServiceMaker(
+    "sesame",
+    "sesame.tap",
+    "sesame: reverse tunnels over gRPC (tunnel host; hub and remote to come)",
+    "sesame",
+)
