@@ -90,6 +90,7 @@ class AioLoopCall(LoopCall):
     ) -> None:
         super().__init__()
         self.loop = asyncio.get_running_loop()
+        self.channel = channel  # the call must not outlive a collected channel
         self.call = channel.stream_stream(method)(metadata=tuple(metadata), timeout=timeout)
         self._out: deque[bytes] = deque()
         self._out_bytes = 0

@@ -91,6 +91,8 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
         self._paused = False
         self._result: Any = None
         self._result_ready = False
+        self._cancelled = False  # by cancel(): only then is it a cancelled Future
+        self._on_finish: Callable[[_ClientCall], Any] | None = None
 
     # --- loop side (StreamHandler) ----------------------------------------------
 
@@ -183,6 +185,8 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
             callbacks = self._rpc_callbacks + self._done_callbacks
             self._rpc_callbacks = []
             self._done_callbacks = []
+        if self._on_finish is not None:
+            self._on_finish(self)
         if callbacks:
             pool = self._bridge.handler_pool()
             for cb in callbacks:
@@ -224,7 +228,8 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
             return True
 
     def _take(self, data: bytes, cost: int) -> Any:
-        if self._sid is not None and cost:
+        if self._sid is not None:
+            # once per message, even at cost 0: the core counts unread messages
             self._bridge.post(self._conn.consumed, self._sid, cost)
         return self._deserialize(data) if self._deserialize else data
 
@@ -256,8 +261,10 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
         return max(self._deadline - time.monotonic(), 0.0)
 
     def cancel(self) -> bool:
-        if self._status is not None:
-            return False
+        with self._cond:
+            if self._status is not None:
+                return False
+            self._cancelled = True
         self._bridge.post(self._loop_cancel, Status(CANCELLED, "Locally cancelled by application!"))
         self._wait(lambda: self._status is not None, 5)
         return True
@@ -292,7 +299,9 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
 
     # grpc.Future
     def cancelled(self) -> bool:
-        return self._status is not None and self._status.code == CANCELLED
+        # As grpcio: a call the server or a closing channel ended with CANCELLED
+        # raises its RpcError from result(); only cancel() makes it "cancelled".
+        return self._cancelled and self._status is not None and self._status.code == CANCELLED
 
     def running(self) -> bool:
         return self._status is None
@@ -401,6 +410,8 @@ class _MultiCallable:
         compression: Any = None,
     ) -> _ClientCall:
         ch = self._channel
+        if ch._closed:
+            raise ValueError("Cannot invoke RPC on closed channel!")  # as grpcio
         conn = ch._pick()
         headers = tuple(metadata or ())
         if timeout is not None:
@@ -409,6 +420,9 @@ class _MultiCallable:
                            self._resp_stream, timeout)
         if conn is None:
             call.on_end(Status(UNAVAILABLE, "no channels ready"), (), True)
+            return call
+        if not ch._track(call):
+            call.on_end(Status(CANCELLED, "Channel closed!"), (), True)
             return call
         ser = self._serialize
         if not self._req_stream:
@@ -466,6 +480,21 @@ class TunnelChannel(grpc.Channel):
         self._pick_fn = pick
         self._on_close = on_close
         self._closed = False
+        self._lock = threading.Lock()
+        self._calls: set[_ClientCall] = set()
+
+    def _track(self, call: _ClientCall) -> bool:
+        """Remember a live call so close() can cancel it; False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._calls.add(call)
+        call._on_finish = self._forget
+        return True
+
+    def _forget(self, call: _ClientCall) -> None:
+        with self._lock:
+            self._calls.discard(call)
 
     def _pick(self) -> TunnelConnection | None:
         if self._closed:
@@ -512,9 +541,13 @@ class TunnelChannel(grpc.Channel):
 
     def close(self) -> None:
         """Cancel every call and close the tunnel(s) this channel owns."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            calls, self._calls = list(self._calls), set()
+        for call in calls:
+            self._bridge.post(call._loop_cancel, Status(CANCELLED, "Channel closed!"))
         if self._on_close is not None:
             self._on_close()
 

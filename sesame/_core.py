@@ -125,7 +125,11 @@ class HeadersReceived:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """A whole message; hand ``cost`` back through :meth:`TunnelCore.consumed`."""
+    """
+    A whole message; hand ``cost`` back through :meth:`TunnelCore.consumed`
+    once the application has taken it (one call per message with a non-zero
+    cost; until then the stream's reassembly credit is held back).
+    """
 
     stream_id: int
     data: bytes
@@ -215,6 +219,8 @@ class _Stream:
     big_sender: bool = False  # the peer proved a window beyond the default
     taken: int = 0  # flow cost received
     pending_credit: int = 0
+    unconsumed: int = 0  # MessageReceived events the app has not consumed yet
+    deferred: int = 0  # cost of reassembly frames held back while it lags
     remote_closed: bool = False  # server: half_close seen
     headers_received: bool = False
     asm: bytearray | None = None
@@ -437,10 +443,24 @@ class TunnelCore:
         self._enqueue(s, _OutMessage(data))
 
     def consumed(self, stream_id: int, cost: int) -> None:
-        """The application took ``cost`` worth of received data: credit it back."""
+        """
+        The application took one :class:`MessageReceived` (its ``cost``):
+        credit it back, plus any reassembly credit held back meanwhile.
+        """
         s = self._streams.get(stream_id)
-        if s is None or s.ended or not s.policy.enabled or cost <= 0:
+        if s is None or s.ended or not s.policy.enabled:
             return
+        if cost > 0 and s.unconsumed > 0:  # zero-cost messages were never counted
+            s.unconsumed -= 1
+        if s.unconsumed == 0 and s.deferred:
+            cost += s.deferred
+            s.deferred = 0
+        self._return_credit(s, cost)
+
+    def _return_credit(self, s: _Stream, cost: int) -> None:
+        if cost <= 0:
+            return
+        stream_id = s.stream_id
         s.pending_credit += cost
         pol = s.policy
         threshold = pol.update_threshold
@@ -692,14 +712,13 @@ class TunnelCore:
                 )
                 return
             if n == size:
+                if cost:  # zero-cost messages need (and usually get) no consumed()
+                    s.unconsumed += 1
                 self._events.append(MessageReceived(s.stream_id, bytes(data), cost))
                 return
             s.asm = bytearray(data)
             s.asm_size = size
-            # Frames of an unfinished message are credited at once: they sit
-            # in the reassembly buffer (bounded by max_receive_message), and
-            # a message larger than the window could never finish otherwise.
-            self.consumed(s.stream_id, cost)
+            self._reassembly_credit(s, cost)
             return
         if s.asm is None:
             self._protocol_fault(s, code, f"never received envelope for {peer} message")
@@ -712,9 +731,27 @@ class TunnelCore:
         s.asm += data
         if len(s.asm) == s.asm_size:
             msg, s.asm = bytes(s.asm), None
+            if cost:
+                s.unconsumed += 1
             self._events.append(MessageReceived(s.stream_id, msg, cost))
         else:
-            self.consumed(s.stream_id, cost)
+            self._reassembly_credit(s, cost)
+
+    def _reassembly_credit(self, s: _Stream, cost: int) -> None:
+        """
+        Credit a frame of an unfinished message.
+
+        While the application keeps up (every delivered message consumed),
+        such frames are credited at once: they sit in the reassembly buffer
+        (bounded by max_receive_message), and a message larger than the
+        window could never finish otherwise.  While it lags, their credit is
+        held until it catches up, so unread messages cannot pile up beyond
+        one window (a slow reader pauses the sender).
+        """
+        if s.unconsumed:
+            s.deferred += cost
+        else:
+            self._return_credit(s, cost)
 
     def _protocol_fault(self, s: _Stream, code: int, message: str) -> None:
         """A peer fault confined to one stream: end it, tell the peer."""

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import grpc
 from google.rpc import status_pb2
 
+from sesame._aserver import AsyncServedStream, is_async_handler
 from sesame._channel import SEND_LIMIT, STATUS_DETAILS_KEY, status_code
 from sesame._codec import status_from_proto
 from sesame._core import StreamRequested
@@ -361,8 +362,8 @@ class _ServedStream:
                     return
                 else:
                     return
-            if cost:
-                self.bridge.post(self.conn.consumed, self.sid, cost)
+            # once per message, even at cost 0: the core counts unread messages
+            self.bridge.post(self.conn.consumed, self.sid, cost)
             yield de(data) if de else data
 
     def _run(self) -> None:
@@ -398,8 +399,15 @@ class _ServedStream:
             if self.ended:
                 return
             log.debug("servicer %s raised", self.method, exc_info=True)
-            status = Status(UNKNOWN, f"Exception calling application: {exc}")
-            trailers = ctx.final_status()[1]
+            # As grpc.server: a code the handler set before raising wins (the
+            # generated base class sets UNIMPLEMENTED, then raises).
+            code = ctx.code()
+            status, trailers = ctx.final_status()
+            if code is None or code == grpc.StatusCode.OK:
+                status = Status(UNKNOWN, f"Exception calling application: {exc}")
+            elif ctx.details() is None:
+                status = Status(status.code, f"Exception calling application: {exc}",
+                                status.details)
         self.bridge.post(self._loop_finish, status, trailers)
 
 
@@ -422,6 +430,8 @@ def stream_factory(
                 ev.stream_id, Status(UNIMPLEMENTED, f"{ev.method} not implemented")
             )
             return None
+        if is_async_handler(handler):
+            return AsyncServedStream(conn, ev, handler)  # type: ignore[return-value]
         return _ServedStream(conn, ev, handler)
 
     return on_stream

@@ -187,6 +187,11 @@ def aio_call_factory(
     return make
 
 
+# one channel per plain target, shared by every connection to it (HTTP/2
+# multiplexes; a channel per connection would cost a TCP handshake each)
+_shared_factories: dict[str, CallFactory] = {}
+
+
 def tunnel_call_factory(channel: Any) -> CallFactory:
     """NetConn calls inside a tunnel (a :class:`~sesame.tunnel.TunnelChannel`)."""
 
@@ -605,7 +610,9 @@ def connectNetConn(
     """
     hop = Hop.get(reactor, bridge)
     if isinstance(target, str):
-        make = aio_call_factory(target, bridge=hop.bridge)
+        make = _shared_factories.get(target)
+        if make is None:
+            make = _shared_factories[target] = aio_call_factory(target, bridge=hop.bridge)
     elif callable(target) and not hasattr(target, "_pick"):
         make = target
     else:
