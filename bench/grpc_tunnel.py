@@ -41,8 +41,22 @@ SINK = "/bench.Bench/Sink"  # returns 8 bytes whatever the request
 MIB = 1024 * 1024
 
 
+async def _aecho(req: bytes, ctx: object) -> bytes:
+    return req
+
+
+async def _asink(req: bytes, ctx: object) -> bytes:
+    return b"received"
+
+
 class _Handlers(grpc.GenericRpcHandler):
-    def __init__(self) -> None:
+    def __init__(self, use_async: bool = False) -> None:
+        if use_async:  # run on the bridge loop: no hop to a handler thread
+            self._h = {
+                ECHO: grpc.unary_unary_rpc_method_handler(_aecho),
+                SINK: grpc.unary_unary_rpc_method_handler(_asink),
+            }
+            return
         self._h = {
             ECHO: grpc.unary_unary_rpc_method_handler(lambda req, ctx: req),
             SINK: grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"received"),
@@ -61,7 +75,7 @@ def serve(args: argparse.Namespace) -> None:
     dport = direct.add_insecure_port("127.0.0.1:0")
     direct.start()
     reg = ServiceRegistry()
-    reg.add_generic_rpc_handlers((_Handlers(),))
+    reg.add_generic_rpc_handlers((_Handlers(args.async_handlers),))
     host = TunnelHost(reg)
     tport = host.start(options=opts)
     rev = None
@@ -147,6 +161,8 @@ def main() -> None:
     p.add_argument("--dialect", default="sesame", choices=["sesame", "grpctunnel"])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--latency-calls", type=int, default=2000)
+    p.add_argument("--async-handlers", action="store_true",
+                   help="serve the tunnelled methods with async handlers (no handler thread)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reverse-target", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -159,6 +175,7 @@ def main() -> None:
     hport = host.start(options=opts)
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--dialect", args.dialect,
+         *(["--async-handlers"] if args.async_handlers else []),
          "--reverse-target", f"127.0.0.1:{hport}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -183,6 +200,7 @@ def main() -> None:
             r["bulk_vs_direct"] = round(r["bulk_1mib_MiBps"] / d["bulk_1mib_MiBps"], 2)
         print(json.dumps({
             "bench": "grpc_tunnel", "dialect": args.dialect, "seconds": args.seconds,
+            "tunnel_handlers": "async" if args.async_handlers else "sync",
             "cpus": os.cpu_count(), "python": sys.version.split()[0],
             "grpcio": grpc.__version__, "results": results,
         }, indent=2))
