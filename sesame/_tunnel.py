@@ -267,6 +267,8 @@ class TunnelConnection:
             status = Status(UNAVAILABLE, "tunnel cancelled")
         except grpc.aio.AioRpcError as exc:
             status = Status(UNAVAILABLE, f"tunnel failed: {exc.code().name}: {exc.details()}")
+        except grpc.aio.UsageError:
+            status = Status(UNAVAILABLE, "tunnel call finished")
         except Exception as exc:
             log.exception("tunnel reader failed")
             status = Status(UNAVAILABLE, f"tunnel failed: {exc}")

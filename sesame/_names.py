@@ -1,0 +1,113 @@
+"""
+Names, metadata keys and small parsers shared by the hub, the remote agent,
+endpoints and the CLI.
+
+Metadata keys are sesame-Python extensions around the upstream schema (which
+leaves authentication and stream correlation open, PROTOCOL.md §5):
+
+``authorization: Bearer <token>``
+    every call to the hub (remotes and clients alike);
+``sesame-endpoints: netconn,web``
+    on a remote's ``Tunnel`` call: the endpoints this session offers;
+``sesame-stream-id: <k>``
+    on a remote's ``Stream`` call: the ``TunnelResponse.stream`` id it answers;
+``sesame-remote`` / ``sesame-endpoint``
+    on a client's ``NetConn`` call to the hub: where to go.  Endpoint
+    ``netconn`` (the default) means "dial host:port from the remote's agent".
+"""
+
+from __future__ import annotations
+
+import re
+
+from sesame._store import DEFAULT_NAMESPACE
+
+MD_AUTH = "authorization"
+MD_ENDPOINTS = "sesame-endpoints"
+MD_STREAM_ID = "sesame-stream-id"
+MD_REMOTE = "sesame-remote"
+MD_ENDPOINT = "sesame-endpoint"
+
+NETCONN_ENDPOINT = "netconn"
+TUNNEL_METHOD = "/sesame.v1alpha1.TunnelService/Tunnel"
+STREAM_METHOD = "/sesame.v1alpha1.TunnelService/Stream"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_RESOURCE = re.compile(r"^namespaces/([^/]+)/remotes/([^/]+)$")
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def parse_remote(text: str, namespace: str | None = None) -> tuple[str, str]:
+    """``edge-1`` or ``namespaces/ns/remotes/edge-1`` → (namespace, name)."""
+    m = _RESOURCE.match(text)
+    if m:
+        ns, name = m.group(1), m.group(2)
+    else:
+        ns, name = namespace or DEFAULT_NAMESPACE, text
+    if not valid_name(name):
+        raise ValueError(f"remote name {name!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    if not valid_name(ns):
+        raise ValueError(f"namespace {ns!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    return ns, name
+
+
+def resource_name(namespace: str, name: str) -> str:
+    return f"namespaces/{namespace}/remotes/{name}"
+
+
+def bearer(metadata: tuple) -> str | None:
+    for k, v in metadata or ():
+        if k == MD_AUTH and isinstance(v, str) and v.startswith("Bearer "):
+            return v[7:].strip()
+    return None
+
+
+def md_get(metadata: tuple, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key:
+            return v if isinstance(v, str) else None
+    return None
+
+
+def grpc_address(listen: str) -> tuple[str, int]:
+    """
+    A listen description → (host, port).  Accepts Twisted's
+    ``tcp:7443:interface=127.0.0.1`` / ``tcp6:...`` and plain ``HOST:PORT``.
+    """
+    text = listen.strip()
+    if text.startswith(("tcp:", "tcp6:")):
+        kind, _, rest = text.partition(":")
+        parts = rest.split(":")
+        port_text = parts[0]
+        host = "::" if kind == "tcp6" else "0.0.0.0"
+        for p in parts[1:]:
+            key, sep, value = p.partition("=")
+            if key == "interface" and sep:
+                host = value
+            elif key == "port" and sep:
+                port_text = value
+            elif key not in ("backlog",):
+                raise ValueError(f"listen {listen!r}: unsupported option {key!r}")
+    else:
+        if text.startswith("["):
+            end = text.find("]")
+            host, port_text = text[1:end], text[end + 2:]
+        else:
+            host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"listen {listen!r}: port {port_text!r} is not a number in 0-65535")
+    if not host:
+        raise ValueError(f"listen {listen!r}: no host")
+    return host.replace("\\:", ":"), int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip("[]")
+    return h in ("localhost", "::1") or h.startswith("127.")
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,484 @@
+"""
+The hub: remotes dial in and register; clients dial in and are routed to
+them.  Everything here runs on the bridge loop.
+
+Remote side (``sesame.v1alpha1.TunnelService``, PROTOCOL.md §5):
+
+* ``Tunnel`` — the control stream.  ``connect{remote}`` registers a session
+  offering the endpoints named in the ``sesame-endpoints`` metadata; the hub
+  asks for a new ``Stream`` with ``TunnelResponse{id, stream{endpoint}}``
+  whenever a client connection needs one.
+* ``Stream`` — one per client connection, tagged with ``sesame-stream-id``.
+  After the connect/dial handshake it carries a ``sesame.type`` tunnel in
+  which the hub is the tunnel client.
+
+Client side: ``RemoteControl/NetConn`` with ``sesame-remote`` (and
+optionally ``sesame-endpoint``) metadata; the hub opens the same call inside
+a fresh ``Stream`` tunnel of the remote and relays the messages verbatim.
+
+Authentication: ``authorization: Bearer <token>`` on every call, checked
+against the store on every call (so revocation is immediate).  A remote
+token registers exactly its remote; a client token reaches the remotes its
+pattern allows.  A newer session offering an endpoint takes it over from an
+older one; other endpoints stay where they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sesame import _names as N
+from sesame._bridge import Bridge, get_bridge
+from sesame._calls import HIGH_WATER, TunnelLoopCall
+from sesame._codec import SesameCodec
+from sesame._core import Role
+from sesame._frames import CANCELLED, OK, UNAVAILABLE, Status
+from sesame._store import AlreadyExists, Store
+from sesame._tunnel import TunnelConnection
+from sesame.netconn import METHOD as NETCONN_METHOD
+from sesame.v1alpha1 import tunnel_pb2
+
+log = logging.getLogger("sesame.hub")
+
+STREAM_REQUEST_TIMEOUT = 15.0
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+# --- wrapping tunnel frames in Stream messages (field 3 in all four types) ------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def wrap_tunnel(frame: bytes) -> bytes:
+    """``StreamRequest{tunnel}`` / ``StreamResponse{tunnel}`` around encoded frame bytes."""
+    return b"\x1a" + _varint(len(frame)) + frame
+
+
+def unwrap_tunnel(msg: bytes, cls: type) -> bytes | None:
+    """The frame bytes inside a Stream message, or None if it is not a tunnel frame."""
+    if msg[:1] == b"\x1a":
+        n = shift = 0
+        i = 1
+        while i < len(msg):
+            b = msg[i]
+            n |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                break
+            shift += 7
+        if i + n == len(msg):
+            return msg[i:]
+    pb = cls.FromString(msg)
+    if pb.WhichOneof("data") == "tunnel":
+        return pb.tunnel.SerializeToString()
+    return None
+
+
+class StreamOuter:
+    """Outer-stream adapter for a tunnel carried by a ``Stream`` call."""
+
+    def __init__(self, reader: Any, writer: Any, in_cls: type, peer: str,
+                 done_writing: Any = None, cancel: Any = None) -> None:
+        self._read = reader
+        self._write = writer
+        self._in_cls = in_cls
+        self._peer = peer
+        self._done_writing = done_writing
+        self._cancel = cancel
+
+    async def read(self) -> bytes | None:
+        msg = await self._read()
+        if msg is grpc.aio.EOF:
+            return None
+        frame = unwrap_tunnel(msg, self._in_cls)
+        return frame if frame is not None else b""  # b"" decodes as an invalid frame
+
+    async def write(self, data: bytes) -> None:
+        await self._write(wrap_tunnel(data))
+
+    async def done_writing(self) -> None:
+        if self._done_writing is not None:
+            await self._done_writing()
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def metadata(self) -> tuple:
+        return ()
+
+
+# --- sessions ------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingStream:
+    endpoint: str
+    future: asyncio.Future
+
+
+@dataclass
+class Session:
+    """One live control stream of a remote."""
+
+    id: int
+    namespace: str
+    remote: str
+    endpoints: set[str]
+    peer: str
+    context: Any
+    since: float = field(default_factory=time.time)
+    stream_buffer: int = 16
+    pending: dict[int, _PendingStream] = field(default_factory=dict)
+    next_id: itertools.count = field(default_factory=lambda: itertools.count(1))
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    connections: int = 0
+    closed: bool = False
+
+    async def send(self, msg: tunnel_pb2.TunnelResponse) -> None:
+        async with self.write_lock:
+            await self.context.write(msg.SerializeToString())
+
+
+class Hub:
+    """The hub's services; see the module docstring."""
+
+    def __init__(self, store: Store, *, bridge: Bridge | None = None) -> None:
+        self.store = store
+        self.bridge = bridge or get_bridge()
+        self._ids = itertools.count(1)
+        self.sessions: dict[int, Session] = {}
+        # (namespace, remote, endpoint) -> the session serving it
+        self.routes: dict[tuple[str, str, str], Session] = {}
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    # --- auth ----------------------------------------------------------------------
+
+    def _token(self, context: Any) -> Any:
+        token = N.bearer(tuple(context.invocation_metadata() or ()))
+        if token is None:
+            return None
+        return self.store.verify(token)
+
+    # --- registration ------------------------------------------------------------------
+
+    def connected(self) -> list[Session]:
+        return [s for s in self.sessions.values() if not s.closed]
+
+    def _register(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        for ep in session.endpoints:
+            key = (session.namespace, session.remote, ep)
+            old = self.routes.get(key)
+            if old is not None and old is not session:
+                log.info("endpoint %s of %s/%s moves from session %d to %d", ep,
+                         session.namespace, session.remote, old.id, session.id)
+            self.routes[key] = session
+        try:
+            self.store.create_remote(session.remote, namespace=session.namespace)
+        except AlreadyExists:
+            pass
+        except Exception:
+            log.exception("could not record remote %s", session.remote)
+
+    def _unregister(self, session: Session) -> None:
+        session.closed = True
+        self.sessions.pop(session.id, None)
+        for ep in session.endpoints:
+            key = (session.namespace, session.remote, ep)
+            if self.routes.get(key) is session:
+                del self.routes[key]
+        for p in session.pending.values():
+            if not p.future.done():
+                p.future.set_exception(_HubError(UNAVAILABLE, f"remote {session.remote} went away"))
+                p.future.exception()
+        session.pending.clear()
+
+    async def tunnel(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        md = tuple(context.invocation_metadata() or ())
+        info = self._token(context)
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        req = tunnel_pb2.TunnelRequest.FromString(first)
+        if req.WhichOneof("data") != "connect":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first Tunnel message must be connect")
+        try:
+            ns, name = N.parse_remote(req.connect.remote)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
+        if not info.may_register(name, ns):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"this token may not register remote {N.resource_name(ns, name)}")
+        endpoints = {e.strip() for e in (N.md_get(md, N.MD_ENDPOINTS) or N.NETCONN_ENDPOINT).split(",")
+                     if e.strip()}
+        bad = [e for e in endpoints if not N.valid_name(e)]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_ENDPOINTS}: bad name {bad[0]!r}")
+        session = Session(next(self._ids), ns, name, endpoints, context.peer(), context,
+                          stream_buffer=max(req.connect.stream_buffer, 1))
+        self._register(session)
+        log.info("remote %s/%s connected from %s offering %s", ns, name, session.peer,
+                 ",".join(sorted(endpoints)))
+        try:
+            await session.send(tunnel_pb2.TunnelResponse(id=req.id, connect={}))
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                r = tunnel_pb2.TunnelRequest.FromString(msg)
+                if r.WhichOneof("data") != "stream":
+                    continue
+                p = session.pending.pop(r.id, None)
+                if p is None or p.future.done():
+                    continue
+                if r.stream.HasField("error"):
+                    p.future.set_exception(_HubError(
+                        r.stream.error.code or UNAVAILABLE,
+                        f"remote {name} could not open a stream: {r.stream.error.message}"))
+                    p.future.exception()
+        finally:
+            self._unregister(session)
+            log.info("remote %s/%s disconnected", ns, name)
+
+    async def _request_stream(self, session: Session, endpoint: str) -> Any:
+        """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
+        if len(session.pending) >= session.stream_buffer:
+            raise _HubError(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                            f"remote {session.remote} has {len(session.pending)} stream "
+                            "requests outstanding")
+        k = next(session.next_id)
+        fut = asyncio.get_running_loop().create_future()
+        session.pending[k] = _PendingStream(endpoint, fut)
+        try:
+            await session.send(tunnel_pb2.TunnelResponse(id=k, stream={"endpoint": endpoint}))
+            return await asyncio.wait_for(fut, STREAM_REQUEST_TIMEOUT)
+        except TimeoutError:
+            raise _HubError(UNAVAILABLE, f"remote {session.remote} did not open a stream in "
+                            f"{STREAM_REQUEST_TIMEOUT:g}s") from None
+        finally:
+            session.pending.pop(k, None)
+
+    async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        md = tuple(context.invocation_metadata() or ())
+        info = self._token(context)
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        sid = N.md_get(md, N.MD_STREAM_ID)
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        req = tunnel_pb2.StreamRequest.FromString(first)
+        if req.WhichOneof("data") != "connect":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Stream message must be connect")
+        try:
+            ns, name = N.parse_remote(req.connect.remote)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
+        if not info.may_register(name, ns):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"this token may not serve remote {N.resource_name(ns, name)}")
+        pending = None
+        if sid and sid.isdigit():
+            for s in self.sessions.values():
+                if s.namespace == ns and s.remote == name and int(sid) in s.pending:
+                    pending = s.pending.pop(int(sid))
+                    break
+        if pending is None or pending.future.done():
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no outstanding stream request {sid!r} for remote {name}")
+        await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
+        await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})
+                            .SerializeToString())
+        ack = await context.read()
+        if ack is grpc.aio.EOF or tunnel_pb2.StreamRequest.FromString(ack).WhichOneof("data") != "dial":
+            if not pending.future.done():
+                pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} refused the stream"))
+                pending.future.exception()
+            return
+        done = asyncio.get_running_loop().create_future()
+        outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer())
+        pending.future.set_result((outer, done))
+        await done  # the connection using this stream is over
+
+    # --- clients -----------------------------------------------------------------------
+
+    async def netconn(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        md = tuple(context.invocation_metadata() or ())
+        info = self._token(context)
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        remote = N.md_get(md, N.MD_REMOTE)
+        if not remote:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"name the remote in the {N.MD_REMOTE} metadata")
+        try:
+            ns, name = N.parse_remote(remote)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_REMOTE}: {exc}")
+        if not info.may_reach(name, ns):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"this token may not reach remote {N.resource_name(ns, name)}")
+        endpoint = N.md_get(md, N.MD_ENDPOINT) or N.NETCONN_ENDPOINT
+        session = self.routes.get((ns, name, endpoint))
+        if session is None:
+            if any(k[0] == ns and k[1] == name for k in self.routes):
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"remote {name} does not offer endpoint {endpoint!r}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"remote {name} is not connected")
+        try:
+            outer, done = await self._request_stream(session, endpoint)
+        except _HubError as exc:
+            await context.abort(_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE), exc.message)
+        session.connections += 1
+        try:
+            await self._relay(context, outer, name)
+        finally:
+            session.connections -= 1
+            if not done.done():
+                done.set_result(None)
+
+    async def _relay(self, context: Any, outer: StreamOuter, remote: str) -> None:
+        """Carry one client NetConn call through a fresh Stream tunnel."""
+        conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
+        conn.start()
+        call = TunnelLoopCall(conn, NETCONN_METHOD, ())
+        loop = asyncio.get_running_loop()
+        down: list[bytes] = []
+        wake: list[asyncio.Future | None] = [None]
+        writable: list[asyncio.Future | None] = [None]
+        down_bytes = [0]
+
+        def kick(slot: list) -> None:
+            f = slot[0]
+            if f is not None and not f.done():
+                f.set_result(None)
+
+        def on_message(msg: bytes) -> None:
+            down.append(msg)
+            down_bytes[0] += len(msg)
+            if down_bytes[0] > HIGH_WATER:
+                call.pause_reading()
+            kick(wake)
+
+        call.on_message = on_message
+        call.on_end = lambda status, trailers: kick(wake)
+        call.on_writable = lambda: kick(writable)
+
+        async def up() -> None:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    call.half_close()
+                    return
+                call.send(msg)
+                while call.buffered() > HIGH_WATER and call.status is None:
+                    writable[0] = loop.create_future()
+                    await writable[0]
+
+        up_task = loop.create_task(up())
+        try:
+            while True:
+                if down:
+                    batch = list(down)
+                    down.clear()
+                    down_bytes[0] = 0
+                    call.resume_reading()
+                    for msg in batch:
+                        await context.write(msg)
+                    continue
+                if call.status is not None:
+                    break
+                wake[0] = loop.create_future()
+                await wake[0]
+        except asyncio.CancelledError:
+            call.cancel(Status(CANCELLED, "client went away"))
+            raise
+        finally:
+            up_task.cancel()
+            await conn.aclose(grace=0)
+        status = call.status
+        if status is not None and status.code != OK:
+            await context.abort(_CODES.get(status.code, grpc.StatusCode.UNKNOWN),
+                                status.message or f"connection through {remote} failed")
+
+    # --- serving -------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return _HubHandler(self)
+
+    async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None,
+                    options: Sequence[tuple[str, Any]] = ()) -> int:
+        opts = [
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_ping_strikes", 0),
+            *options,
+        ]
+        server = grpc.aio.server(options=opts)
+        server.add_generic_rpc_handlers((self.handler(),))
+        hs = health.aio.HealthServicer()
+        await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        reflection.enable_server_reflection((
+            "sesame.v1alpha1.TunnelService", "sesame.v1alpha1.RemoteControl",
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME), server)
+        address = N.join_host_port(host, port)
+        bound = (server.add_secure_port(address, credentials) if credentials
+                 else server.add_insecure_port(address))
+        await server.start()
+        self.server = server
+        self.port = bound
+        return bound
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+
+
+class _HubError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _HubHandler(grpc.GenericRpcHandler):
+    def __init__(self, hub: Hub) -> None:
+        self._h = {
+            N.TUNNEL_METHOD: grpc.stream_stream_rpc_method_handler(hub.tunnel),
+            N.STREAM_METHOD: grpc.stream_stream_rpc_method_handler(hub.stream),
+            NETCONN_METHOD: grpc.stream_stream_rpc_method_handler(hub.netconn),
+        }
+
+    def service(self, details: Any) -> grpc.RpcMethodHandler | None:
+        return self._h.get(details.method)
+
+
+__all__ = ["Hub", "Session", "StreamOuter", "unwrap_tunnel", "wrap_tunnel"]

@@ -1,0 +1,282 @@
+"""
+The remote side: a session that dials the hub, registers, and opens a
+``Stream`` tunnel whenever the hub asks for one.
+
+:class:`RemoteSession` keeps one control stream up, reconnecting with
+exponential backoff and jitter (1 s doubling to 30 s, ±20 %) whenever the
+hub goes away, and re-registers what it offers.  gRPC keepalive (10 s ping,
+5 s timeout) notices dead links that TCP would not.
+
+What it offers: a map from endpoint name to a :class:`ServiceRegistry` that
+serves ``RemoteControl.NetConn`` for it — the agent's allowlisted dialer
+under ``netconn``, or a fixed local target for named endpoints (what a
+``sesame:`` server endpoint listens on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from sesame import _names as N
+from sesame._bridge import Bridge, get_bridge
+from sesame._codec import SesameCodec
+from sesame._core import Role
+from sesame._frames import CANCELLED, Status
+from sesame._server import ServiceRegistry, stream_factory
+from sesame._tunnel import TunnelConnection
+from sesame.hub import StreamOuter
+from sesame.netconn import NetConnServicer
+from sesame.v1alpha1 import tunnel_pb2
+
+log = logging.getLogger("sesame.remote")
+
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class FixedTargetServicer(NetConnServicer):
+    """NetConn that always connects to one local address, whatever is asked."""
+
+    def __init__(self, address: str, **kw: Any) -> None:
+        super().__init__([address], **kw)
+        self.address = address
+
+    def _check(self, dial: Any) -> tuple[Status | None, str, int]:
+        host, _, port = self.address.rpartition(":")
+        return None, host.strip("[]"), int(port)
+
+
+def netconn_registry(servicer: NetConnServicer) -> ServiceRegistry:
+    reg = ServiceRegistry()
+    servicer.add_to(reg)
+    return reg
+
+
+class RemoteSession:
+    """
+    One registration with the hub (see the module docstring).
+
+    :param target: the hub's gRPC address, ``host:port``.
+    :param offers: endpoint name → registry serving it.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        remote: str,
+        token: str,
+        offers: Mapping[str, ServiceRegistry],
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        bridge: Bridge | None = None,
+        min_backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.namespace, self.name = N.parse_remote(remote)
+        self.target = target
+        self.token = token
+        self.offers = dict(offers)
+        self.credentials = credentials
+        self.options = [*KEEPALIVE_OPTIONS, *options]
+        self.bridge = bridge or get_bridge()
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.registered = asyncio.Event()  # created lazily on the loop in run()
+        self.registrations = 0
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._streams: set[TunnelConnection] = set()
+        self._stopping = False
+        self.fatal: str | None = None
+
+    @property
+    def resource(self) -> str:
+        return N.resource_name(self.namespace, self.name)
+
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        return ((N.MD_AUTH, f"Bearer {self.token}"),)
+
+    # --- lifecycle (any thread) ------------------------------------------------------
+
+    def start(self) -> RemoteSession:
+        async def go() -> None:
+            self.registered = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+        self.bridge.run(go())
+        return self
+
+    async def astart(self) -> None:
+        self.registered = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def wait_registered(self, timeout: float | None = None) -> bool:
+        async def go() -> bool:
+            try:
+                await asyncio.wait_for(self.registered.wait(), timeout)
+                return True
+            except TimeoutError:
+                return False
+
+        return self.bridge.run(go())
+
+    async def astop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:  # noqa: BLE001
+                pass
+        for conn in list(self._streams):
+            await conn.aclose(grace=0)
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def stop(self) -> None:
+        self.bridge.run(self.astop(), 20)
+
+    # --- the control loop (bridge loop) ----------------------------------------------
+
+    def _make_channel(self) -> grpc.aio.Channel:
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
+        return grpc.aio.insecure_channel(self.target, options=self.options)
+
+    async def _run(self) -> None:
+        delay = self.min_backoff
+        while not self._stopping:
+            if self._channel is None:
+                self._channel = self._make_channel()
+            try:
+                await self._control()
+                delay = self.min_backoff  # a session that registered resets the backoff
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.INVALID_ARGUMENT):
+                    # credentials will not get better by retrying quickly
+                    self.fatal = self.last_error
+                    log.error("hub refused remote %s: %s", self.resource, self.last_error)
+                else:
+                    log.warning("hub link lost (%s); retrying in %.1fs", self.last_error, delay)
+            except Exception as exc:  # noqa: BLE001
+                self.last_error = repr(exc)
+                log.warning("hub link failed (%r); retrying in %.1fs", exc, delay)
+            self.registered.clear()
+            if self._stopping:
+                return
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _control(self) -> None:
+        assert self._channel is not None
+        md = (*self._md(), (N.MD_ENDPOINTS, ",".join(sorted(self.offers))))
+        call = self._channel.stream_stream(N.TUNNEL_METHOD)(metadata=md)
+        await call.write(tunnel_pb2.TunnelRequest(
+            id=0, connect={"remote": self.resource, "stream_buffer": 64}).SerializeToString())
+        write_lock = asyncio.Lock()
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                await call.code()  # raises the hub's refusal
+                return
+            if tunnel_pb2.TunnelResponse.FromString(first).WhichOneof("data") != "connect":
+                raise ConnectionError("hub answered connect with something else")
+            self.registrations += 1
+            self.fatal = None
+            self.registered.set()
+            log.info("registered %s with the hub at %s offering %s", self.resource, self.target,
+                     ",".join(sorted(self.offers)))
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    code = await call.code()
+                    if code != grpc.StatusCode.OK:
+                        raise grpc.aio.AioRpcError(code, None, None, await call.details())
+                    raise ConnectionError("hub closed the control stream")
+                resp = tunnel_pb2.TunnelResponse.FromString(msg)
+                if resp.WhichOneof("data") == "stream":
+                    asyncio.get_running_loop().create_task(
+                        self._open_stream(call, write_lock, resp.id, resp.stream.endpoint))
+        finally:
+            call.cancel()
+
+    async def _open_stream(self, control: Any, write_lock: asyncio.Lock, k: int,
+                           endpoint: str) -> None:
+        error: Status | None = None
+        registry = self.offers.get(endpoint)
+        conn = None
+        if registry is None:
+            error = Status(5, f"{self.resource} offers no endpoint {endpoint!r}")
+        else:
+            try:
+                conn = await self._stream_call(k, endpoint, registry)
+            except Exception as exc:  # noqa: BLE001
+                error = Status(14, f"could not open stream: {exc}")
+        reply = tunnel_pb2.TunnelRequest(id=k, stream={})
+        if error is not None:
+            reply.stream.error.code = error.code
+            reply.stream.error.message = error.message
+        try:
+            async with write_lock:
+                await control.write(reply.SerializeToString())
+        except Exception:  # noqa: BLE001 - the control stream is going away anyway
+            pass
+        if conn is not None:
+            self._streams.add(conn)
+            try:
+                await conn.run()
+            finally:
+                self._streams.discard(conn)
+
+    async def _stream_call(self, k: int, endpoint: str, registry: ServiceRegistry) -> TunnelConnection:
+        assert self._channel is not None
+        md = (*self._md(), (N.MD_STREAM_ID, str(k)))
+        call = self._channel.stream_stream(N.STREAM_METHOD)(metadata=md)
+        await call.write(tunnel_pb2.StreamRequest(connect={"remote": self.resource}).SerializeToString())
+        for expect in ("connect", "dial"):
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                await call.code()
+                raise ConnectionError("hub ended the stream during the handshake")
+            got = tunnel_pb2.StreamResponse.FromString(msg)
+            if got.WhichOneof("data") != expect:
+                call.cancel()
+                raise ConnectionError(f"expected {expect} from the hub, got {got.WhichOneof('data')}")
+        if got.dial.endpoint != endpoint:
+            call.cancel()
+            raise ConnectionError(f"hub dialled {got.dial.endpoint!r}, asked for {endpoint!r}")
+        await call.write(tunnel_pb2.StreamRequest(dial={}).SerializeToString())
+        outer = StreamOuter(call.read, call.write, tunnel_pb2.StreamResponse, self.target,
+                            done_writing=call.done_writing, cancel=call.cancel)
+        conn = TunnelConnection(self.bridge, SesameCodec(Role.SERVER), outer, Role.SERVER,
+                                on_stream=stream_factory(registry))
+        conn.start()
+        return conn
+
+
+def agent_offers(allow: Sequence[str], *, reactor: Any = None,
+                 bridge: Bridge | None = None) -> dict[str, ServiceRegistry]:
+    """What ``twistd sesame remote`` offers: NetConn behind ``allow``."""
+    return {N.NETCONN_ENDPOINT: netconn_registry(NetConnServicer(allow, reactor=reactor,
+                                                                 bridge=bridge))}
+
+
+__all__ = ["FixedTargetServicer", "RemoteSession", "agent_offers", "netconn_registry", "CANCELLED"]
