@@ -1,0 +1,333 @@
+"""
+``sesame:`` endpoints: reach a remote, or listen on one, through a hub.
+
+Client (``clientFromString``)::
+
+    sesame:remote=edge-1:host=127.0.0.1:port=22     dial 127.0.0.1:22 from edge-1
+    sesame:remote=edge-1:endpoint=web               connect to what edge-1 serves as "web"
+
+Server (``serverFromString``)::
+
+    sesame:remote=edge-1:endpoint=web               serve "web" on remote edge-1
+
+Common keys: ``hub`` (``HOST\\:PORT``, colons escaped; or ``$SESAME_HUB``),
+``ca`` (PEM file of the hub's CA; or ``$SESAME_CA``; without it the system
+roots are used), ``token`` / ``tokenFile`` (or ``$SESAME_TOKEN`` /
+``$SESAME_TOKEN_FILE``), ``namespace``, ``tls=no`` (loopback hubs only),
+``timeout`` (client: dial timeout seconds).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from twisted.internet import defer, interfaces
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sesame import _names as N
+from sesame._allowlist import AddressError, parse_port
+from sesame._bridge import Bridge, get_bridge
+from sesame._calls import AioLoopCall, LoopCall
+from sesame.netconn import connectNetConn
+
+log = Logger()
+
+CLIENT_KEYS = {"remote", "host", "port", "endpoint", "hub", "ca", "token", "tokenFile",
+               "namespace", "tls", "timeout"}
+SERVER_KEYS = {"remote", "endpoint", "hub", "ca", "token", "tokenFile", "namespace", "tls"}
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Where the hub is and how to talk to it."""
+
+    target: str
+    token: str
+    ca: bytes | None = None
+    tls: bool = True
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.ca)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((N.MD_AUTH, f"Bearer {self.token}"),)
+
+
+def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> HubConfig:
+    """Resolve hub/ca/token keys (or their environment variables); ValueError names the key."""
+    env = os.environ if env is None else env
+    hub = kw.get("hub") or env.get("SESAME_HUB")
+    if not hub:
+        raise ValueError("hub: no hub address (give hub=HOST\\:PORT or set SESAME_HUB)")
+    try:
+        host, port = N.grpc_address(hub)
+    except ValueError as exc:
+        raise ValueError(f"hub: {exc}") from None
+    if port == 0:
+        raise ValueError(f"hub: {hub!r} needs a port")
+    token = kw.get("token")
+    token_file = kw.get("tokenFile")
+    key = "token" if token else "tokenFile"
+    if not token and not token_file:
+        token = env.get("SESAME_TOKEN")
+        token_file = env.get("SESAME_TOKEN_FILE")
+        key = "SESAME_TOKEN" if token else "SESAME_TOKEN_FILE"
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{key}: cannot read token file {token_file!r}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"{key}: token file {token_file!r} is empty")
+    if not token:
+        raise ValueError("token: no token (give token=, tokenFile=, or set SESAME_TOKEN / "
+                         "SESAME_TOKEN_FILE)")
+    tls_text = kw.get("tls", "yes").lower()
+    if tls_text not in ("yes", "no", "true", "false", "1", "0"):
+        raise ValueError(f"tls: {tls_text!r} is not yes or no")
+    tls = tls_text in ("yes", "true", "1")
+    if not tls and not N.is_loopback(host):
+        raise ValueError(f"tls: refusing tls=no for hub {hub!r}, which is not a loopback address")
+    ca_path = kw.get("ca") or env.get("SESAME_CA")
+    ca = None
+    if ca_path and tls:
+        try:
+            ca = Path(ca_path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"ca: cannot read {ca_path!r}: {exc.strerror}") from None
+    return HubConfig(N.join_host_port(host, port), token, ca, tls)
+
+
+_channels: dict[tuple[str, bytes | None, bool], grpc.aio.Channel] = {}
+
+
+def hub_channel(cfg: HubConfig) -> grpc.aio.Channel:
+    """One shared channel per hub (call on the bridge loop)."""
+    key = (cfg.target, cfg.ca, cfg.tls)
+    ch = _channels.get(key)
+    if ch is None:
+        creds = cfg.credentials()
+        ch = (grpc.aio.secure_channel(cfg.target, creds) if creds
+              else grpc.aio.insecure_channel(cfg.target))
+        _channels[key] = ch
+    return ch
+
+
+def hub_call_factory(cfg: HubConfig, remote: str, endpoint: str | None) -> Any:
+    """A NetConn call factory that goes through the hub to ``remote``."""
+    extra = [(N.MD_REMOTE, remote)]
+    if endpoint:
+        extra.append((N.MD_ENDPOINT, endpoint))
+
+    def make(method: str, md: Any) -> LoopCall:
+        return AioLoopCall(hub_channel(cfg), method, (*md, *cfg.metadata(), *extra))
+
+    make.target = f"sesame:{remote}"  # type: ignore[attr-defined]
+    return make
+
+
+def _check_keys(kw: Mapping[str, str], allowed: set[str], kind: str) -> None:
+    for k in kw:
+        if k not in allowed:
+            raise ValueError(f"{k}: unknown key for a sesame {kind} endpoint "
+                             f"(known: {', '.join(sorted(allowed))})")
+
+
+def _remote(kw: Mapping[str, str]) -> str:
+    remote = kw.get("remote")
+    if not remote:
+        raise ValueError("remote: missing (e.g. sesame:remote=edge-1:host=127.0.0.1:port=22)")
+    try:
+        ns, name = N.parse_remote(remote, kw.get("namespace"))
+    except ValueError as exc:
+        raise ValueError(f"remote: {exc}") from None
+    return N.resource_name(ns, name)
+
+
+# --- client ---------------------------------------------------------------------------
+
+
+@implementer(interfaces.IStreamClientEndpoint)
+class SesameClientEndpoint:
+    """Connect through the hub to ``address`` from ``remote`` (or to its ``endpoint``)."""
+
+    def __init__(self, reactor: Any, hub: HubConfig, remote: str, *, address: str | None = None,
+                 endpoint: str | None = None, timeout: float | None = None,
+                 bridge: Bridge | None = None) -> None:
+        if (address is None) == (endpoint is None):
+            raise ValueError("give exactly one of address (host:port) or endpoint")
+        self.reactor = reactor
+        self.hub = hub
+        self.remote = remote
+        self.address = address
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.bridge = bridge
+
+    def connect(self, protocolFactory: Any) -> defer.Deferred:
+        try:
+            make = hub_call_factory(self.hub, self.remote, self.endpoint)
+            return connectNetConn(make, self.address or self.endpoint or "", protocolFactory,
+                                  timeout=self.timeout, reactor=self.reactor, bridge=self.bridge)
+        except Exception:  # noqa: BLE001
+            return defer.fail()
+
+
+def client_from_kwargs(reactor: Any, kw: Mapping[str, str],
+                       env: Mapping[str, str] | None = None) -> SesameClientEndpoint:
+    _check_keys(kw, CLIENT_KEYS, "client")
+    remote = _remote(kw)
+    endpoint = kw.get("endpoint")
+    host, port = kw.get("host"), kw.get("port")
+    if endpoint and (host or port):
+        raise ValueError("endpoint: give either endpoint= or host= and port=, not both")
+    address = None
+    if not endpoint:
+        if not host:
+            raise ValueError("host: missing (or give endpoint=NAME)")
+        if not port:
+            raise ValueError("port: missing")
+        try:
+            p = parse_port(port, "port")
+        except AddressError as exc:
+            raise ValueError(str(exc)) from None
+        address = N.join_host_port(host.strip("[]"), p)
+    elif not N.valid_name(endpoint):
+        raise ValueError(f"endpoint: {endpoint!r} is not a valid endpoint name")
+    timeout = None
+    if "timeout" in kw:
+        try:
+            timeout = float(kw["timeout"])
+        except ValueError:
+            raise ValueError(f"timeout: {kw['timeout']!r} is not a number of seconds") from None
+        if timeout <= 0:
+            raise ValueError("timeout: must be positive")
+    return SesameClientEndpoint(reactor, hub_config(kw, env), remote, address=address,
+                                endpoint=endpoint, timeout=timeout)
+
+
+# --- server ---------------------------------------------------------------------------
+
+
+@implementer(interfaces.IAddress)
+@dataclass(frozen=True)
+class SesameAddress:
+    """Where a ``sesame:`` server endpoint listens: ``endpoint`` of ``remote`` via ``hub``."""
+
+    hub: str
+    remote: str
+    endpoint: str
+
+
+@implementer(interfaces.IListeningPort)
+class SesameListeningPort:
+    def __init__(self, address: SesameAddress, session: Any, tcp_port: Any,
+                 bridge: Bridge) -> None:
+        self._address = address
+        self.session = session
+        self.tcp_port = tcp_port
+        self.bridge = bridge
+
+    def getHost(self) -> SesameAddress:
+        return self._address
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> defer.Deferred:
+        from sesame._bridge import to_deferred
+
+        d = to_deferred(self.bridge.submit(self.session.astop()))
+        d.addBoth(lambda _: self.tcp_port.stopListening())
+        return d
+
+
+@implementer(interfaces.IStreamServerEndpoint)
+class SesameServerEndpoint:
+    """
+    Serve ``endpoint`` of ``remote``: connections the hub routes there reach
+    the factory.  The factory listens on an ephemeral loopback port that only
+    this session dials (it is never announced).
+    """
+
+    REGISTER_WAIT = 10.0
+
+    def __init__(self, reactor: Any, hub: HubConfig, remote: str, endpoint: str,
+                 bridge: Bridge | None = None) -> None:
+        self.reactor = reactor
+        self.hub = hub
+        self.remote = remote
+        self.endpoint = endpoint
+        self.bridge = bridge or get_bridge()
+
+    async def _listen(self, factory: Any) -> SesameListeningPort:
+        from sesame._bridge import to_deferred
+        from sesame.remote import FixedTargetServicer, RemoteSession, netconn_registry
+
+        tcp = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(factory)
+        local = f"127.0.0.1:{tcp.getHost().port}"
+        session = RemoteSession(
+            self.hub.target, self.remote, self.hub.token,
+            {self.endpoint: netconn_registry(
+                FixedTargetServicer(local, reactor=self.reactor, bridge=self.bridge))},
+            credentials=self.hub.credentials(), bridge=self.bridge,
+        )
+        await to_deferred(self.bridge.submit(session.astart()))
+
+        async def first_registration() -> bool:
+            import asyncio
+
+            deadline = asyncio.get_running_loop().time() + self.REGISTER_WAIT
+            while asyncio.get_running_loop().time() < deadline:
+                if session.registered.is_set():
+                    return True
+                if session.fatal:
+                    return False
+                await asyncio.sleep(0.05)
+            return False
+
+        ok = await to_deferred(self.bridge.submit(first_registration()))
+        if not ok and session.fatal:
+            await to_deferred(self.bridge.submit(session.astop()))
+            await tcp.stopListening()
+            raise ConnectionRefusedError(f"hub {self.hub.target} refused {self.remote}: {session.fatal}")
+        if not ok:
+            log.warn("hub {hub} not reachable yet ({why}); {remote} keeps trying",
+                     hub=self.hub.target, why=session.last_error, remote=self.remote)
+        return SesameListeningPort(SesameAddress(self.hub.target, self.remote, self.endpoint),
+                                   session, tcp, self.bridge)
+
+    def listen(self, protocolFactory: Any) -> defer.Deferred:
+        return defer.ensureDeferred(self._listen(protocolFactory))
+
+
+def server_from_kwargs(reactor: Any, kw: Mapping[str, str],
+                       env: Mapping[str, str] | None = None) -> SesameServerEndpoint:
+    _check_keys(kw, SERVER_KEYS, "server")
+    remote = _remote(kw)
+    endpoint = kw.get("endpoint")
+    if not endpoint:
+        raise ValueError("endpoint: missing (e.g. sesame:remote=edge-1:endpoint=web)")
+    if not N.valid_name(endpoint) or endpoint == N.NETCONN_ENDPOINT:
+        raise ValueError(f"endpoint: {endpoint!r} is not a valid endpoint name")
+    return SesameServerEndpoint(reactor, hub_config(kw, env), remote, endpoint)
+
+
+__all__ = [
+    "HubConfig",
+    "SesameAddress",
+    "SesameClientEndpoint",
+    "SesameServerEndpoint",
+    "client_from_kwargs",
+    "hub_config",
+    "server_from_kwargs",
+]
