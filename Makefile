@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m sesame host
+	$(BIN)/sesame hub
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,34 +1,35 @@
 """
 The ``sesame`` command.
 
-Until the hub lands this offers the tunnel layer on its own:
+    sesame hub [--listen ...] [--data-dir ./.sesame]       run the hub (foreground)
+    sesame remote --hub H:P --name edge-1 --token-file F --ca ca.pem --allow 127.0.0.1:22
+    sesame token create --remote edge-1 | --client [--remotes PATTERN]   print a token
+    sesame token revoke TOKEN_OR_ID | sesame token list
+    sesame forward LISTEN_ENDPOINT CONNECT_ENDPOINT         e.g. tcp:2222 'sesame:remote=...'
+    sesame stdio CONNECT_ENDPOINT                           for ssh ProxyCommand
+    sesame demo                                             tunnels both ways, in-process
 
-* ``sesame host``  — a tunnel host on loopback serving gRPC health and
-  reflection on forward tunnels and accepting reverse tunnels;
-* ``sesame demo``  — dial a host both ways and show a call in each
-  direction (forward: we call the host; reverse: the host calls us).
+Errors are one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sesame.tunnel import ServiceRegistry
 
-DEFAULT_LISTEN = "127.0.0.1:7443"
+DEFAULT_DATA_DIR = "./.sesame"
 
 
 def _registry() -> ServiceRegistry:
-
     reg = ServiceRegistry()
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -39,78 +40,252 @@ def _registry() -> ServiceRegistry:
     return reg
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+class CLIError(Exception):
+    """A one-line error for the user."""
 
 
-def cmd_host(args: argparse.Namespace) -> int:
-    from sesame.tunnel import TunnelHost
+# --- services in the foreground ----------------------------------------------------------
 
-    if not _is_loopback(args.listen):
-        print(f"sesame host: refusing to listen on {args.listen} without TLS; "
-              "only loopback addresses are allowed until the hub (with TLS and tokens) lands",
-              file=sys.stderr)
-        return 2
-    host = TunnelHost(_registry(), on_reverse_open=lambda ch, md: print(
-        "reverse tunnel opened", flush=True))
+
+def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python import usage
+
+    options = make()
     try:
-        port = host.start(args.listen)
-    except RuntimeError as exc:
-        print(f"sesame host: cannot listen on {args.listen}: {exc}", file=sys.stderr)
-        return 1
-    where = f"{args.listen.rsplit(':', 1)[0]}:{port}"
-    print(f"sesame tunnel host listening on {where} (dialects: sesame.type, grpctunnel.v1)")
-    print("next, in another terminal:")
-    print(f"  .venv/bin/sesame demo --target {where}")
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
-    host.stop(1)
+        options.parseOptions(argv)
+    except usage.UsageError as exc:
+        raise CLIError(str(exc)) from None
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    from sesame import tap
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    cls = {tap.HubOptions: tap.HubService, tap.RemoteOptions: tap.RemoteService}[type(options)]
+    svc = cls(options)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            svc.startService()
+        except Exception as exc:  # noqa: BLE001
+            failed.append(exc)
+            reactor.stop()
+            return
+        if banner is not None:
+            banner(svc)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: svc.running and svc.stopService())
+    reactor.run()
+    if failed:
+        raise CLIError(f"{type(failed[0]).__name__}: {failed[0]}")
     return 0
 
 
+def _hub_banner(svc: Any) -> None:
+    o = svc.options
+    from sesame import _names as N
+
+    where = N.join_host_port(o.host, svc.port)
+    data = o["data-dir"]
+    tls = "" if o["no-tls"] else f" --ca {data}/ca.pem"
+    print(f"sesame hub listening on {where}", flush=True)
+    if not o["no-tls"] and not o["tls-cert"]:
+        print(f"hub CA certificate: {data}/ca.pem (remotes and clients need it)", flush=True)
+    print("next, in another terminal, start a remote that may reach its own port 22:", flush=True)
+    print(f"  .venv/bin/sesame token create --data-dir {data} --remote edge-1 > edge-1.token",
+          flush=True)
+    print(f"  .venv/bin/sesame remote --hub {where} --name edge-1 --token-file edge-1.token"
+          f"{tls} --allow 127.0.0.1:22", flush=True)
+    print("then forward a local port to it:", flush=True)
+    print(f"  export SESAME_HUB={where} SESAME_CA={data}/ca.pem "
+          f"SESAME_TOKEN=$(.venv/bin/sesame token create --data-dir {data} --client)", flush=True)
+    print("  .venv/bin/sesame forward tcp:2222:interface=127.0.0.1 "
+          "'sesame:remote=edge-1:host=127.0.0.1:port=22'", flush=True)
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from sesame.tap import HubOptions
+
+    return _run_service(HubOptions, args.rest, _hub_banner)
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    from sesame.tap import RemoteOptions
+
+    return _run_service(RemoteOptions, args.rest)
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+
+def _store(data_dir: str) -> Any:
+    from sesame._store import SQLiteStore
+
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise CLIError(f"--data-dir: {data_dir} does not exist (start the hub once, or create it)")
+    return SQLiteStore(path / "hub.db")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from sesame import _names as N
+    from sesame._store import StoreError
+
+    store = _store(args.data_dir)
+    try:
+        if args.action == "create":
+            kinds = [k for k in ("remote", "client", "admin") if getattr(args, k)]
+            if len(kinds) != 1:
+                raise CLIError("token create: give exactly one of --remote NAME, --client, --admin")
+            if args.remotes and kinds[0] != "client":
+                raise CLIError("--remotes: only client tokens take a remote pattern")
+            if kinds[0] == "remote":
+                try:
+                    ns, name = N.parse_remote(args.remote, args.namespace)
+                except ValueError as exc:
+                    raise CLIError(f"--remote: {exc}") from None
+                _, token = store.create_token("remote", remote=name, pattern=None, namespace=ns)
+            else:
+                _, token = store.create_token(kinds[0], remote=None, pattern=args.remotes,
+                                              namespace=args.namespace or "default")
+            print(token)
+        elif args.action == "revoke":
+            if not store.revoke(args.token):
+                raise CLIError(f"token revoke: no live token {args.token[:16]!r}")
+            print("revoked", file=sys.stderr)
+        else:
+            for t in store.list_tokens():
+                state = "revoked" if t.revoked else "live"
+                what = t.remote or (t.pattern or "*")
+                print(f"{t.id}\t{t.kind}\t{t.namespace}\t{what}\t{state}")
+    except StoreError as exc:
+        raise CLIError(f"--{getattr(exc, 'field', 'token')}: {exc}") from None
+    finally:
+        store.close()
+    return 0
+
+
+# --- forward and stdio ----------------------------------------------------------------------
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, endpoints, reactor, task
+
+    try:
+        listen = endpoints.serverFromString(reactor, args.listen)
+    except ValueError as exc:
+        raise CLIError(f"LISTEN_ENDPOINT: {exc}") from None
+    try:
+        connect = endpoints.clientFromString(reactor, args.connect)
+    except ValueError as exc:
+        raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
+    from sesame.relay import RelayFactory
+
+    async def main(_reactor: Any) -> None:
+        port = await listen.listen(RelayFactory(connect))
+        print(f"forwarding {port.getHost()} -> {args.connect}", file=sys.stderr, flush=True)
+        await defer.Deferred()  # until interrupted
+
+    try:
+        task.react(lambda r: defer.ensureDeferred(main(r)))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def cmd_stdio(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, endpoints, reactor, stdio, task
+
+    try:
+        connect = endpoints.clientFromString(reactor, args.connect)
+    except ValueError as exc:
+        raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
+    from sesame.relay import StdioRelay
+
+    async def main(_reactor: Any) -> None:
+        relay = StdioRelay(connect)
+        stdio.StandardIO(relay)
+        await relay.done
+
+    try:
+        task.react(lambda r: defer.ensureDeferred(main(r)))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    import grpc
+
     from sesame.tunnel import ReverseTunnelServer, TunnelHost, open_tunnel
 
-    target = args.target
-    local = None
-    if target is None:
-        local = TunnelHost(_registry())
-        target = f"127.0.0.1:{local.start('127.0.0.1:0')}"
+    local = TunnelHost(_registry())
+    target = f"127.0.0.1:{local.start('127.0.0.1:0')}"
     try:
         ch = open_tunnel(target, dialect=args.dialect)
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         print(f"forward: Health/Check through a tunnel to {target} -> "
               f"{health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
         ch.close()
-        if local is not None:
-            rs = ReverseTunnelServer(target, _registry(), dialect=args.dialect).start()
-            local.wait_for_reverse(5)
-            resp = health_pb2_grpc.HealthStub(local.reverse_channel()).Check(
-                health_pb2.HealthCheckRequest(), timeout=5)
-            print("reverse: the host called Health/Check on us through our reverse tunnel -> "
-                  f"{health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
-            rs.stop(1)
+        rs = ReverseTunnelServer(target, _registry(), dialect=args.dialect).start()
+        local.wait_for_reverse(5)
+        resp = health_pb2_grpc.HealthStub(local.reverse_channel()).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)
+        print("reverse: the host called Health/Check on us through our reverse tunnel -> "
+              f"{health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
+        rs.stop(1)
     except grpc.RpcError as exc:
-        print(f"sesame demo: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        raise CLIError(f"{exc.code().name}: {exc.details()}") from None
     finally:
-        if local is not None:
-            local.stop(0)
+        local.stop(0)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sesame", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sesame", description="Reach what sits behind NAT "
+                                "through a sesame hub.")
     sub = p.add_subparsers(dest="command", required=True)
-    h = sub.add_parser("host", help="run a tunnel host on loopback")
-    h.add_argument("--listen", default=DEFAULT_LISTEN,
-                   help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN}; loopback only)")
-    h.set_defaults(func=cmd_host)
-    d = sub.add_parser("demo", help="show a call in each tunnel direction")
-    d.add_argument("--target", help="HOST:PORT of a running `sesame host` (default: start one)")
+    h = sub.add_parser("hub", help="run the hub in the foreground (see `sesame hub --help`)",
+                       add_help=False)
+    h.add_argument("rest", nargs=argparse.REMAINDER)
+    h.set_defaults(func=cmd_hub)
+    r = sub.add_parser("remote", help="run a remote agent (see `sesame remote --help`)",
+                       add_help=False)
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_remote)
+
+    t = sub.add_parser("token", help="create, revoke or list tokens")
+    tsub = t.add_subparsers(dest="action", required=True)
+    for name in ("create", "revoke", "list"):
+        tp = tsub.add_parser(name)
+        tp.add_argument("--data-dir", default=os.environ.get("SESAME_DATA_DIR", DEFAULT_DATA_DIR),
+                        help="the hub's data directory (default ./.sesame)")
+        if name == "create":
+            tp.add_argument("--remote", help="a token that may register this remote name")
+            tp.add_argument("--client", action="store_true",
+                            help="a token that may reach remotes (all, or --remotes)")
+            tp.add_argument("--admin", action="store_true", help="a management token")
+            tp.add_argument("--remotes", help="glob of remote names a client token may reach")
+            tp.add_argument("--namespace", help="namespace (default: default)")
+        elif name == "revoke":
+            tp.add_argument("token", help="the token, or its id (ses_<id>)")
+    t.set_defaults(func=cmd_token)
+
+    f = sub.add_parser("forward", help="listen on one endpoint, connect each connection to another")
+    f.add_argument("listen", metavar="LISTEN_ENDPOINT", help="e.g. tcp:2222:interface=127.0.0.1")
+    f.add_argument("connect", metavar="CONNECT_ENDPOINT",
+                   help="e.g. 'sesame:remote=edge-1:host=127.0.0.1:port=22'")
+    f.set_defaults(func=cmd_forward)
+    s = sub.add_parser("stdio", help="connect stdin/stdout to an endpoint (ssh ProxyCommand)")
+    s.add_argument("connect", metavar="CONNECT_ENDPOINT")
+    s.set_defaults(func=cmd_stdio)
+    d = sub.add_parser("demo", help="show a tunnelled call in each direction, in-process")
     d.add_argument("--dialect", default="sesame", choices=["sesame", "grpctunnel"])
     d.set_defaults(func=cmd_demo)
     return p
@@ -120,8 +295,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # grpc's C core logs connection teardown at INFO on stderr; a CLI user
     # wants our messages, not those.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("hub", "remote"):
+        # these take twistd-style options of their own (sesame.tap)
+        args = argparse.Namespace(command=argv[0], rest=argv[1:],
+                                  func=cmd_hub if argv[0] == "hub" else cmd_remote)
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"sesame {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,51 +1,245 @@
 """
-``twistd sesame``: sesame services under twistd.
+``twistd sesame``: the hub and the remote agent as Twisted services.
 
-    twistd -n sesame host [--listen 127.0.0.1:7443]
-
-``host`` runs a tunnel host (both dialects) serving gRPC health and
-reflection on forward tunnels and accepting reverse tunnels.  It grows into
-the hub; until TLS and tokens exist it listens on loopback only.
+    twistd -n sesame hub [--listen tcp:7443:interface=127.0.0.1] [--data-dir ./.sesame]
+    twistd -n sesame remote --hub HOST:PORT --name edge-1 --token-file F --ca ca.pem \\
+        --allow 127.0.0.1:22
+    twistd -n sesame host    # a bare tunnel host (loopback only), for tunnel experiments
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from sesame.cli import DEFAULT_LISTEN, _is_loopback, _registry
+from sesame import _names as N
+
+DEFAULT_LISTEN = "tcp:7443:interface=127.0.0.1"
+DEFAULT_DATA_DIR = "./.sesame"
 
 
-class HostOptions(usage.Options):
-    synopsis = "[--listen HOST:PORT]"
-    longdesc = "Run a tunnel host (sesame.type + grpctunnel.v1) on a loopback address."
+class HubOptions(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the sesame hub: remotes register with it, clients reach them through it. "
+        "TLS is on by default: the first start creates a private CA and a hub certificate "
+        "in the data directory and prints the path of ca.pem, which remotes and clients need."
+    )
     optParameters = [
         ["listen", "l", DEFAULT_LISTEN,
-         f"HOST:PORT to listen on (default {DEFAULT_LISTEN}; port 0 picks one; loopback only)"],
+         "Where to listen: a Twisted-style tcp:PORT:interface=HOST or HOST:PORT "
+         f"(default {DEFAULT_LISTEN}; port 0 picks one)."],
+        ["data-dir", "d", DEFAULT_DATA_DIR,
+         "Directory for the SQLite store and generated TLS files (default ./.sesame)."],
+        ["tls-cert", None, None, "PEM certificate to serve instead of the generated one."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["tls-ca", None, None,
+         "PEM CA certificate clients should trust (informational with --tls-cert)."],
+        ["client-ca", None, None,
+         "Require client certificates signed by this PEM CA (mTLS), in addition to tokens."],
+        ["port-file", None, None, "Write the bound port to this file once listening."],
+    ]
+    optFlags = [
+        ["no-tls", None, "Serve plain gRPC (refused unless --listen is a loopback address)."],
     ]
 
     def postOptions(self) -> None:
-        if not _is_loopback(self["listen"]):
+        try:
+            self.host, self.port = N.grpc_address(self["listen"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--listen: {exc}") from None
+        if self["no-tls"] and not N.is_loopback(self.host):
             raise usage.UsageError(
-                f"--listen {self['listen']}: only loopback addresses are allowed until "
-                "TLS and tokens land"
-            )
+                f"--no-tls: refusing to serve without TLS on {self.host}, which is not a "
+                "loopback address")
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        for key in ("tls-cert", "tls-key", "tls-ca", "client-ca"):
+            if self[key] and not Path(self[key]).is_file():
+                raise usage.UsageError(f"--{key}: {self[key]} is not a readable file")
+
+
+class RemoteOptions(usage.Options):
+    synopsis = "--hub HOST:PORT --name NAME --token-file F [--ca FILE] --allow PATTERN..."
+    longdesc = (
+        "Run a remote agent: dial out to the hub, register as NAME, and let clients "
+        "open TCP connections to the addresses --allow permits (none by default). "
+        "Reconnects with backoff when the hub goes away."
+    )
+    optParameters = [
+        ["hub", None, None, "The hub's HOST:PORT (env SESAME_HUB)."],
+        ["name", "n", None, "Remote name to register, or namespaces/NS/remotes/NAME."],
+        ["token-file", None, None, "File holding this remote's token (env SESAME_TOKEN_FILE; "
+                                   "or SESAME_TOKEN holds the token itself)."],
+        ["ca", None, None, "The hub's CA certificate, e.g. the hub's .sesame/ca.pem (env SESAME_CA)."],
+    ]
+    optFlags = [["no-tls", None, "Plain gRPC to a loopback hub started with --no-tls."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow"] = []
+
+    def opt_allow(self, pattern: str) -> None:
+        """HOST:PORTS a client may reach from here; repeatable (127.0.0.1:*, 10.0.0.0/8:22,
+        db.internal:5432, [::1]:8000-8100, *:443)."""
+        from sesame._allowlist import Allowlist, PatternError
+
+        try:
+            Allowlist([pattern])
+        except PatternError as exc:
+            raise usage.UsageError(f"--allow: {exc}") from None
+        self["allow"].append(pattern)
+
+    opt_a = opt_allow
+
+    def postOptions(self) -> None:
+        from sesame.endpoints import hub_config
+
+        env = os.environ
+        if not self["name"]:
+            raise usage.UsageError("--name: which remote name to register")
+        kw = {"hub": self["hub"] or env.get("SESAME_HUB", "")}
+        if self["token-file"]:
+            kw["tokenFile"] = self["token-file"]
+        if self["ca"]:
+            kw["ca"] = self["ca"]
+        if self["no-tls"]:
+            kw["tls"] = "no"
+        try:
+            self.hub = hub_config(kw)
+            N.parse_remote(self["name"])
+        except ValueError as exc:
+            key = str(exc).split(":", 1)[0]
+            flag = {"hub": "--hub", "tokenFile": "--token-file", "ca": "--ca", "tls": "--no-tls",
+                    "token": "--token-file"}.get(key, "--name")
+            raise usage.UsageError(f"{flag}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+class HostOptions(usage.Options):
+    optParameters = [["listen", "l", "127.0.0.1:7443", "HOST:PORT (loopback only)."]]
+
+    def postOptions(self) -> None:
+        host, _ = N.grpc_address(self["listen"])
+        if not N.is_loopback(host):
+            raise usage.UsageError(f"--listen {self['listen']}: only loopback addresses are "
+                                   "allowed for a bare tunnel host")
 
 
 class Options(usage.Options):
-    synopsis = "host [options]"
-    subCommands = [["host", None, HostOptions, "Run a tunnel host."]]
+    synopsis = "hub|remote|host [options]"
+    subCommands = [
+        ["hub", None, HubOptions, "Run the hub."],
+        ["remote", None, RemoteOptions, "Run a remote agent."],
+        ["host", None, HostOptions, "Run a bare tunnel host (loopback, for experiments)."],
+    ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a subcommand: host")
+            raise usage.UsageError("name a subcommand: hub, remote or host")
+
+
+class HubService(service.Service):
+    log = Logger()
+
+    def __init__(self, options: HubOptions, out: Any = None) -> None:
+        self.options = options
+        self.hub: Any = None
+        self.port: int | None = None
+        self.out = out or sys.stdout
+
+    def startService(self) -> None:
+        from sesame._bridge import get_bridge
+        from sesame._store import SQLiteStore
+        from sesame._tls import ensure_hub_tls
+        from sesame.hub import Hub
+
+        super().startService()
+        o = self.options
+        data_dir = Path(o["data-dir"])
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = SQLiteStore(data_dir / "hub.db")
+        creds = None
+        ca_note = "no TLS (loopback only)"
+        if not o["no-tls"]:
+            import grpc
+
+            client_ca = Path(o["client-ca"]).read_bytes() if o["client-ca"] else None
+            if o["tls-cert"]:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(o["tls-key"]).read_bytes(), Path(o["tls-cert"]).read_bytes())],
+                    root_certificates=client_ca, require_client_auth=client_ca is not None)
+                ca_note = f"TLS with {o['tls-cert']}"
+            else:
+                hosts = [o.host] if o.host not in ("0.0.0.0", "::") else []
+                if not hosts:
+                    import socket
+
+                    hosts = [socket.getfqdn()]
+                tls = ensure_hub_tls(data_dir, hosts)
+                creds = tls.server_credentials(require_client_cert=client_ca is not None,
+                                               client_ca=client_ca)
+                ca_note = f"TLS; clients and remotes trust {tls.ca_path}"
+                if tls.created:
+                    ca_note += " (new CA created)"
+        self.hub = Hub(store)
+        self.port = get_bridge().run(self.hub.start(o.host, o.port, creds))
+        where = N.join_host_port(o.host, self.port)
+        self.log.info("sesame hub listening on {where} ({tls})", where=where, tls=ca_note)
+        if o["port-file"]:
+            Path(o["port-file"]).write_text(f"{self.port}\n")
+
+    def stopService(self) -> Any:
+        from sesame._bridge import get_bridge, to_deferred
+
+        super().stopService()
+        if self.hub is None:
+            return None
+        hub, self.hub = self.hub, None
+        return to_deferred(get_bridge().submit(hub.stop(1)))
+
+
+class RemoteService(service.Service):
+    log = Logger()
+
+    def __init__(self, options: RemoteOptions) -> None:
+        self.options = options
+        self.session: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        from sesame._bridge import get_bridge
+        from sesame.remote import RemoteSession, agent_offers
+
+        super().startService()
+        o = self.options
+        if not o["allow"]:
+            self.log.warn("no --allow patterns: every dial will be refused (default deny)")
+        self.session = RemoteSession(
+            o.hub.target, o["name"], o.hub.token, agent_offers(o["allow"], reactor=reactor),
+            credentials=o.hub.credentials())
+        get_bridge().run(self.session.astart())
+        self.log.info("sesame remote {name} dialling the hub at {hub}; allowing {allow}",
+                      name=o["name"], hub=o.hub.target, allow=", ".join(o["allow"]) or "nothing")
+
+    def stopService(self) -> Any:
+        from sesame._bridge import get_bridge, to_deferred
+
+        super().stopService()
+        if self.session is None:
+            return None
+        s, self.session = self.session, None
+        return to_deferred(get_bridge().submit(s.astop()))
 
 
 class TunnelHostService(service.Service):
-    """Starts a :class:`sesame.tunnel.TunnelHost` with the application."""
+    """A bare :class:`sesame.tunnel.TunnelHost` (health + reflection on forward tunnels)."""
 
     log = Logger()
 
@@ -55,15 +249,15 @@ class TunnelHostService(service.Service):
         self.port: int | None = None
 
     def startService(self) -> None:
+        from sesame.cli import _registry
         from sesame.tunnel import TunnelHost
 
         super().startService()
+        host, port = N.grpc_address(self.listen)
         self.host = TunnelHost(_registry())
-        self.port = self.host.start(self.listen)
-        self.log.info(
-            "sesame tunnel host listening on {address}",
-            address=f"{self.listen.rsplit(':', 1)[0]}:{self.port}",
-        )
+        self.port = self.host.start(N.join_host_port(host, port))
+        self.log.info("sesame tunnel host listening on {address}",
+                      address=N.join_host_port(host, self.port))
 
     def stopService(self) -> Any:
         from sesame._bridge import to_deferred
@@ -83,6 +277,11 @@ class TunnelHostService(service.Service):
 
 def makeService(options: Options) -> service.IService:
     top = service.MultiService()
-    if options.subCommand == "host":
-        TunnelHostService(options.subOptions["listen"]).setServiceParent(top)
+    sub = options.subOptions
+    if options.subCommand == "hub":
+        HubService(sub).setServiceParent(top)
+    elif options.subCommand == "remote":
+        RemoteService(sub).setServiceParent(top)
+    elif options.subCommand == "host":
+        TunnelHostService(sub["listen"]).setServiceParent(top)
     return top
