@@ -168,6 +168,63 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- remotes --------------------------------------------------------------------------------
+
+
+def cmd_remotes(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+
+    import grpc
+
+    from sesame import _names as N
+    from sesame.endpoints import hub_config
+    from sesame.v1alpha1 import sesame_pb2
+
+    kw = {"hub": args.hub or ""}
+    if args.ca:
+        kw["ca"] = args.ca
+    if args.token_file:
+        kw["tokenFile"] = args.token_file
+    try:
+        cfg = hub_config(kw)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    creds = cfg.credentials()
+    channel = (grpc.secure_channel(cfg.target, creds) if creds
+               else grpc.insecure_channel(cfg.target))
+    with channel:
+        call = channel.unary_unary(N.LIST_REMOTES_METHOD,
+                                   request_serializer=sesame_pb2.ListRemotesRequest.SerializeToString,
+                                   response_deserializer=sesame_pb2.ListRemotesResponse.FromString)
+        parent = f"namespaces/{args.namespace}" if args.namespace else ""
+        try:
+            resp, c = call.with_call(sesame_pb2.ListRemotesRequest(parent=parent),
+                                     metadata=cfg.metadata(), timeout=10)
+        except grpc.RpcError as exc:
+            raise CLIError(f"{exc.code().name}: {exc.details()}") from None
+    live = {(e["namespace"], e["name"]): e
+            for e in json.loads(dict(c.initial_metadata()).get(N.MD_LIVE, "[]"))}
+    rows = []
+    for r in resp.remotes:
+        _, ns, _, name = r.name.split("/")
+        e = live.get((ns, name))
+        rows.append({"name": name, "namespace": ns, "connected": e is not None,
+                     "connected_since": e["connected_since"] if e else None,
+                     "endpoints": e["endpoints"] if e else [],
+                     "connections": e["connections"] if e else 0})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':20} {'NAMESPACE':12} {'CONNECTED SINCE':20} {'CONNS':>5}  ENDPOINTS")
+    for row in rows:
+        since = (datetime.datetime.fromtimestamp(row["connected_since"]).strftime("%Y-%m-%d %H:%M:%S")
+                 if row["connected"] else "offline")
+        print(f"{row['name']:20} {row['namespace']:12} {since:20} {row['connections']:>5}  "
+              f"{','.join(row['endpoints'])}")
+    return 0
+
+
 # --- forward and stdio ----------------------------------------------------------------------
 
 
@@ -282,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("connect", metavar="CONNECT_ENDPOINT",
                    help="e.g. 'sesame:remote=edge-1:host=127.0.0.1:port=22'")
     f.set_defaults(func=cmd_forward)
+    rm = sub.add_parser("remotes", help="list the remotes your token may reach")
+    rm.add_argument("--hub", default=os.environ.get("SESAME_HUB"), help="HOST:PORT ($SESAME_HUB)")
+    rm.add_argument("--ca", default=os.environ.get("SESAME_CA"), help="hub CA file ($SESAME_CA)")
+    rm.add_argument("--token-file", help="token file (else $SESAME_TOKEN / $SESAME_TOKEN_FILE)")
+    rm.add_argument("--namespace", help="only this namespace")
+    rm.add_argument("--json", action="store_true", help="machine-readable output")
+    rm.set_defaults(func=cmd_remotes)
     s = sub.add_parser("stdio", help="connect stdin/stdout to an endpoint (ssh ProxyCommand)")
     s.add_argument("connect", metavar="CONNECT_ENDPOINT")
     s.set_defaults(func=cmd_stdio)

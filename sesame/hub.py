@@ -427,6 +427,59 @@ class Hub:
             await context.abort(_CODES.get(status.code, grpc.StatusCode.UNKNOWN),
                                 status.message or f"connection through {remote} failed")
 
+    # --- listing ------------------------------------------------------------------------
+
+    def live_view(self, info: Any, namespace: str | None = None) -> list[dict]:
+        """Connected remotes this token may list: name, namespace, since, endpoints."""
+        by_remote: dict[tuple[str, str], dict] = {}
+        for s in self.connected():
+            if namespace and s.namespace != namespace:
+                continue
+            if not info.may_list(s.remote, s.namespace):
+                continue
+            entry = by_remote.setdefault((s.namespace, s.remote), {
+                "name": s.remote, "namespace": s.namespace, "connected_since": s.since,
+                "endpoints": set(), "sessions": 0, "connections": 0, "peers": set()})
+            entry["connected_since"] = min(entry["connected_since"], s.since)
+            entry["sessions"] += 1
+            entry["connections"] += s.connections
+            entry["peers"].add(s.peer)
+            entry["endpoints"].update(ep for ep in s.endpoints
+                                      if self.routes.get((s.namespace, s.remote, ep)) is s)
+        out = []
+        for entry in sorted(by_remote.values(), key=lambda e: (e["namespace"], e["name"])):
+            entry["endpoints"] = sorted(entry["endpoints"])
+            entry["peers"] = sorted(entry["peers"])
+            out.append(entry)
+        return out
+
+    async def list_remotes(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``Sesame/ListRemotes``: registered remotes; live state rides in metadata."""
+        import json
+
+        from sesame.v1alpha1 import sesame_pb2
+
+        info = self._token(context)
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        req = sesame_pb2.ListRemotesRequest.FromString(request)
+        namespace = None
+        if req.parent:
+            if not req.parent.startswith("namespaces/") or req.parent.count("/") != 1:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "parent: expected namespaces/{namespace}")
+            namespace = req.parent.split("/", 1)[1]
+        live = self.live_view(info, namespace)
+        resp = sesame_pb2.ListRemotesResponse()
+        for r in self.store.list_remotes(namespace):
+            if not info.may_list(r.name, r.namespace):
+                continue
+            pb = resp.remotes.add(name=r.resource_name, display_name=r.display_name,
+                                  description=r.description)
+            pb.create_time.FromNanoseconds(int(r.create_time * 1e9))
+        await context.send_initial_metadata(((N.MD_LIVE, json.dumps(live)),))
+        return resp.SerializeToString()
+
     # --- serving -------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -475,6 +528,7 @@ class _HubHandler(grpc.GenericRpcHandler):
             N.TUNNEL_METHOD: grpc.stream_stream_rpc_method_handler(hub.tunnel),
             N.STREAM_METHOD: grpc.stream_stream_rpc_method_handler(hub.stream),
             NETCONN_METHOD: grpc.stream_stream_rpc_method_handler(hub.netconn),
+            N.LIST_REMOTES_METHOD: grpc.unary_unary_rpc_method_handler(hub.list_remotes),
         }
 
     def service(self, details: Any) -> grpc.RpcMethodHandler | None:
