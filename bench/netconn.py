@@ -594,7 +594,7 @@ class SSHD:
         lports = [_free_port() for _ in target_ports]
         user = os.environ.get("USER") or __import__("getpass").getuser()
         fwd = []
-        for lport, tport in zip(lports, target_ports):
+        for lport, tport in zip(lports, target_ports, strict=False):
             fwd += [flag, f"127.0.0.1:{lport}:127.0.0.1:{tport}"]
         proc = subprocess.Popen(
             ["ssh", "-N", "-p", str(self.port), "-i", str(self.dir / "client"),
@@ -702,7 +702,7 @@ class CPU:
 
     def delta(self, a: dict, b: dict) -> dict:
         out = {}
-        for name, (pid, roles) in self.procs.items():
+        for name, (_pid, roles) in self.procs.items():
             per: dict[str, float] = {}
             for tid, t in b.get(name, {}).items():
                 role = roles.get(tid, "other threads (grpc core)")
@@ -762,7 +762,7 @@ def client_main(args: argparse.Namespace) -> None:
                     sshd = SSHD()
                     sshd.start()
                     names = ("sink", "source", "echo")
-                    ssh_ports = dict(zip(names, sshd.forward("-R", [targets[k] for k in names])))
+                    ssh_ports = dict(zip(names, sshd.forward("-R", [targets[k] for k in names]), strict=False))
                 except Exception as exc:  # noqa: BLE001 - optional peer figure
                     ssh_note = f"ssh setup failed: {exc}"
                     ssh_ports = None
