@@ -62,6 +62,7 @@ MAX_MESSAGE = 256 * 1024  # coalescing cap for one bytes message (receivers take
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
 DEFAULT_DIAL_TIMEOUT = 30.0
+HALF_CLOSE_SETTLE = 0.02  # how long a client EOF waits for a cancellation to show up
 CLOSE_GRACE = 10.0  # bounded wait for the remote to finish after loseConnection
 _EOF_MARKER = b""  # an empty NetConnResponse / NetConnRequest: end of that direction
 
@@ -241,6 +242,7 @@ class NetConnTransport:
         self._nodelay = True
         self._keepalive = False
         self._close_timer: Any = None
+        self._pull_scheduled = False
 
     # --- ITransport ---------------------------------------------------------------
 
@@ -248,6 +250,8 @@ class NetConnTransport:
         if not data or self._write_closed or self._lost or self.loop_side is None:
             return
         self.hop.to_loop(self.loop_side.send, bytes(data))
+        if self._producer is not None and not self._streaming:
+            self._ask_pull_producer()
 
     def writeSequence(self, data: Sequence[bytes]) -> None:
         joined = b"".join(data)
@@ -258,7 +262,13 @@ class NetConnTransport:
         if self.disconnecting or self._lost:
             return
         self.disconnecting = True
-        self._stop_producer()
+        if self._producer is None:
+            self._finish_lose()
+        # else: like a TCP transport, wait for the producer (unregisterProducer closes)
+
+    def _finish_lose(self) -> None:
+        if self._lost or self._close_timer is not None:
+            return
         self._close_write()
         self._close_timer = self.reactor.callLater(CLOSE_GRACE, self.abortConnection)
 
@@ -284,6 +294,13 @@ class NetConnTransport:
         self._write_closed = True
         if self.loop_side is not None:
             self.hop.to_loop(self.loop_side.half_close)
+
+    # IHalfCloseableDescriptor (the reactor-facing half-close notifications)
+    def readConnectionLost(self, reason: Failure) -> None:
+        self._read_eof()
+
+    def writeConnectionLost(self, reason: Failure) -> None:
+        self.loseWriteConnection()
 
     def getPeer(self) -> NetConnAddress:
         assert self._peer is not None
@@ -321,6 +338,22 @@ class NetConnTransport:
 
     def unregisterProducer(self) -> None:
         self._producer = None
+        if self.disconnecting:
+            self._finish_lose()
+
+    def _ask_pull_producer(self) -> None:
+        # A non-streaming producer writes once per resumeProducing and must be asked again
+        # (a TCP transport does so whenever its buffer drains): ask on the next turn unless
+        # the loop side reported its high-water mark (_resume_writers asks then).
+        if not self._pull_scheduled:
+            self._pull_scheduled = True
+            self.reactor.callLater(0, self._pull_more)
+
+    def _pull_more(self) -> None:
+        self._pull_scheduled = False
+        p = self._producer
+        if p is not None and not self._streaming and not self._writers_paused and not self._lost:
+            p.resumeProducing()
 
     def _stop_producer(self) -> None:
         pass
@@ -458,6 +491,9 @@ class _ClientLoopSide:
         self._flush_scheduled = False
         self._down: list[bytes] = []
         self._down_scheduled = False
+        self._in_flight = 0
+        self._held_in_flight = False
+        self._held_by_transport = False
         self._writers_paused = False
         self._half_close_pending = False
         self.finished = False
@@ -513,7 +549,34 @@ class _ClientLoopSide:
         self._down_scheduled = False
         if self._down:
             chunks, self._down = self._down, []
-            self.hop.to_reactor(self.transport._data, chunks)
+            n = sum(len(c) for c in chunks)
+            # Bytes handed to the reactor but not yet taken by it: a busy
+            # reactor must slow the gRPC reads down, not grow this queue.
+            self._in_flight += n
+            if self._in_flight > HIGH_WATER and not self._held_in_flight:
+                self._held_in_flight = True
+                self._apply_hold()
+            self.hop.to_reactor(self._deliver, chunks, n)
+
+    def _deliver(self, chunks: list[bytes], n: int) -> None:  # reactor thread
+        try:
+            self.transport._data(chunks)
+        finally:
+            self.hop.to_loop(self._delivered, n)
+
+    def _delivered(self, n: int) -> None:
+        self._in_flight -= n
+        if self._held_in_flight and self._in_flight <= LOW_WATER:
+            self._held_in_flight = False
+            self._apply_hold()
+
+    def _apply_hold(self) -> None:
+        if self.call is None:
+            return
+        if self._held_by_transport or self._held_in_flight:
+            self.call.pause_reading()
+        else:
+            self.call.resume_reading()
 
     def _connect_reactor(self, host: NetConnAddress, peer: NetConnAddress) -> None:
         if self.d.called:  # cancelled meanwhile
@@ -580,12 +643,8 @@ class _ClientLoopSide:
             self.call.cancel(Status(CANCELLED, "connection aborted"))
 
     def hold_reading(self, hold: bool) -> None:
-        if self.call is None:
-            return
-        if hold:
-            self.call.pause_reading()
-        else:
-            self.call.resume_reading()
+        self._held_by_transport = hold
+        self._apply_hold()
 
 
 def connectNetConn(
@@ -796,10 +855,24 @@ class _ServerRelay:
             if data and self._target_gone is None:
                 self.hop.to_reactor(self.transport.write, data)
         if self._target_gone is None:
+            # grpc.aio reports a cancelled call to read() as EOF, and may do so a little before
+            # it marks the call cancelled: give a cancellation a moment to show before turning
+            # the EOF into a FIN (a target that has seen a FIN no longer notices a reset).
+            t0 = self.loop.time()
+            while True:
+                if self.context.cancelled() or self.context.done():
+                    return  # not a half-close: the call is over; the handler aborts the target
+                if self.loop.time() - t0 >= HALF_CLOSE_SETTLE:
+                    break
+                await asyncio.sleep(0.001)
             self.hop.to_reactor(_half_close, self.transport)
 
 
 def _half_close(transport: Any) -> None:
+    # Nothing more will be written, so the _UpProducer goes.  It must: Twisted's doWrite
+    # resumes a paused producer *instead of* finishing a pending half-close when the buffer
+    # drains, so with a producer paused at that moment the FIN would never be sent.
+    transport.unregisterProducer()
     if interfaces.IHalfCloseableDescriptor.providedBy(transport):
         transport.loseWriteConnection()
     else:
@@ -856,7 +929,7 @@ class NetConnServicer:
         def dial_in_reactor() -> None:
             d = _dial(hop.reactor, self.allow, req.dial.address.network or "tcp", host, port,
                       timeout, lambda: _TargetProtocol(relay))
-            d.addCallbacks(lambda proto: hop.to_loop(_settle, fut, proto, None),
+            d.addCallbacks(lambda proto: (hop.to_loop(_settle, fut, proto, None), proto)[1],
                            lambda f: hop.to_loop(_settle, fut, None, f))
             relay.dial_deferred = d
 
@@ -864,9 +937,9 @@ class NetConnServicer:
         try:
             proto = await fut
         except asyncio.CancelledError:
-            d = getattr(relay, "dial_deferred", None)
-            if d is not None:
-                hop.to_reactor(d.cancel)
+            # posted after dial_in_reactor, so it runs after it: cancels the dial, or closes
+            # a connection that was made while the cancellation was on its way
+            hop.to_reactor(_abandon_dial, relay)
             raise
         if isinstance(proto, Failure):
             st = _dial_status(proto, f"{host}:{port}", timeout)
@@ -875,18 +948,17 @@ class NetConnServicer:
         relay.transport = transport
         hop.to_reactor(transport.registerProducer, _UpProducer(relay), True)
         self.active += 1
-        await context.write(rc_pb.NetConnResponse(conn=rc_pb.NetConnResponse.Conn(
-            local=_netaddr(transport.getHost()), remote=_netaddr(transport.getPeer()),
-        )).SerializeToString())
-        up = relay.loop.create_task(relay.pump_up())
-        try:
+        up: asyncio.Task[None] | None = None
+        try:  # from here on, however the handler ends, the target connection goes with it
+            await context.write(rc_pb.NetConnResponse(conn=rc_pb.NetConnResponse.Conn(
+                local=_netaddr(transport.getHost()), remote=_netaddr(transport.getPeer()),
+            )).SerializeToString())
+            up = relay.loop.create_task(relay.pump_up())
             status = await relay.pump_down()
-        except asyncio.CancelledError:
-            hop.to_reactor(transport.abortConnection)
-            raise
         finally:
             self.active -= 1
-            up.cancel()
+            if up is not None:
+                up.cancel()
             if relay._target_gone is None:
                 hop.to_reactor(transport.abortConnection)
         if status.code != OK:
@@ -914,6 +986,16 @@ class NetConnServicer:
 
 def _may_resolve_to_allowed(allow: Allowlist, port: int) -> bool:
     return any(r.network is not None or r.any_host for r in allow.rules if r.port_ok(port))
+
+
+def _abandon_dial(relay: _ServerRelay) -> None:
+    """Reactor: the call ended during the dial; cancel it or drop what it connected."""
+    d = getattr(relay, "dial_deferred", None)
+    if d is None:
+        return
+    d.cancel()
+    d.addCallback(lambda proto: proto.transport.abortConnection() if proto is not None else None)
+    d.addErrback(lambda f: None)
 
 
 def _settle(fut: asyncio.Future, value: Any, failure: Failure | None) -> None:
