@@ -322,7 +322,16 @@ class Hub:
                 pending.future.exception()
             return
         done = asyncio.get_running_loop().create_future()
-        outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer())
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        async def end_call() -> None:  # the hub serves this call: ending it = returning
+            finish()
+
+        outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer(),
+                            done_writing=end_call, cancel=finish)
         pending.future.set_result((outer, done))
         await done  # the connection using this stream is over
 

@@ -98,6 +98,7 @@ class RemoteSession:
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._streams: set[TunnelConnection] = set()
+        self._call: Any = None  # the live control call
         self._stopping = False
         self.fatal: str | None = None
 
@@ -134,6 +135,15 @@ class RemoteSession:
 
     async def astop(self) -> None:
         self._stopping = True
+        call, task = self._call, self._task
+        if call is not None and task is not None and not task.done() and self.registered.is_set():
+            # Say goodbye: half-close the control stream and wait (briefly) for the hub to
+            # end it, which it does after unregistering, so nothing is routed here any more.
+            try:
+                await asyncio.wait_for(call.done_writing(), 2)
+                await asyncio.wait_for(asyncio.shield(task), 2)
+            except Exception:  # noqa: BLE001 - fall back to cancelling
+                pass
         if self._task is not None:
             self._task.cancel()
             try:
@@ -161,9 +171,9 @@ class RemoteSession:
         while not self._stopping:
             if self._channel is None:
                 self._channel = self._make_channel()
+            before = self.registrations
             try:
                 await self._control()
-                delay = self.min_backoff  # a session that registered resets the backoff
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -178,10 +188,15 @@ class RemoteSession:
                     log.warning("hub link lost (%s); retrying in %.1fs", self.last_error, delay)
             except Exception as exc:  # noqa: BLE001
                 self.last_error = repr(exc)
-                log.warning("hub link failed (%r); retrying in %.1fs", exc, delay)
+                if not self._stopping:
+                    log.warning("hub link failed (%r); retrying in %.1fs", exc, delay)
             self.registered.clear()
             if self._stopping:
                 return
+            if self.registrations > before:
+                # this attempt registered: the hub went away later, so start
+                # the backoff over instead of continuing the old sequence
+                delay = self.min_backoff
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.max_backoff)
 
@@ -189,6 +204,7 @@ class RemoteSession:
         assert self._channel is not None
         md = (*self._md(), (N.MD_ENDPOINTS, ",".join(sorted(self.offers))))
         call = self._channel.stream_stream(N.TUNNEL_METHOD)(metadata=md)
+        self._call = call
         await call.write(tunnel_pb2.TunnelRequest(
             id=0, connect={"remote": self.resource, "stream_buffer": 64}).SerializeToString())
         write_lock = asyncio.Lock()
