@@ -155,6 +155,8 @@ class Session:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connections: int = 0
     closed: bool = False
+    token: str = field(default="", repr=False)  # re-checked before every stream request
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send(self, msg: tunnel_pb2.TunnelResponse) -> None:
         async with self.write_lock:
@@ -241,14 +243,22 @@ class Hub:
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_ENDPOINTS}: bad name {bad[0]!r}")
         session = Session(next(self._ids), ns, name, endpoints, context.peer(), context,
-                          stream_buffer=max(req.connect.stream_buffer, 1))
+                          stream_buffer=max(req.connect.stream_buffer, 1),
+                          token=N.bearer(md) or "")
         self._register(session)
         log.info("remote %s/%s connected from %s offering %s", ns, name, session.peer,
                  ",".join(sorted(endpoints)))
+        ended = asyncio.ensure_future(session.ended.wait())
         try:
             await session.send(tunnel_pb2.TunnelResponse(id=req.id, connect={}))
             while True:
-                msg = await context.read()
+                reader = asyncio.ensure_future(context.read())
+                done, _ = await asyncio.wait({reader, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if ended in done:
+                    reader.cancel()
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                        "this remote's token was revoked")
+                msg = reader.result()
                 if msg is grpc.aio.EOF:
                     break
                 r = tunnel_pb2.TunnelRequest.FromString(msg)
@@ -263,11 +273,21 @@ class Hub:
                         f"remote {name} could not open a stream: {r.stream.error.message}"))
                     p.future.exception()
         finally:
+            ended.cancel()
             self._unregister(session)
             log.info("remote %s/%s disconnected", ns, name)
 
     async def _request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
+        info = self.store.verify(session.token)
+        if info is None or not info.may_register(session.remote, session.namespace):
+            # The token this session registered with was revoked: end the session.
+            log.warning("token of remote %s/%s was revoked; ending its session",
+                        session.namespace, session.remote)
+            self._unregister(session)
+            session.ended.set()
+            raise _HubError(UNAVAILABLE, f"remote {session.remote} is no longer authorized "
+                            "(its token was revoked)")
         if len(session.pending) >= session.stream_buffer:
             raise _HubError(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                             f"remote {session.remote} has {len(session.pending)} stream "

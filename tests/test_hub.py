@@ -350,6 +350,26 @@ async def test_revoked_token_refused_at_the_next_call(world):
 
 
 @pytest_twisted.ensureDeferred
+async def test_revoking_a_live_remotes_token_ends_its_session(world):
+    rtok = world.hub.remote_token("edge-9")
+    session = await world.hub.start_remote("edge-9", allow=[f"127.0.0.1:{world.echo_port}"],
+                                           token=rtok)
+    ok = await connect(world.hub, world.ctok, remote="edge-9", host="127.0.0.1",
+                       port=world.echo_port)
+    await roundtrip(ok)
+    ok.transport.loseConnection()
+    await within(ok.lost)
+    assert world.hub.revoke(rtok)
+    err = await refused(world.hub, world.ctok, remote="edge-9", host="127.0.0.1",
+                        port=world.echo_port)
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert "token was revoked" in err.details
+    await world.hub.wait_for(lambda: not world.hub.routed("edge-9"))
+    await world.hub.stop_remote(session)
+    await still_fine(world)
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_ca_fails_tls(world, tmp_path):
     other = ensure_hub_tls(tmp_path / "other", ["127.0.0.1"])
     ep = endpoints.clientFromString(
