@@ -233,6 +233,8 @@ class NetConnTransport:
         self._streaming = False
         self._producer_paused = False
         self._writers_paused = False  # the loop side asked us to hold writers back
+        self._handed = 0  # written, not yet framed by the loop side
+        self._handoff_full = False
         self._paused = False  # our consumer paused us (IPushProducer)
         self._inq: deque[bytes] = deque()
         self._inq_bytes = 0
@@ -250,8 +252,21 @@ class NetConnTransport:
         if not data or self._write_closed or self._lost or self.loop_side is None:
             return
         self.hop.to_loop(self.loop_side.send, bytes(data))
+        # Bytes handed to the bridge loop but not yet framed there: when the
+        # loop is starved the producer must stop here, not fill its queue.
+        self._handed += len(data)
+        if self._handed > HIGH_WATER and not self._handoff_full:
+            self._handoff_full = True
+            self._update_producer()
         if self._producer is not None and not self._streaming:
             self._ask_pull_producer()
+
+    def _flushed(self, n: int) -> None:
+        """The loop framed ``n`` more bytes (called via the hop)."""
+        self._handed -= n
+        if self._handoff_full and self._handed <= LOW_WATER:
+            self._handoff_full = False
+            self._update_producer()
 
     def writeSequence(self, data: Sequence[bytes]) -> None:
         joined = b"".join(data)
@@ -352,7 +367,8 @@ class NetConnTransport:
     def _pull_more(self) -> None:
         self._pull_scheduled = False
         p = self._producer
-        if p is not None and not self._streaming and not self._writers_paused and not self._lost:
+        if (p is not None and not self._streaming and not self._writers_paused
+                and not self._handoff_full and not self._lost):
             p.resumeProducing()
 
     def _stop_producer(self) -> None:
@@ -360,19 +376,25 @@ class NetConnTransport:
 
     def _pause_writers(self) -> None:
         self._writers_paused = True
-        if self._producer is not None and self._streaming and not self._producer_paused:
-            self._producer_paused = True
-            self._producer.pauseProducing()
+        self._update_producer()
 
     def _resume_writers(self) -> None:
         self._writers_paused = False
-        if self._producer is not None:
-            if self._streaming:
-                if self._producer_paused:
-                    self._producer_paused = False
-                    self._producer.resumeProducing()
-            else:
+        self._update_producer()
+
+    def _update_producer(self) -> None:
+        hold = self._writers_paused or self._handoff_full
+        if self._producer is None:
+            return
+        if self._streaming:
+            if hold and not self._producer_paused:
+                self._producer_paused = True
+                self._producer.pauseProducing()
+            elif not hold and self._producer_paused:
+                self._producer_paused = False
                 self._producer.resumeProducing()
+        elif not hold:
+            self._ask_pull_producer()
 
     # --- IPushProducer (our consumer controls our reads) -----------------------------
 
@@ -615,6 +637,9 @@ class _ClientLoopSide:
     def _flush_up(self) -> None:
         self._flush_scheduled = False
         call = self.call
+        n = self._out_bytes
+        if n:
+            self.hop.to_reactor(self.transport._flushed, n)
         if call is None or call.status is not None:
             self._out.clear()
             self._out_bytes = 0
