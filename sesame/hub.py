@@ -43,6 +43,7 @@ from sesame._calls import HIGH_WATER, TunnelLoopCall
 from sesame._codec import SesameCodec
 from sesame._core import Role
 from sesame._frames import CANCELLED, OK, UNAVAILABLE, Status
+from sesame._service import _ext_apply, _ext_metadata, _ext_parse
 from sesame._store import AlreadyExists, Store
 from sesame._tunnel import TunnelConnection
 from sesame.netconn import METHOD as NETCONN_METHOD
@@ -151,6 +152,7 @@ class Session:
     since: float = field(default_factory=time.time)
     stream_buffer: int = 16
     pending: dict[int, _PendingStream] = field(default_factory=dict)
+    slots: asyncio.Semaphore | None = None
     next_id: itertools.count = field(default_factory=lambda: itertools.count(1))
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connections: int = 0
@@ -288,10 +290,22 @@ class Hub:
             session.ended.set()
             raise _HubError(UNAVAILABLE, f"remote {session.remote} is no longer authorized "
                             "(its token was revoked)")
-        if len(session.pending) >= session.stream_buffer:
+        # At most stream_buffer requests outstanding (the remote's own limit,
+        # PROTOCOL.md 5.1); a burst beyond it waits for a slot instead of failing.
+        if session.slots is None:
+            session.slots = asyncio.Semaphore(session.stream_buffer)
+        try:
+            await asyncio.wait_for(session.slots.acquire(), STREAM_REQUEST_TIMEOUT)
+        except TimeoutError:
             raise _HubError(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                             f"remote {session.remote} has {len(session.pending)} stream "
-                            "requests outstanding")
+                            f"requests outstanding for {STREAM_REQUEST_TIMEOUT:g}s") from None
+        try:
+            return await self._ask_for_stream(session, endpoint)
+        finally:
+            session.slots.release()
+
+    async def _ask_for_stream(self, session: Session, endpoint: str) -> Any:
         k = next(session.next_id)
         fut = asyncio.get_running_loop().create_future()
         session.pending[k] = _PendingStream(endpoint, fut)
@@ -332,6 +346,7 @@ class Hub:
         if pending is None or pending.future.done():
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no outstanding stream request {sid!r} for remote {name}")
+        await context.send_initial_metadata(_ext_metadata(SesameCodec))
         await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
         await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})
                             .SerializeToString())
@@ -352,7 +367,7 @@ class Hub:
 
         outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer(),
                             done_writing=end_call, cancel=finish)
-        pending.future.set_result((outer, done))
+        pending.future.set_result((outer, done, _ext_parse(md)))
         await done  # the connection using this stream is over
 
     # --- clients -----------------------------------------------------------------------
@@ -381,20 +396,22 @@ class Hub:
                                     f"remote {name} does not offer endpoint {endpoint!r}")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"remote {name} is not connected")
         try:
-            outer, done = await self._request_stream(session, endpoint)
+            outer, done, peer_ext = await self._request_stream(session, endpoint)
         except _HubError as exc:
             await context.abort(_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE), exc.message)
         session.connections += 1
         try:
-            await self._relay(context, outer, name)
+            await self._relay(context, outer, name, peer_ext)
         finally:
             session.connections -= 1
             if not done.done():
                 done.set_result(None)
 
-    async def _relay(self, context: Any, outer: StreamOuter, remote: str) -> None:
+    async def _relay(self, context: Any, outer: StreamOuter, remote: str,
+                     peer_ext: tuple[int, int] | None = None) -> None:
         """Carry one client NetConn call through a fresh Stream tunnel."""
         conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
+        _ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
         conn.start()
         call = TunnelLoopCall(conn, NETCONN_METHOD, ())
         loop = asyncio.get_running_loop()

@@ -29,6 +29,7 @@ from sesame._codec import SesameCodec
 from sesame._core import Role
 from sesame._frames import CANCELLED, Status
 from sesame._server import ServiceRegistry, stream_factory
+from sesame._service import _ext_apply, _ext_metadata, _ext_parse
 from sesame._tunnel import TunnelConnection
 from sesame.hub import StreamOuter
 from sesame.netconn import NetConnServicer
@@ -206,7 +207,7 @@ class RemoteSession:
         call = self._channel.stream_stream(N.TUNNEL_METHOD)(metadata=md)
         self._call = call
         await call.write(tunnel_pb2.TunnelRequest(
-            id=0, connect={"remote": self.resource, "stream_buffer": 64}).SerializeToString())
+            id=0, connect={"remote": self.resource, "stream_buffer": 256}).SerializeToString())
         write_lock = asyncio.Lock()
         try:
             first = await call.read()
@@ -264,7 +265,7 @@ class RemoteSession:
 
     async def _stream_call(self, k: int, endpoint: str, registry: ServiceRegistry) -> TunnelConnection:
         assert self._channel is not None
-        md = (*self._md(), (N.MD_STREAM_ID, str(k)))
+        md = (*self._md(), (N.MD_STREAM_ID, str(k)), *_ext_metadata(SesameCodec))
         call = self._channel.stream_stream(N.STREAM_METHOD)(metadata=md)
         await call.write(tunnel_pb2.StreamRequest(connect={"remote": self.resource}).SerializeToString())
         for expect in ("connect", "dial"):
@@ -284,6 +285,8 @@ class RemoteSession:
                             done_writing=call.done_writing, cancel=call.cancel)
         conn = TunnelConnection(self.bridge, SesameCodec(Role.SERVER), outer, Role.SERVER,
                                 on_stream=stream_factory(registry))
+        # the hub answered the handshake, so its headers (and window grant) are here
+        _ext_apply(conn, _ext_parse(tuple(await call.initial_metadata() or ())), own=True)
         conn.start()
         return conn
 
