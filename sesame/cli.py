@@ -75,11 +75,29 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
             return
         if banner is not None:
             banner(svc)
+        if isinstance(svc, tap.RemoteService):
+            watch.start(0.1, now=False)
 
+    def refused() -> None:
+        # a remote the hub refuses before it ever registered (bad token, a name the token may
+        # not register) is misconfigured: say so in one line and exit, rather than retry forever
+        s = svc.session
+        if s is None or s.registrations:
+            watch.stop()
+        elif s.fatal:
+            watch.stop()
+            failed.append(CLIError(f"hub {s.target} refused remote {options['name']}: {s.fatal}"))
+            reactor.stop()
+
+    from twisted.internet.task import LoopingCall
+
+    watch = LoopingCall(refused)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: svc.running and svc.stopService())
     reactor.run()
     if failed:
+        if isinstance(failed[0], CLIError):
+            raise failed[0]
         raise CLIError(f"{type(failed[0]).__name__}: {failed[0]}")
     return 0
 
@@ -228,6 +246,21 @@ def cmd_remotes(args: argparse.Namespace) -> int:
 # --- forward and stdio ----------------------------------------------------------------------
 
 
+def _log_warnings_to_stderr() -> None:
+    """Show warnings and errors (a refused or failed connection...) on stderr, a line each."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
+                                    [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
 def cmd_forward(args: argparse.Namespace) -> int:
     from twisted.internet import defer, endpoints, reactor, task
 
@@ -241,9 +274,16 @@ def cmd_forward(args: argparse.Namespace) -> int:
         raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
     from sesame.relay import RelayFactory
 
+    _log_warnings_to_stderr()
+
     async def main(_reactor: Any) -> None:
         port = await listen.listen(RelayFactory(connect))
-        print(f"forwarding {port.getHost()} -> {args.connect}", file=sys.stderr, flush=True)
+        addr = port.getHost()
+        if hasattr(addr, "host") and hasattr(addr, "port"):  # tcp: print HOST:PORT, not a repr
+            from sesame import _names as N
+
+            addr = N.join_host_port(addr.host, addr.port)
+        print(f"forwarding {addr} -> {args.connect}", file=sys.stderr, flush=True)
         await defer.Deferred()  # until interrupted
 
     try:
@@ -261,6 +301,8 @@ def cmd_stdio(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
     from sesame.relay import StdioRelay
+
+    _log_warnings_to_stderr()
 
     async def main(_reactor: Any) -> None:
         relay = StdioRelay(connect)

@@ -374,6 +374,11 @@ class Hub:
 
     async def netconn(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         md = tuple(context.invocation_metadata() or ())
+        # Take the client's dial before any refusal: a client write racing our early status
+        # makes grpc.aio report INTERNAL instead of it (grpc/grpc#36066).
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
         info = self._token(context)
         if info is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
@@ -401,13 +406,13 @@ class Hub:
             await context.abort(_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE), exc.message)
         session.connections += 1
         try:
-            await self._relay(context, outer, name, peer_ext)
+            await self._relay(context, outer, name, first, peer_ext)
         finally:
             session.connections -= 1
             if not done.done():
                 done.set_result(None)
 
-    async def _relay(self, context: Any, outer: StreamOuter, remote: str,
+    async def _relay(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
                      peer_ext: tuple[int, int] | None = None) -> None:
         """Carry one client NetConn call through a fresh Stream tunnel."""
         conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
@@ -437,6 +442,7 @@ class Hub:
         call.on_writable = lambda: kick(writable)
 
         async def up() -> None:
+            call.send(first)  # the dial, read before the checks in netconn()
             while True:
                 msg = await context.read()
                 if msg is grpc.aio.EOF:

@@ -152,6 +152,9 @@ class NetConnError(error.ConnectError):
         self.code = code
         self.details = details
 
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -1031,6 +1034,7 @@ def _settle(fut: asyncio.Future, value: Any, failure: Failure | None) -> None:
 def _dial(reactor: Any, allow: Allowlist, network: str, host: str, port: int, timeout: float,
           build: Callable[[], Protocol]) -> defer.Deferred:
     factory = Factory.forProtocol(build)  # type: ignore[arg-type]
+    factory.noisy = False  # one per relayed connection: no start/stop log lines
     factory.protocol = lambda: build()  # type: ignore[assignment]
     ip = ip_literal(host)
     if ip is not None:

@@ -46,6 +46,9 @@ class Side(Protocol):
         self.read_closed = True
         p = self.peer
         if p is not None and p.transport is not None:
+            # we produce nothing more: a paused producer would keep the peer's transport
+            # from ever sending its half-close (Twisted resumes it instead)
+            p.transport.unregisterProducer()
             _half_close(p.transport)
         if self.write_closed:
             self.transport.loseConnection()
@@ -59,6 +62,7 @@ class Side(Protocol):
         p, self.peer = self.peer, None
         if p is not None and p.transport is not None:
             p.peer = None
+            p.transport.unregisterProducer()  # see readConnectionLost
             p.transport.loseConnection()
 
 

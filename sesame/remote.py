@@ -186,11 +186,11 @@ class RemoteSession:
                     self.fatal = self.last_error
                     log.error("hub refused remote %s: %s", self.resource, self.last_error)
                 else:
-                    log.warning("hub link lost (%s); retrying in %.1fs", self.last_error, delay)
+                    log.warning("hub link lost (%s)", self.last_error)
             except Exception as exc:  # noqa: BLE001
                 self.last_error = repr(exc)
                 if not self._stopping:
-                    log.warning("hub link failed (%r); retrying in %.1fs", exc, delay)
+                    log.warning("hub link failed (%r)", exc)
             self.registered.clear()
             if self._stopping:
                 return
@@ -198,7 +198,9 @@ class RemoteSession:
                 # this attempt registered: the hub went away later, so start
                 # the backoff over instead of continuing the old sequence
                 delay = self.min_backoff
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            wait = delay * random.uniform(0.8, 1.2)
+            log.info("reconnecting to the hub in %.1fs", wait)
+            await asyncio.sleep(wait)
             delay = min(delay * 2, self.max_backoff)
 
     async def _control(self) -> None:

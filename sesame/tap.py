@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,30 @@ from sesame import _names as N
 
 DEFAULT_LISTEN = "tcp:7443:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "./.sesame"
+
+
+class _ToTwistedLog(logging.Handler):
+    """stdlib ``sesame.*`` records (hub/remote progress: "registered ...", refusals) into
+    the Twisted log that ``twistd`` and ``sesame hub|remote`` print."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from twisted.logger import LogLevel
+
+        level = (LogLevel.error if record.levelno >= logging.ERROR else
+                 LogLevel.warn if record.levelno >= logging.WARNING else
+                 LogLevel.info if record.levelno >= logging.INFO else LogLevel.debug)
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        Logger(namespace=record.name).emit(level, "{text}", text=text)
+
+
+def _log_stdlib_to_twisted() -> None:
+    root = logging.getLogger("sesame")
+    if not any(isinstance(h, _ToTwistedLog) for h in root.handlers):
+        root.addHandler(_ToTwistedLog())
+        if root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
 
 
 class HubOptions(usage.Options):
@@ -160,6 +185,7 @@ class HubService(service.Service):
         from sesame.hub import Hub
 
         super().startService()
+        _log_stdlib_to_twisted()
         o = self.options
         data_dir = Path(o["data-dir"])
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -218,6 +244,7 @@ class RemoteService(service.Service):
         from sesame.remote import RemoteSession, agent_offers
 
         super().startService()
+        _log_stdlib_to_twisted()
         o = self.options
         if not o["allow"]:
             self.log.warn("no --allow patterns: every dial will be refused (default deny)")
