@@ -14,14 +14,15 @@ Common keys: ``hub`` (``HOST\\:PORT``, colons escaped; or ``$SESAME_HUB``),
 ``ca`` (PEM file of the hub's CA; or ``$SESAME_CA``; without it the system
 roots are used), ``token`` / ``tokenFile`` (or ``$SESAME_TOKEN`` /
 ``$SESAME_TOKEN_FILE``), ``namespace``, ``tls=no`` (loopback hubs only),
-``timeout`` (client: dial timeout seconds).
+``timeout`` (client: dial timeout seconds), ``cert`` / ``key`` (a client
+certificate for hubs that require one; or ``$SESAME_CERT`` / ``$SESAME_KEY``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ from sesame.netconn import connectNetConn
 log = Logger()
 
 CLIENT_KEYS = {"remote", "host", "port", "endpoint", "hub", "ca", "token", "tokenFile",
-               "namespace", "tls", "timeout"}
-SERVER_KEYS = {"remote", "endpoint", "hub", "ca", "token", "tokenFile", "namespace", "tls"}
+               "namespace", "tls", "timeout", "cert", "key"}
+SERVER_KEYS = {"remote", "endpoint", "hub", "ca", "token", "tokenFile", "namespace", "tls",
+               "cert", "key"}
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,14 @@ class HubConfig:
     token: str
     ca: bytes | None = None
     tls: bool = True
+    cert: bytes | None = field(default=None, repr=False)  # client certificate (mTLS hubs)
+    key: bytes | None = field(default=None, repr=False)
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:
             return None
-        return grpc.ssl_channel_credentials(root_certificates=self.ca)
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((N.MD_AUTH, f"Bearer {self.token}"),)
@@ -104,15 +109,31 @@ def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> H
             ca = Path(ca_path).read_bytes()
         except OSError as exc:
             raise ValueError(f"ca: cannot read {ca_path!r}: {exc.strerror}") from None
-    return HubConfig(N.join_host_port(host, port), token, ca, tls)
+    cert = key = None
+    cert_path = kw.get("cert") or env.get("SESAME_CERT")
+    key_path = kw.get("key") or env.get("SESAME_KEY")
+    if bool(cert_path) != bool(key_path):
+        raise ValueError(f"{'key' if cert_path else 'cert'}: cert= and key= go together "
+                         "(a client certificate and its private key, for mTLS hubs)")
+    if cert_path and key_path and tls:
+        for name, path in (("cert", cert_path), ("key", key_path)):
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+            if name == "cert":
+                cert = data
+            else:
+                key = data
+    return HubConfig(N.join_host_port(host, port), token, ca, tls, cert, key)
 
 
-_channels: dict[tuple[str, bytes | None, bool], grpc.aio.Channel] = {}
+_channels: dict[tuple, grpc.aio.Channel] = {}
 
 
 def hub_channel(cfg: HubConfig) -> grpc.aio.Channel:
     """One shared channel per hub (call on the bridge loop)."""
-    key = (cfg.target, cfg.ca, cfg.tls)
+    key = (cfg.target, cfg.ca, cfg.tls, cfg.cert, cfg.key)
     ch = _channels.get(key)
     if ch is None:
         creds = cfg.credentials()

@@ -103,6 +103,8 @@ class RemoteOptions(usage.Options):
         ["token-file", None, None, "File holding this remote's token (env SESAME_TOKEN_FILE; "
                                    "or SESAME_TOKEN holds the token itself)."],
         ["ca", None, None, "The hub's CA certificate, e.g. the hub's .sesame/ca.pem (env SESAME_CA)."],
+        ["cert", None, None, "Client certificate for a hub started with --client-ca (env SESAME_CERT)."],
+        ["key", None, None, "Private key of --cert (env SESAME_KEY)."],
     ]
     optFlags = [["no-tls", None, "Plain gRPC to a loopback hub started with --no-tls."]]
 
@@ -136,13 +138,17 @@ class RemoteOptions(usage.Options):
             kw["ca"] = self["ca"]
         if self["no-tls"]:
             kw["tls"] = "no"
+        if self["cert"]:
+            kw["cert"] = self["cert"]
+        if self["key"]:
+            kw["key"] = self["key"]
         try:
             self.hub = hub_config(kw)
             N.parse_remote(self["name"])
         except ValueError as exc:
             key = str(exc).split(":", 1)[0]
             flag = {"hub": "--hub", "tokenFile": "--token-file", "ca": "--ca", "tls": "--no-tls",
-                    "token": "--token-file"}.get(key, "--name")
+                    "token": "--token-file", "cert": "--cert", "key": "--key"}.get(key, "--name")
             raise usage.UsageError(f"{flag}: {str(exc).split(': ', 1)[-1]}") from None
 
 
