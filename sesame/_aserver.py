@@ -16,9 +16,8 @@ from collections import deque
 from typing import Any
 
 import grpc
-from google.rpc import status_pb2
 
-from sesame._codec import status_from_proto
+from sesame._codec import handler_status, parse_timeout
 from sesame._core import StreamRequested
 from sesame._frames import (
     CANCELLED,
@@ -30,9 +29,6 @@ from sesame._frames import (
     TunnelError,
 )
 from sesame._tunnel import TunnelConnection
-
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
 def is_async_handler(handler: grpc.RpcMethodHandler) -> bool:
@@ -126,19 +122,7 @@ class AsyncTunnelContext:
 
     def final_status(self) -> tuple[Status, tuple]:
         code = self._code.value[0] if self._code is not None else OK
-        status = Status(code, self._details or "")
-        trailers = []
-        for k, v in self._trailers:
-            if k == STATUS_DETAILS_KEY:
-                try:
-                    pb = status_pb2.Status.FromString(v)
-                    status = Status(code, self._details or pb.message,
-                                    status_from_proto(pb).details)
-                    continue
-                except Exception:  # noqa: BLE001
-                    pass
-            trailers.append((k, v))
-        return status, tuple(trailers)
+        return handler_status(code, self._details, self._trailers)
 
 
 class AsyncServedStream:
@@ -155,7 +139,7 @@ class AsyncServedStream:
         md = []
         for k, v in ev.headers:
             if k == "grpc-timeout" and isinstance(v, str):
-                t = _parse_timeout(v)
+                t = parse_timeout(v)
                 if t is not None:
                     self.deadline = time.monotonic() + t
             else:
@@ -318,9 +302,3 @@ class AsyncServedStream:
             trailers = ctx.final_status()[1]
         if not self.ended:
             self.conn.close_stream(self.sid, status, trailers)
-
-
-def _parse_timeout(value: str) -> float | None:
-    if not value or len(value) > 9 or value[-1] not in _TIMEOUT_UNITS or not value[:-1].isdigit():
-        return None
-    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]

@@ -52,6 +52,38 @@ def status_from_proto(pb: status_pb2.Status) -> Status:
     return Status(pb.code, pb.message, tuple(pb.details))
 
 
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def parse_timeout(value: str) -> float | None:
+    """Seconds from a ``grpc-timeout`` value, or None when malformed."""
+    if not value or len(value) > 9 or value[-1] not in _TIMEOUT_UNITS or not value[:-1].isdigit():
+        return None
+    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
+
+
+def handler_status(code: int, details: str | None, trailers: Metadata) -> tuple[Status, Metadata]:
+    """
+    What a servicer left behind → (status, trailers) for ``close_stream``.
+
+    Rich details that grpc's helpers put in the ``grpc-status-details-bin``
+    trailer travel in ``close_stream.status.details`` instead, as upstream does.
+    """
+    status = Status(code, details or "")
+    out = []
+    for k, v in trailers:
+        if k == STATUS_DETAILS_KEY:
+            try:
+                pb = status_pb2.Status.FromString(v)
+                status = Status(code, details or pb.message, status_from_proto(pb).details)
+                continue
+            except Exception:  # noqa: BLE001 - an unparsable trailer is passed on as is
+                pass
+        out.append((k, v))
+    return status, tuple(out)
+
+
 def _group(md: Metadata) -> dict[str, list[Any]]:
     grouped: dict[str, list[Any]] = {}
     for k, v in md:

@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
-from google.rpc import status_pb2
 
 from sesame._aserver import AsyncServedStream, is_async_handler
-from sesame._channel import SEND_LIMIT, STATUS_DETAILS_KEY, status_code
-from sesame._codec import status_from_proto
+from sesame._channel import SEND_LIMIT, status_code
+from sesame._codec import handler_status, parse_timeout
 from sesame._core import StreamRequested
 from sesame._frames import (
     CANCELLED,
@@ -38,14 +37,6 @@ from sesame._tunnel import TunnelConnection
 
 log = logging.getLogger("sesame.server")
 
-_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-
-
-def parse_timeout(value: str) -> float | None:
-    """Seconds from a ``grpc-timeout`` value, or None when malformed."""
-    if not value or len(value) > 9 or value[-1] not in _TIMEOUT_UNITS or not value[:-1].isdigit():
-        return None
-    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
 
 
 class _CallDetails(NamedTuple):
@@ -184,18 +175,7 @@ class TunnelServicerContext(grpc.ServicerContext):
 
     def final_status(self) -> tuple[Status, tuple]:
         code = self._code.value[0] if self._code is not None else OK
-        status = Status(code, self._details or "")
-        trailers = []
-        for k, v in self._trailers:
-            if k == STATUS_DETAILS_KEY:
-                try:
-                    pb = status_pb2.Status.FromString(v)
-                    status = Status(code, self._details or pb.message, status_from_proto(pb).details)
-                except Exception:  # noqa: BLE001
-                    trailers.append((k, v))
-            else:
-                trailers.append((k, v))
-        return status, tuple(trailers)
+        return handler_status(code, self._details, self._trailers)
 
 
 class _ServedStream:

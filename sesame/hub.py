@@ -46,6 +46,7 @@ from sesame._frames import CANCELLED, OK, UNAVAILABLE, Status
 from sesame._service import _ext_apply, _ext_metadata, _ext_parse
 from sesame._store import AlreadyExists, Store
 from sesame._tunnel import TunnelConnection
+from sesame._wire import only_field, wrap_field
 from sesame.netconn import METHOD as NETCONN_METHOD
 from sesame.v1alpha1 import tunnel_pb2
 
@@ -58,35 +59,16 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 # --- wrapping tunnel frames in Stream messages (field 3 in all four types) ------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
 def wrap_tunnel(frame: bytes) -> bytes:
     """``StreamRequest{tunnel}`` / ``StreamResponse{tunnel}`` around encoded frame bytes."""
-    return b"\x1a" + _varint(len(frame)) + frame
+    return wrap_field(0x1A, frame)
 
 
 def unwrap_tunnel(msg: bytes, cls: type) -> bytes | None:
     """The frame bytes inside a Stream message, or None if it is not a tunnel frame."""
-    if msg[:1] == b"\x1a":
-        n = shift = 0
-        i = 1
-        while i < len(msg):
-            b = msg[i]
-            n |= (b & 0x7F) << shift
-            i += 1
-            if not b & 0x80:
-                break
-            shift += 7
-        if i + n == len(msg):
-            return msg[i:]
+    frame = only_field(msg, 0x1A)
+    if frame is not None:
+        return frame
     pb = cls.FromString(msg)
     if pb.WhichOneof("data") == "tunnel":
         return pb.tunnel.SerializeToString()

@@ -54,6 +54,7 @@ from sesame._frames import (
     Status,
 )
 from sesame._hop import Hop
+from sesame._wire import only_field, wrap_field
 from sesame.type import netaddr_pb2
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -72,38 +73,16 @@ log = Logger()
 # --- wire helpers -----------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def encode_bytes(data: bytes) -> bytes:
     """A ``bytes`` message (field 2 in both NetConnRequest and NetConnResponse)."""
-    return b"\x12" + _varint(len(data)) + data
+    return wrap_field(0x12, data)
 
 
 def decode_bytes(msg: bytes, cls: type) -> bytes | None:
     """The chunk of a ``bytes`` message, or None for any other message (EOF)."""
-    if msg[:1] == b"\x12":
-        n = 0
-        shift = 0
-        i = 1
-        while i < len(msg):
-            b = msg[i]
-            n |= (b & 0x7F) << shift
-            i += 1
-            if not b & 0x80:
-                break
-            shift += 7
-        if i + n == len(msg):
-            return msg[i:]
+    data = only_field(msg, 0x12)
+    if data is not None:
+        return data
     pb = cls.FromString(msg)
     if pb.WhichOneof("data") == "bytes":
         return pb.bytes
