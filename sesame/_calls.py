@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from sesame._frames import CANCELLED, OK, UNAVAILABLE, Status, TunnelError
+from sesame._frames import CANCELLED, UNAVAILABLE, Status, TunnelError
 from sesame._tunnel import TunnelConnection
 
 MessageCallback = Callable[[bytes], None]
@@ -268,4 +268,4 @@ class _TunnelHandler:
         self.call.on_end_frame(status, trailers, local)
 
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "OK", "AioLoopCall", "LoopCall", "TunnelLoopCall"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "AioLoopCall", "LoopCall", "TunnelLoopCall"]

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from google.rpc import status_pb2
 
 from sesame._bridge import Bridge
 from sesame._codec import status_to_proto
@@ -558,4 +557,4 @@ class TunnelChannel(grpc.Channel):
         self.close()
 
 
-__all__ = ["TunnelChannel", "encode_timeout", "status_code", "status_pb2"]
+__all__ = ["TunnelChannel", "encode_timeout", "status_code"]

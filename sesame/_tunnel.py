@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
@@ -23,7 +23,6 @@ from sesame._codec import Codec
 from sesame._core import Role, TunnelCore
 from sesame._frames import (
     CANCELLED,
-    OK,
     UNAVAILABLE,
     Frame,
     Settings,
@@ -414,10 +413,3 @@ class TunnelConnection:
         if self.core.is_live(sid):
             self.core.close_stream(sid, status, trailers)
         self.pump()
-
-
-def is_ok(status: Status) -> bool:
-    return status.code == OK
-
-
-Awaitable_ = Awaitable  # re-exported for typing convenience

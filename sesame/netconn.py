@@ -353,9 +353,6 @@ class NetConnTransport:
                 and not self._handoff_full and not self._lost):
             p.resumeProducing()
 
-    def _stop_producer(self) -> None:
-        pass
-
     def _pause_writers(self) -> None:
         self._writers_paused = True
         self._update_producer()
