@@ -121,6 +121,18 @@ class Bridge:
             raise RuntimeError("Bridge.run() would block the gRPC loop; await instead")
         return self.submit(coro).result(timeout)
 
+    def deferred(self, coro: Coroutine[Any, Any, T]) -> Any:
+        """Run a coroutine on the loop; a Deferred (fired in the reactor thread) of its result.
+
+        Works from the reactor thread whether or not the reactor *is* this loop
+        (Twisted's asyncio reactor), so Twisted services never block on the bridge.
+        """
+        if self.in_loop():
+            from twisted.internet.defer import Deferred
+
+            return Deferred.fromFuture(self.loop.create_task(coro))
+        return to_deferred(self.submit(coro))
+
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         if self.in_loop():
             fn(*args)

@@ -66,6 +66,12 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
     svc = cls(options)
     failed: list[BaseException] = []
 
+    def down(f: Any) -> None:  # replaces the service's own log-and-stop
+        failed.append(f.value)
+        reactor.stop()
+
+    svc.on_start_failure = down
+
     def start() -> None:
         try:
             svc.startService()
@@ -73,10 +79,16 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
             failed.append(exc)
             reactor.stop()
             return
-        if banner is not None:
-            banner(svc)
-        if isinstance(svc, tap.RemoteService):
-            watch.start(0.1, now=False)
+
+        def up(_: object) -> None:
+            if failed:
+                return
+            if banner is not None:
+                banner(svc)
+            if isinstance(svc, tap.RemoteService):
+                watch.start(0.1, now=False)
+
+        svc.ready.addCallback(up)
 
     def refused() -> None:
         # a remote the hub refuses before it ever registered (bad token, a name the token may

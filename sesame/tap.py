@@ -175,6 +175,21 @@ class Options(usage.Options):
             raise usage.UsageError("name a subcommand: hub, remote or host")
 
 
+def _start_failed(svc: service.Service, what: str) -> Any:
+    """Under twistd: a service that cannot start says why and stops the process
+    (rather than leave a daemon that listens nowhere)."""
+
+    def failed(f: Any) -> None:
+        from twisted.internet import reactor
+
+        svc.log.error("sesame {what} could not start: {why}", what=what,  # type: ignore[attr-defined]
+                      why=f.getErrorMessage())
+        if reactor.running:
+            reactor.stop()
+
+    return failed
+
+
 class HubService(service.Service):
     log = Logger()
 
@@ -183,6 +198,8 @@ class HubService(service.Service):
         self.hub: Any = None
         self.port: int | None = None
         self.out = out or sys.stdout
+        self.ready: Any = None  # a Deferred once started: fires when listening
+        self.on_start_failure: Any = _start_failed(self, "hub")
 
     def startService(self) -> None:
         from sesame._bridge import get_bridge
@@ -220,20 +237,26 @@ class HubService(service.Service):
                 if tls.created:
                     ca_note += " (new CA created)"
         self.hub = Hub(store)
-        self.port = get_bridge().run(self.hub.start(o.host, o.port, creds))
-        where = N.join_host_port(o.host, self.port)
-        self.log.info("sesame hub listening on {where} ({tls})", where=where, tls=ca_note)
-        if o["port-file"]:
-            Path(o["port-file"]).write_text(f"{self.port}\n")
+
+        def listening(port: int) -> int:
+            self.port = port
+            where = N.join_host_port(o.host, port)
+            self.log.info("sesame hub listening on {where} ({tls})", where=where, tls=ca_note)
+            if o["port-file"]:
+                Path(o["port-file"]).write_text(f"{port}\n")
+            return port
+
+        self.ready = get_bridge().deferred(self.hub.start(o.host, o.port, creds))
+        self.ready.addCallbacks(listening, self.on_start_failure)
 
     def stopService(self) -> Any:
-        from sesame._bridge import get_bridge, to_deferred
+        from sesame._bridge import get_bridge
 
         super().stopService()
         if self.hub is None:
             return None
         hub, self.hub = self.hub, None
-        return to_deferred(get_bridge().submit(hub.stop(1)))
+        return get_bridge().deferred(hub.stop(1))
 
 
 class RemoteService(service.Service):
@@ -242,6 +265,8 @@ class RemoteService(service.Service):
     def __init__(self, options: RemoteOptions) -> None:
         self.options = options
         self.session: Any = None
+        self.ready: Any = None
+        self.on_start_failure: Any = _start_failed(self, "remote")
 
     def startService(self) -> None:
         from twisted.internet import reactor
@@ -257,18 +282,19 @@ class RemoteService(service.Service):
         self.session = RemoteSession(
             o.hub.target, o["name"], o.hub.token, agent_offers(o["allow"], reactor=reactor),
             credentials=o.hub.credentials())
-        get_bridge().run(self.session.astart())
+        self.ready = get_bridge().deferred(self.session.astart())
+        self.ready.addErrback(self.on_start_failure)
         self.log.info("sesame remote {name} dialling the hub at {hub}; allowing {allow}",
                       name=o["name"], hub=o.hub.target, allow=", ".join(o["allow"]) or "nothing")
 
     def stopService(self) -> Any:
-        from sesame._bridge import get_bridge, to_deferred
+        from sesame._bridge import get_bridge
 
         super().stopService()
         if self.session is None:
             return None
         s, self.session = self.session, None
-        return to_deferred(get_bridge().submit(s.astop()))
+        return get_bridge().deferred(s.astop())
 
 
 class TunnelHostService(service.Service):

@@ -4,6 +4,6 @@ from twisted.application.service import ServiceMaker
 sesame = ServiceMaker(
     "sesame",
     "sesame.tap",
-    "sesame: reverse tunnels over gRPC (tunnel host; hub and remote to come)",
+    "sesame: reverse tunnels over gRPC (twistd sesame hub | remote | host)",
     "sesame",
 )
