@@ -69,8 +69,9 @@ __all__ = [
 DEFAULT_NAMESPACE = "default"
 TokenKind = Literal["remote", "client", "admin"]
 TOKEN_KINDS: tuple[str, ...] = ("remote", "client", "admin")
-#: Front-door route kinds: a hub TCP port, an HTTP virtual host, a TLS SNI name.
-ROUTE_KINDS: tuple[str, ...] = ("tcp", "http", "sni")
+#: Front-door route kinds: a hub TCP listener, an HTTP virtual host, a TLS SNI name,
+#: a gRPC authority (or ``sesame-remote`` metadata value).
+ROUTE_KINDS: tuple[str, ...] = ("tcp", "http", "sni", "grpc")
 SCHEMA_VERSION = 1
 
 TOKEN_PREFIX = "ses"
@@ -242,6 +243,40 @@ def _check_text(field: str, value: object, limit: int = 1024) -> str:
     if not isinstance(value, str) or len(value) > limit:
         raise InvalidArgument(field, f"must be a string of at most {limit} characters")
     return value
+
+
+def _check_tcp_match(match: str) -> None:
+    """A tcp route listens on a port 1-65535 or a Twisted server endpoint description
+    (``tcp:9000:interface=127.0.0.1``).  Checks the description's syntax; never listens."""
+    if match.isdigit():
+        if not 1 <= int(match) <= 65535:
+            raise InvalidArgument("match", f"a tcp route's port must be 1-65535, not {match}")
+        return
+    from twisted.internet import endpoints
+
+    why = ""
+    try:
+        args, _ = endpoints._parse(match)
+        kind = args[0] if args else ""
+        if kind in ("tcp", "tcp6", "unix"):
+            endpoints.serverFromString(None, match)  # builds the endpoint object only
+        elif kind not in endpoints._serverParsers and kind not in _server_plugin_prefixes():
+            why = f"unknown endpoint type {kind!r}"
+    except (ValueError, TypeError, IndexError) as exc:
+        why = str(exc)
+    if why:
+        raise InvalidArgument(
+            "match",
+            f"a tcp route matches a port or a Twisted server endpoint description "
+            f"(tcp:9000:interface=127.0.0.1), not {match!r}: {why}",
+        )
+
+
+def _server_plugin_prefixes() -> set[str]:
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    return {p.prefix for p in getPlugins(IStreamServerEndpointStringParser)}
 
 
 def parse_token(token: str) -> tuple[str, str] | None:
@@ -916,8 +951,8 @@ class SQLiteStore(Store):
             raise InvalidArgument("kind", f"{kind!r} is not one of {', '.join(ROUTE_KINDS)}")
         if not isinstance(match, str) or not match or any(c.isspace() for c in match):
             raise InvalidArgument("match", "must be a non-empty string without spaces")
-        if kind == "tcp" and not (match.isdigit() and 1 <= int(match) <= 65535):
-            raise InvalidArgument("match", f"a tcp route matches a port 1-65535, not {match!r}")
+        if kind == "tcp":
+            _check_tcp_match(match)
         if kind in ("http", "sni"):
             match = match.lower()
         if not isinstance(target, str) or not target.strip():
