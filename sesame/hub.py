@@ -47,6 +47,7 @@ from sesame._service import _ext_apply, _ext_metadata, _ext_parse
 from sesame._store import AlreadyExists, Store
 from sesame._tunnel import TunnelConnection
 from sesame._wire import only_field, wrap_field
+from sesame.metrics import HubMetrics, payload_len
 from sesame.netconn import METHOD as NETCONN_METHOD
 from sesame.v1alpha1 import tunnel_pb2
 
@@ -159,6 +160,7 @@ class Hub:
         self.routes: dict[tuple[str, str, str], Session] = {}
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics = HubMetrics(self)  # /metrics and the dashboard (sesame.metrics)
 
     # --- auth ----------------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class Hub:
         md = tuple(context.invocation_metadata() or ())
         info = self._token(context)
         if info is None:
+            self.metrics.auth_failure("remote", message="Tunnel: missing, invalid or revoked token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
         first = await context.read()
         if first is grpc.aio.EOF:
@@ -219,6 +222,7 @@ class Hub:
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
         if not info.may_register(name, ns):
+            self.metrics.auth_failure("remote", name, "Tunnel: token may not register this remote")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this token may not register remote {N.resource_name(ns, name)}")
         endpoints = {e.strip() for e in (N.md_get(md, N.MD_ENDPOINTS) or N.NETCONN_ENDPOINT).split(",")
@@ -304,6 +308,7 @@ class Hub:
         md = tuple(context.invocation_metadata() or ())
         info = self._token(context)
         if info is None:
+            self.metrics.auth_failure("remote", message="Stream: missing, invalid or revoked token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
         sid = N.md_get(md, N.MD_STREAM_ID)
         first = await context.read()
@@ -317,6 +322,7 @@ class Hub:
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
         if not info.may_register(name, ns):
+            self.metrics.auth_failure("remote", name, "Stream: token may not serve this remote")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this token may not serve remote {N.resource_name(ns, name)}")
         pending = None
@@ -330,9 +336,11 @@ class Hub:
                                 f"no outstanding stream request {sid!r} for remote {name}")
         await context.send_initial_metadata(_ext_metadata(SesameCodec))
         await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
+        t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (sesame.metrics)
         await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})
                             .SerializeToString())
         ack = await context.read()
+        self.metrics.rtt(ns, name, time.monotonic() - t0)
         if ack is grpc.aio.EOF or tunnel_pb2.StreamRequest.FromString(ack).WhichOneof("data") != "dial":
             if not pending.future.done():
                 pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} refused the stream"))
@@ -363,6 +371,7 @@ class Hub:
             return
         info = self._token(context)
         if info is None:
+            self.metrics.auth_failure("client", message="NetConn: missing, invalid or revoked token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
         remote = N.md_get(md, N.MD_REMOTE)
         if not remote:
@@ -373,30 +382,43 @@ class Hub:
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_REMOTE}: {exc}")
         if not info.may_reach(name, ns):
+            self.metrics.auth_failure("client", name, "NetConn: token may not reach this remote")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this token may not reach remote {N.resource_name(ns, name)}")
         endpoint = N.md_get(md, N.MD_ENDPOINT) or N.NETCONN_ENDPOINT
         session = self.routes.get((ns, name, endpoint))
         if session is None:
-            if any(k[0] == ns and k[1] == name for k in self.routes):
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"remote {name} does not offer endpoint {endpoint!r}")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"remote {name} is not connected")
+            why = (f"remote {name} does not offer endpoint {endpoint!r}"
+                   if any(k[0] == ns and k[1] == name for k in self.routes)
+                   else f"remote {name} is not connected")
+            self.metrics.dial_error("UNAVAILABLE", name, why)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, why)
         try:
             outer, done, peer_ext = await self._request_stream(session, endpoint)
         except _HubError as exc:
-            await context.abort(_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE), exc.message)
+            code = _CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE)
+            self.metrics.dial_error(code.name, name, exc.message)
+            await context.abort(code, exc.message)
         session.connections += 1
         try:
-            await self._relay(context, outer, name, first, peer_ext)
+            await self._relay(context, outer, name, first, peer_ext, namespace=ns)
         finally:
             session.connections -= 1
             if not done.done():
                 done.set_result(None)
 
     async def _relay(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
-                     peer_ext: tuple[int, int] | None = None) -> None:
+                     peer_ext: tuple[int, int] | None = None, *, namespace: str = N.DEFAULT_NAMESPACE,
+                     route: str = "") -> None:
         """Carry one client NetConn call through a fresh Stream tunnel."""
+        stats = self.metrics.open_connection(namespace, remote, route)
+        try:
+            await self._relay_counted(context, outer, remote, first, peer_ext, stats)
+        finally:
+            stats.close()
+
+    async def _relay_counted(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
+                             peer_ext: tuple[int, int] | None, stats: Any) -> None:
         conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
         _ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
         conn.start()
@@ -414,6 +436,7 @@ class Hub:
 
         def on_message(msg: bytes) -> None:
             down.append(msg)
+            stats.bytes_out += payload_len(msg)
             down_bytes[0] += len(msg)
             if down_bytes[0] > HIGH_WATER:
                 call.pause_reading()
@@ -431,6 +454,7 @@ class Hub:
                     call.half_close()
                     return
                 call.send(msg)
+                stats.bytes_in += payload_len(msg)
                 while call.buffered() > HIGH_WATER and call.status is None:
                     writable[0] = loop.create_future()
                     await writable[0]
@@ -458,8 +482,9 @@ class Hub:
             await conn.aclose(grace=0)
         status = call.status
         if status is not None and status.code != OK:
-            await context.abort(_CODES.get(status.code, grpc.StatusCode.UNKNOWN),
-                                status.message or f"connection through {remote} failed")
+            code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+            self.metrics.dial_error(code.name, remote, status.message or "")
+            await context.abort(code, status.message or f"connection through {remote} failed")
 
     # --- listing ------------------------------------------------------------------------
 
@@ -495,6 +520,7 @@ class Hub:
 
         info = self._token(context)
         if info is None:
+            self.metrics.auth_failure("client", message="ListRemotes: missing, invalid or revoked token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
         req = sesame_pb2.ListRemotesRequest.FromString(request)
         namespace = None
