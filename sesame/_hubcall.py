@@ -1,0 +1,229 @@
+"""
+Calls into a remote's endpoint opened from *inside* the hub process.
+
+The hub's own front doors (TCP port maps, HTTP virtual hosts, TLS SNI and
+gRPC passthrough) reach remotes exactly as a ``sesame:`` client does, minus
+the client → hub gRPC leg: a :class:`HubLoopCall` asks the remote's control
+session for a fresh ``Stream``, runs the tunnel over it and opens the call
+inside, all on the bridge loop.  Until the stream is there, sends and a
+half-close are queued (counted by :meth:`HubLoopCall.buffered`, so the
+producer still pauses) and a cancel is remembered.
+
+:class:`HubEndpoint` wraps it as an ``IStreamClientEndpoint`` for any
+Twisted code in the hub process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, interfaces
+from zope.interface import implementer
+
+from sesame import _names as N
+from sesame._calls import LoopCall, TunnelLoopCall
+from sesame._codec import SesameCodec
+from sesame._core import Role
+from sesame._frames import CANCELLED, UNAVAILABLE, Status
+from sesame._tunnel import TunnelConnection
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a front-door route leads: an endpoint of a remote, or an address it dials.
+
+    Written ``ENDPOINT@REMOTE`` or ``HOST:PORT@REMOTE`` (``REMOTE`` may be a
+    resource name ``namespaces/NS/remotes/R``); see :func:`parse_target`.
+    """
+
+    namespace: str
+    remote: str
+    endpoint: str  # "netconn" when ``address`` is set
+    address: str | None = None
+
+    def __str__(self) -> str:
+        what = self.address or self.endpoint
+        remote = (self.remote if self.namespace == N.DEFAULT_NAMESPACE
+                  else N.resource_name(self.namespace, self.remote))
+        return f"{what}@{remote}"
+
+
+def parse_target(text: str) -> Target:
+    """``web@edge-1``, ``127.0.0.1:8080@edge-1``, ``[::1]:22@namespaces/lab/remotes/edge-1``.
+
+    Raises ValueError naming what is wrong.
+    """
+    what, at, remote = text.strip().rpartition("@")
+    if not at or not what or not remote:
+        raise ValueError(f"target {text!r}: expected ENDPOINT@REMOTE or HOST:PORT@REMOTE "
+                         "(e.g. web@edge-1 or 127.0.0.1:8080@edge-1)")
+    ns, name = N.parse_remote(remote)
+    if ":" in what:
+        host, _, port = what.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"target {text!r}: {what!r} is not HOST:PORT with a port 1-65535")
+        return Target(ns, name, N.NETCONN_ENDPOINT, N.join_host_port(host, int(port)))
+    if not N.valid_name(what) or what == N.NETCONN_ENDPOINT:
+        raise ValueError(f"target {text!r}: {what!r} is not a valid endpoint name")
+    return Target(ns, name, what)
+
+
+class HubLoopCall(LoopCall):
+    """A call inside a fresh ``Stream`` tunnel of ``target``'s remote (bridge loop only)."""
+
+    def __init__(self, hub: Any, target: Target, method: str,
+                 metadata: tuple = (), route: str = "") -> None:
+        super().__init__()
+        self.hub = hub
+        self.target = target
+        self.route = route
+        self.inner: TunnelLoopCall | None = None
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._half_closed = False
+        self._conn: TunnelConnection | None = None
+        self._done: asyncio.Future | None = None
+        self._session: Any = None
+        self._task = asyncio.get_running_loop().create_task(self._open(method, metadata))
+
+    async def _open(self, method: str, metadata: tuple) -> None:
+        t = self.target
+        session = self.hub.routes.get((t.namespace, t.remote, t.endpoint))
+        if session is None:
+            offered = any(k[0] == t.namespace and k[1] == t.remote for k in self.hub.routes)
+            self._finish(Status(UNAVAILABLE, f"remote {t.remote} does not offer endpoint "
+                                f"{t.endpoint!r}" if offered else f"remote {t.remote} is not connected"))
+            return
+        try:
+            outer, done, peer_ext = await self.hub._request_stream(session, t.endpoint)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - _HubError and friends become the call's status
+            self._finish(Status(getattr(exc, "code", UNAVAILABLE), str(exc)))
+            return
+        from sesame._service import _ext_apply
+
+        conn = TunnelConnection(self.hub.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
+        _ext_apply(conn, peer_ext, own=True)
+        conn.start()
+        self._conn, self._done, self._session = conn, done, session
+        session.connections += 1
+        if self.status is not None:  # cancelled while the stream was being opened
+            self._cleanup()
+            return
+        inner = self.inner = TunnelLoopCall(conn, method, metadata)
+        inner.on_headers = self._on_headers
+        inner.on_message = lambda m: self.on_message(m)
+        inner.on_writable = lambda: self.on_writable()
+        inner.on_end = self._on_end
+        if inner.status is not None:
+            self._on_end(inner.status, inner.trailers)
+            return
+        if self._reading_paused:
+            inner.pause_reading()
+        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        for data in queued:
+            inner.send(data)
+        if self._half_closed:
+            inner.half_close()
+
+    def _on_headers(self, headers: tuple) -> None:
+        self.headers = headers
+        self.on_headers(headers)
+
+    def _on_end(self, status: Status, trailers: tuple) -> None:
+        self._finish(status, trailers)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._session is not None:
+            self._session.connections -= 1
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+        asyncio.get_running_loop().create_task(conn.aclose(grace=0))
+
+    # --- LoopCall ------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.status is not None:
+            return
+        if self.inner is not None:
+            self.inner.send(data)
+        else:
+            self._queued.append(data)
+            self._queued_bytes += len(data)
+
+    def buffered(self) -> int:
+        return self.inner.buffered() if self.inner is not None else self._queued_bytes
+
+    def half_close(self) -> None:
+        if self.inner is not None:
+            self.inner.half_close()
+        else:
+            self._half_closed = True
+
+    def cancel(self, status: Status | None = None) -> None:
+        if self.status is not None:
+            return
+        status = status or Status(CANCELLED, "cancelled")
+        if self.inner is not None:
+            self.inner.cancel(status)
+            return
+        self._queued.clear()
+        self._queued_bytes = 0
+        if not self._task.done() and self._conn is None:
+            self._task.cancel()
+        self._finish(status)
+        self._cleanup()
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        if self.inner is not None:
+            self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        if self.inner is not None:
+            self.inner.resume_reading()
+
+
+@implementer(interfaces.IStreamClientEndpoint)
+class HubEndpoint:
+    """Connect, from inside the hub, to what a :class:`Target` names (over NetConn)."""
+
+    def __init__(self, hub: Any, target: Target, *, reactor: Any = None,
+                 route: str = "", timeout: float | None = None) -> None:
+        self.hub = hub
+        self.target = target
+        self.reactor = reactor
+        self.route = route
+        self.timeout = timeout
+
+    def call_factory(self) -> Any:
+        hub, target, route = self.hub, self.target, self.route
+
+        def make(method: str, metadata: Any) -> LoopCall:
+            return HubLoopCall(hub, target, method, tuple(metadata), route)
+
+        make.target = f"sesame:{target.remote}"  # type: ignore[attr-defined]
+        return make
+
+    def connect(self, protocolFactory: Any) -> defer.Deferred:
+        from sesame.netconn import connectNetConn
+
+        try:
+            return connectNetConn(self.call_factory(), self.target.address or self.target.endpoint,
+                                  protocolFactory, timeout=self.timeout, reactor=self.reactor,
+                                  bridge=self.hub.bridge)
+        except Exception:  # noqa: BLE001
+            return defer.fail()
+
+
+__all__ = ["HubEndpoint", "HubLoopCall", "Target", "parse_target"]

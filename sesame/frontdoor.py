@@ -1,0 +1,558 @@
+"""
+Front doors: public listeners on the hub that lead to remotes.
+
+Routes are data in the store (``sesame route add``, the management API) and
+take effect without a restart; a route to an offline remote stays and works
+again when the remote reconnects.  Four kinds:
+
+``tcp``
+    ``MATCH`` is a port (bound on the hub's front-door interface) or any
+    Twisted server endpoint description; every accepted connection goes to
+    the route's target.
+``http``
+    One HTTP/1.1 listener (``--vhost``) routes by the ``Host`` header: exact
+    names and ``*.domain`` wildcards.  Keep-alive and WebSocket upgrades work
+    end to end (bodies are relayed as they come, never buffered whole);
+    X-Forwarded-For/-Proto/-Host are set on every request (``--forwarded``:
+    replace, append or off).  No route → 404, remote offline → 502.
+``sni``
+    One TLS listener (``--sni``) routes by the ClientHello's server name
+    without terminating TLS: the client sees the remote's own certificate.
+``grpc``
+    One plain HTTP/2 listener (``--grpc``) routes gRPC connections by
+    ``:authority`` (set with the client's ``grpc.default_authority``
+    option); streaming, deadlines and metadata pass through untouched, as
+    the hub relays the HTTP/2 bytes.  For gRPC over TLS use an ``sni`` route.
+
+A target is ``ENDPOINT@REMOTE`` (an endpoint the remote offers, e.g. a
+``twistd web --listen sesame:...``) or ``HOST:PORT@REMOTE`` (an address
+the remote's NetConn allowlist lets it dial).  The hub reaches the remote
+in-process (:mod:`sesame._hubcall`), over the same ``Stream`` tunnels a
+``sesame:`` client uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, endpoints, interfaces
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sesame import _sniff as S
+from sesame._hubcall import HubEndpoint, Target, parse_target
+from sesame.relay import Side, _half_close, pair
+
+log = Logger()
+
+FORWARDED_MODES = ("replace", "append", "off")
+_FLUSH_BYTES = 1 << 20  # hand byte counts to the metrics at least every MiB
+
+
+@dataclass
+class Route:
+    """A route as the front doors hold it, with live counters."""
+
+    id: str
+    kind: str
+    match: str
+    target: Target | None
+    error: str | None = None
+    connections: int = 0
+    total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    listening: str | None = None  # tcp: where it is bound
+
+    def view(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "match": self.match,
+                "target": str(self.target) if self.target else None, "error": self.error,
+                "connections": self.connections, "total": self.total,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "listening": self.listening}
+
+
+class _Meter:
+    """Byte and connection accounting for one relayed connection."""
+
+    def __init__(self, doors: FrontDoors, route: Route) -> None:
+        self.doors = doors
+        self.route = route
+        self.pending = {"in": 0, "out": 0}
+        route.connections += 1
+        route.total += 1
+        m = doors.metrics
+        if m is not None and route.target is not None:
+            m.connection_opened(route.target.namespace, route.target.remote, route.id)
+        self.open = True
+
+    def add(self, direction: str, n: int) -> None:
+        if direction == "in":
+            self.route.bytes_in += n
+        else:
+            self.route.bytes_out += n
+        self.pending[direction] += n
+        if self.pending[direction] >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        m, t = self.doors.metrics, self.route.target
+        for direction, n in self.pending.items():
+            if n and m is not None and t is not None:
+                m.add_bytes(t.namespace, t.remote, self.route.id, direction, n)
+            self.pending[direction] = 0
+
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self.flush()
+        self.route.connections -= 1
+        m, t = self.doors.metrics, self.route.target
+        if m is not None and t is not None:
+            m.connection_closed(t.namespace, t.remote, self.route.id)
+
+
+class _Out(Side):
+    """The hub's connection to the remote side of a route."""
+
+    meter: _Meter | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.meter is not None:
+            self.meter.add("out", len(data))
+        super().dataReceived(data)
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Door(Side):
+    """An accepted front-door connection: sniff (if the kind needs it), dial, relay."""
+
+    factory: DoorFactory
+
+    def connectionMade(self) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self._dial: defer.Deferred | None = None
+        self._meter: _Meter | None = None
+        self._http: S.RequestStream | None = None
+        self._route: Route | None = None
+        self._h2_stream = 1
+        self._h2: S.SettingsAckFilter | None = None
+        if self.factory.kind == "tcp":
+            self._go(self.factory.route, b"")
+
+    # --- before the far side is connected ------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            self._forward(data)
+            return
+        self._buf += data
+        if self._dial is not None or self._route is not None:
+            return
+        try:
+            decided = self._classify(bytes(self._buf))
+        except S.SniffError as exc:
+            self._refuse(exc)
+            return
+        if decided is None:
+            if len(self._buf) > S.MAX_SNIFF:
+                self._refuse(S.HTTPError(431, "request head too large")
+                             if self.factory.kind == "http" else S.SniffError("too large"))
+            return
+        route = decided
+        if route.target is None:
+            self._refuse(S.SniffError(route.error or "route has no usable target"), route=route)
+            return
+        first = bytes(self._buf)
+        self._buf.clear()
+        if self._h2 is not None:
+            first = self._h2.feed(first)
+        if self.factory.kind == "http":
+            self._http = S.RequestStream(self._rewrite)
+            try:
+                first = self._http.feed(first)
+            except S.SniffError as exc:
+                self._refuse(exc)
+                return
+        self._go(route, first)
+
+    def _classify(self, data: bytes) -> Route | None:
+        doors, kind = self.factory.doors, self.factory.kind
+        if kind == "http":
+            i = data.find(b"\r\n\r\n")
+            if i < 0:
+                return None
+            head = S.parse_head(data[:i].lstrip(b"\r\n"))
+            return self._lookup(doors.http, head.host)
+        if kind == "sni":
+            name = S.client_hello_sni(data)
+            if name is None:
+                return None
+            if not name:
+                raise S.SniffError("the ClientHello names no server (SNI)")
+            return self._lookup(doors.sni, name)
+        if self._h2 is None and data.startswith(S.H2_PREFACE):
+            self._h2 = S.SettingsAckFilter()
+            self.transport.write(S.H2_SERVER_PREFACE)  # or the client sends no request
+        found = S.h2c_authority(data)
+        if found is None:
+            return None
+        authority, self._h2_stream = found
+        host = authority.rsplit(":", 1)[0] if not authority.startswith("[") else authority
+        return self._lookup(doors.grpc, host)
+
+    def _lookup(self, routes: dict[str, Route], host: str) -> Route:
+        route = S.pick(routes, host)
+        if route is None:
+            raise _NoRoute(host)
+        return route  # type: ignore[return-value]
+
+    def _go(self, route: Route, first: bytes) -> None:
+        self._route = route
+        if route.target is None:
+            self._refuse(S.SniffError(route.error or "bad target"), route=route)
+            return
+        self._first = first
+        self.transport.pauseProducing()
+        self._meter = _Meter(self.factory.doors, route)
+        ep = self.factory.doors.endpoint(route)
+        self._dial = ep.connect(Factory.forProtocol(_Out))
+        self._dial.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, out: _Out) -> None:
+        self._dial = None
+        if self.transport is None or self._meter is None or not self._meter.open:
+            out.transport.abortConnection()
+            return
+        out.meter = self._meter
+        pair(self, out)
+        first, rest = self._first, bytes(self._buf)
+        self._first = b""
+        self._buf.clear()
+        if first:
+            self._meter.add("in", len(first))
+            out.transport.write(first)
+        if rest:  # arrived while dialling: through the same filters as the rest
+            self._forward(rest)
+        if self._eof:
+            self.readConnectionLost()
+            return
+        self.transport.resumeProducing()
+
+    def _failed(self, failure: Failure) -> None:
+        self._dial = None
+        why = failure.getErrorMessage()
+        route = self._route
+        log.info("front door {kind} {match}: cannot reach {target}: {why}",
+                 kind=self.factory.kind, match=route.match if route else "?",
+                 target=str(route.target) if route else "?", why=why)
+        self.factory.doors.record_error(route, why)
+        if self.transport is None:
+            return
+        kind = self.factory.kind
+        if kind == "http":
+            self.transport.write(S.http_response(
+                502, "Bad Gateway", "502 Bad Gateway: the service behind this name is not "
+                "reachable right now (its remote is offline or refused the connection).\n"))
+        elif kind == "sni":
+            self.transport.write(S.tls_alert(80))
+        elif kind == "grpc":
+            self.transport.write(S.h2_refusal(self._h2_stream, 14, "the remote behind this "
+                                              "authority is not reachable"))
+        self.transport.loseConnection()
+
+    def _refuse(self, exc: Exception, route: Route | None = None) -> None:
+        kind = self.factory.kind
+        if isinstance(exc, _NoRoute):
+            self.factory.doors.record_error(None, f"{kind}: no route for {exc.host!r}")
+        t = self.transport
+        if kind == "http":
+            if isinstance(exc, _NoRoute):
+                t.write(S.http_response(404, "Not Found",
+                                        "404 Not Found: no site is served under this name.\n"))
+            elif isinstance(exc, S.HTTPError):
+                t.write(S.http_response(exc.code, "Bad Request" if exc.code == 400
+                                        else "Request Header Fields Too Large", f"{exc}\n"))
+            else:
+                t.write(S.http_response(502, "Bad Gateway", "502 Bad Gateway\n"))
+        elif kind == "sni":
+            t.write(S.tls_alert(112 if isinstance(exc, _NoRoute) else 80))
+        elif kind == "grpc" and isinstance(exc, _NoRoute):
+            t.write(S.h2_refusal(self._h2_stream, 5, "no gRPC route for this authority"))
+        t.loseConnection()
+
+    # --- relaying ----------------------------------------------------------------------
+
+    def _forward(self, data: bytes) -> None:
+        if self._h2 is not None and not self._h2.done:
+            data = self._h2.feed(data)
+        if self._http is not None and not self._http.passthrough:
+            try:
+                data = self._http.feed(data)
+            except _Misdirected as exc:
+                # a later request names another site: finish what is in flight, then close
+                self._http = None
+                if exc.partial:
+                    self._meter_add(len(exc.partial))
+                    super().dataReceived(exc.partial)
+                self.transport.pauseProducing()
+                _half_close(self.peer.transport)
+                return
+            except S.SniffError:
+                self.transport.abortConnection()
+                return
+        self._meter_add(len(data))
+        super().dataReceived(data)
+
+    def _meter_add(self, n: int) -> None:
+        if self._meter is not None:
+            self._meter.add("in", n)
+
+    def _rewrite(self, head: S.RequestHead) -> S.RequestHead:
+        doors = self.factory.doors
+        if self._route is not None and S.pick(doors.http, head.host) is not self._route:
+            raise _Misdirected()
+        mode = doors.forwarded
+        if mode == "off":
+            return head
+        names = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+        prior = head.get(b"x-forwarded-for") if mode == "append" else None
+        head.headers = [(k, v) for k, v in head.headers if k.lower() not in names]
+        client = getattr(self.transport.getPeer(), "host", "")
+        xff = f"{prior.decode('latin-1')}, {client}" if prior else client
+        proto = "https" if interfaces.ISSLTransport.providedBy(self.transport) else "http"
+        head.headers += [(b"X-Forwarded-For", xff.encode()), (b"X-Forwarded-Proto", proto.encode())]
+        host = head.get(b"host")
+        if host:
+            head.headers.append((b"X-Forwarded-Host", host))
+        return head
+
+    def readConnectionLost(self) -> None:
+        if self.peer is None:
+            self._eof = True  # delivered once the far side is connected
+            if self._dial is None and self._route is None:
+                self.transport.loseConnection()
+            return
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        d, self._dial = self._dial, None
+        if self._meter is not None:
+            self._meter.close()
+        if d is not None:
+            d.cancel()
+        super().connectionLost(reason)
+
+
+class _NoRoute(S.SniffError):
+    def __init__(self, host: str) -> None:
+        super().__init__(f"no route for {host!r}")
+        self.host = host
+
+
+class _Misdirected(S.SniffError):
+    pass
+
+
+class DoorFactory(Factory):
+    protocol = _Door
+
+    def __init__(self, doors: FrontDoors, kind: str, route: Route | None = None) -> None:
+        self.doors = doors
+        self.kind = kind
+        self.route = route
+
+    def doStart(self) -> None:  # no "Starting factory" noise per listener
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+class FrontDoors:
+    """The hub's front doors; runs on the reactor (see the module docstring).
+
+    :param listeners: ``{"http": desc, "sni": desc, "grpc": desc}`` — server
+        endpoint descriptions of the shared listeners (any may be missing).
+    :param tcp_interface: where a ``tcp`` route given as a bare port binds.
+    """
+
+    log = log
+
+    def __init__(self, hub: Any, store: Any, reactor: Any = None, *,
+                 listeners: dict[str, str] | None = None, tcp_interface: str = "127.0.0.1",
+                 forwarded: str = "replace", watch_interval: float = 2.0) -> None:
+        if forwarded not in FORWARDED_MODES:
+            raise ValueError(f"forwarded: {forwarded!r} is not one of {', '.join(FORWARDED_MODES)}")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.hub = hub
+        self.store = store
+        self.reactor = reactor
+        self.listener_specs = dict(listeners or {})
+        self.tcp_interface = tcp_interface
+        self.forwarded = forwarded
+        self.watch_interval = watch_interval
+        self.http: dict[str, Route] = {}
+        self.sni: dict[str, Route] = {}
+        self.grpc: dict[str, Route] = {}
+        self.tcp: dict[str, Route] = {}
+        self._tcp_ports: dict[str, tuple[tuple[str, str], Any]] = {}
+        self.ports: dict[str, Any] = {}  # kind -> IListeningPort of the shared listeners
+        self._watch: LoopingCall | None = None
+        self._known: tuple = ()
+
+    @property
+    def metrics(self) -> Any:
+        return getattr(self.hub, "metrics", None)
+
+    def endpoint(self, route: Route) -> HubEndpoint:
+        assert route.target is not None
+        return HubEndpoint(self.hub, route.target, reactor=self.reactor, route=route.id)
+
+    def record_error(self, route: Route | None, message: str) -> None:
+        m = self.metrics
+        if m is not None and hasattr(m, "recent_errors"):
+            import time
+
+            m.recent_errors.append({
+                "time": time.time(),
+                "remote": route.target.remote if route and route.target else "",
+                "code": "UNAVAILABLE" if route else "NOT_FOUND",
+                "message": f"route {route.id}: {message}" if route else message})
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for kind, desc in self.listener_specs.items():
+            ep = endpoints.serverFromString(self.reactor, desc)
+            self.ports[kind] = await ep.listen(DoorFactory(self, kind))
+            log.info("front door {kind} listening on {desc}", kind=kind, desc=desc)
+        self.reconcile()
+        self._watch = LoopingCall(self.reconcile)
+        self._watch.clock = self.reactor
+        self._watch.start(self.watch_interval, now=False)
+
+    def address(self, kind: str) -> Any:
+        """The bound address of a shared listener (``http``, ``sni``, ``grpc``)."""
+        return self.ports[kind].getHost()
+
+    def stop(self) -> defer.Deferred:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        ports = [p for p in self.ports.values()] + [p for _, p in self._tcp_ports.values()]
+        self.ports.clear()
+        self._tcp_ports.clear()
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports],
+                                   consumeErrors=True)
+
+    def changed(self) -> None:
+        """The routes in the store changed (any thread): apply them now."""
+        self.reactor.callFromThread(self.reconcile)
+
+    # --- routes --------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        try:
+            records = self.store.list_routes()
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop the watch
+            log.warn("front doors: cannot read routes: {why}", why=str(exc))
+            return
+        key = tuple((r.id, r.kind, r.match, r.target) for r in records)
+        if key == self._known:
+            return
+        self._known = key
+        old = {r.id: r for d in (self.http, self.sni, self.grpc, self.tcp) for r in d.values()}
+        maps: dict[str, dict[str, Route]] = {"http": {}, "sni": {}, "grpc": {}, "tcp": {}}
+        for rec in records:
+            prev = old.get(rec.id)
+            if prev is not None and (prev.kind, prev.match) == (rec.kind, rec.match) and \
+                    str(prev.target) == rec.target:
+                route = prev
+            else:
+                try:
+                    target, error = parse_target(rec.target), None
+                except ValueError as exc:
+                    target, error = None, str(exc)
+                    log.warn("route {id}: {why}", id=rec.id, why=error)
+                route = Route(rec.id, rec.kind, rec.match, target, error)
+            maps.setdefault(rec.kind, {})
+            key_ = rec.id if rec.kind == "tcp" else rec.match.lower()
+            maps[rec.kind][key_] = route
+        self.http, self.sni, self.grpc = maps["http"], maps["sni"], maps["grpc"]
+        self.tcp = maps["tcp"]
+        self._sync_tcp()
+
+    def _tcp_desc(self, match: str) -> str:
+        if match.isdigit():
+            return f"tcp:{match}:interface={self.tcp_interface}"
+        return match
+
+    def _sync_tcp(self) -> None:
+        for rid in list(self._tcp_ports):
+            spec, port = self._tcp_ports[rid]
+            r = self.tcp.get(rid)
+            if r is None or (r.match, str(r.target)) != spec:
+                del self._tcp_ports[rid]
+                d = defer.maybeDeferred(port.stopListening)
+                d.addErrback(lambda f: log.warn("stop listening: {why}", why=f.getErrorMessage()))
+                log.info("front door tcp {id} closed", id=rid)
+        for rid, route in self.tcp.items():
+            if rid in self._tcp_ports or route.target is None:
+                continue
+            self._listen_tcp(route)
+
+    def _listen_tcp(self, route: Route) -> None:
+        desc = self._tcp_desc(route.match)
+        spec = (route.match, str(route.target))
+        placeholder = object()
+        self._tcp_ports[route.id] = (spec, _Pending(placeholder))
+        try:
+            d = endpoints.serverFromString(self.reactor, desc).listen(
+                DoorFactory(self, "tcp", route))
+        except Exception as exc:  # noqa: BLE001 - bad description: say so, keep the others
+            d = defer.fail(exc)
+
+        def up(port: Any) -> None:
+            cur = self._tcp_ports.get(route.id)
+            if cur is None or cur[0] != spec:  # removed meanwhile
+                port.stopListening()
+                return
+            self._tcp_ports[route.id] = (spec, port)
+            h = port.getHost()
+            route.listening = f"{getattr(h, 'host', '')}:{getattr(h, 'port', '')}"
+            route.error = None
+            log.info("front door tcp {id} listening on {where} → {target}", id=route.id,
+                     where=route.listening, target=str(route.target))
+
+        def down(f: Failure) -> None:
+            self._tcp_ports.pop(route.id, None)
+            route.error = f"cannot listen on {desc}: {f.getErrorMessage()}"
+            log.warn("route {id}: {why}", id=route.id, why=route.error)
+            self._known = ()  # try again on the next reconcile
+
+        d.addCallbacks(up, down)
+
+    def routes(self) -> list[Route]:
+        return [*self.tcp.values(), *self.http.values(), *self.sni.values(), *self.grpc.values()]
+
+
+class _Pending:
+    """Stands for a tcp listener that is still being bound."""
+
+    def __init__(self, token: object) -> None:
+        self.token = token
+
+    def stopListening(self) -> None:
+        return None
+
+
+__all__ = ["FORWARDED_MODES", "DoorFactory", "FrontDoors", "Route"]
