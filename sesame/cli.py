@@ -47,12 +47,42 @@ class CLIError(Exception):
 # --- services in the foreground ----------------------------------------------------------
 
 
+def json_log_observer(out: Any = None) -> Any:
+    """A twisted.logger observer writing one JSON object a line to ``out`` (stderr):
+    twisted.logger's ``eventAsJSON`` (so ``eventsFromJSONLogFile`` reads it back) plus
+    ``log_text``, the formatted message.  ``sesame hub|remote --log-format json`` uses it;
+    under twistd, name it as the initial observer:
+    ``twistd -n --logger sesame.cli.json_log_observer sesame hub``."""
+    from twisted.logger import FileLogObserver, eventAsJSON, formatEvent
+
+    def line(event: dict) -> str:
+        return eventAsJSON({**event, "log_text": formatEvent(event)}) + "\n"
+
+    return FileLogObserver(out or sys.stderr, line)
+
+
+def _with_log_format(make: Any) -> Any:
+    from twisted.python import usage
+
+    class Options(make):  # type: ignore[misc, valid-type]
+        optParameters = [["log-format", None, "text",
+                          "Log lines on stderr as text or json (one JSON object a line)."]]
+
+        def postOptions(self) -> None:
+            if self["log-format"] not in ("text", "json"):
+                raise usage.UsageError(f"--log-format: text or json, not {self['log-format']!r}")
+            super().postOptions()
+
+    Options.__name__ = make.__name__
+    return Options
+
+
 def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.python import usage
 
-    options = make()
+    options = _with_log_format(make)()
     try:
         options.parseOptions(argv)
     except usage.UsageError as exc:
@@ -61,8 +91,10 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
         return int(exc.code or 0)
     from sesame import tap
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    cls = {tap.HubOptions: tap.HubService, tap.RemoteOptions: tap.RemoteService}[type(options)]
+    observer = (json_log_observer() if options["log-format"] == "json"
+                else textFileLogObserver(sys.stderr))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    cls = {tap.HubOptions: tap.HubService, tap.RemoteOptions: tap.RemoteService}[make]
     svc = cls(options)
     failed: list[BaseException] = []
 

@@ -72,6 +72,9 @@ class HubOptions(usage.Options):
     ]
     optFlags = [
         ["no-tls", None, "Serve plain gRPC (refused unless --listen is a loopback address)."],
+        ["metrics-public", None,
+         "Serve /metrics on the --http listener without the admin token (for a Prometheus "
+         "scraper on loopback; the dashboard still needs the token)."],
     ]
 
     def postOptions(self) -> None:
