@@ -40,9 +40,10 @@ def _bearer(request: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    if not value.startswith("Bearer "):
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
         return None
-    return value[7:].strip() or None
+    return token.strip() or None
 
 
 def admin_auth(store: Any, metrics: Any = None) -> Auth:

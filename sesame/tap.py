@@ -65,7 +65,9 @@ class HubOptions(usage.Options):
         ["tls-cert", None, None, "PEM certificate to serve instead of the generated one."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["tls-ca", None, None,
-         "PEM CA certificate clients should trust (informational with --tls-cert)."],
+         "PEM CA certificate that issued --tls-cert, for remotes and clients to trust "
+         "(checked at start; the startup banner names it). Without it they use the "
+         "system's trusted roots."],
         ["client-ca", None, None,
          "Require client certificates signed by this PEM CA (mTLS), in addition to tokens."],
         ["port-file", None, None, "Write the bound port to this file once listening."],
@@ -88,9 +90,46 @@ class HubOptions(usage.Options):
                 "loopback address")
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-ca"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-ca goes with --tls-cert (without them the hub "
+                                   "generates its CA: DATA_DIR/ca.pem)")
+        if self["no-tls"] and (self["tls-cert"] or self["client-ca"]):
+            raise usage.UsageError("--no-tls: cannot be combined with --tls-cert or --client-ca")
         for key in ("tls-cert", "tls-key", "tls-ca", "client-ca"):
             if self[key] and not Path(self[key]).is_file():
                 raise usage.UsageError(f"--{key}: {self[key]} is not a readable file")
+        if self["tls-ca"]:
+            why = _not_issued_by(Path(self["tls-cert"]).read_bytes(),
+                                 Path(self["tls-ca"]).read_bytes())
+            if why:
+                raise usage.UsageError(f"--tls-ca: {why}")
+
+
+def _not_issued_by(chain_pem: bytes, ca_pem: bytes) -> str | None:
+    """Why the certificate chain ``chain_pem`` does not lead to a CA in ``ca_pem``
+    (None when a certificate of the chain is one of them or directly issued by one)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        return "--tls-cert holds no PEM certificate"
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        return "no PEM certificate in the file"
+    for cert in chain:
+        for ca in cas:
+            if cert == ca:
+                return None
+            try:
+                cert.verify_directly_issued_by(ca)
+                return None
+            except (ValueError, TypeError, InvalidSignature):  # another issuer
+                continue
+    return (f"the certificate in --tls-cert ({chain[0].subject.rfc4514_string()}) is not "
+            "issued by this CA; remotes and clients trusting it would fail to connect")
 
 
 class RemoteOptions(usage.Options):
@@ -188,9 +227,37 @@ def _start_failed(svc: service.Service, what: str) -> Any:
         svc.log.error("sesame {what} could not start: {why}", what=what,  # type: ignore[attr-defined]
                       why=f.getErrorMessage())
         if reactor.running:
+            import atexit
+
+            atexit.register(_exit_failed)
             reactor.stop()
 
     return failed
+
+
+def _exit_failed() -> None:
+    """twistd has no exit status of its own: a service that failed to start exits 1."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(1)
+
+
+def _explain_bind(f: Any, host: str, port: int) -> Any:
+    """grpc says only "Failed to bind to address ...": find out why (in use, not ours...)."""
+    if "Failed to bind" not in f.getErrorMessage():
+        return f
+    import socket
+
+    where = N.join_host_port(host, port)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {where}: {exc.strerror}") from None
+    raise RuntimeError(f"cannot listen on {where}")
 
 
 class HubService(service.Service):
@@ -226,7 +293,8 @@ class HubService(service.Service):
                 creds = grpc.ssl_server_credentials(
                     [(Path(o["tls-key"]).read_bytes(), Path(o["tls-cert"]).read_bytes())],
                     root_certificates=client_ca, require_client_auth=client_ca is not None)
-                ca_note = f"TLS with {o['tls-cert']}"
+                ca_note = f"TLS with {o['tls-cert']}" + (
+                    f"; clients and remotes trust {o['tls-ca']}" if o["tls-ca"] else "")
             else:
                 hosts = [o.host] if o.host not in ("0.0.0.0", "::") else []
                 if not hosts:
@@ -250,6 +318,7 @@ class HubService(service.Service):
             return port
 
         self.ready = get_bridge().deferred(self.hub.start(o.host, o.port, creds))
+        self.ready.addErrback(_explain_bind, o.host, o.port)
         self.ready.addCallbacks(listening, self.on_start_failure)
 
     def stopService(self) -> Any:
@@ -272,9 +341,12 @@ class RemoteService(service.Service):
         self.on_start_failure: Any = _start_failed(self, "remote")
 
     def startService(self) -> None:
+        from functools import partial
+
         from twisted.internet import reactor
 
         from sesame._bridge import get_bridge
+        from sesame.endpoints import client_cert_required
         from sesame.remote import RemoteSession, agent_offers
 
         super().startService()
@@ -284,7 +356,7 @@ class RemoteService(service.Service):
             self.log.warn("no --allow patterns: every dial will be refused (default deny)")
         self.session = RemoteSession(
             o.hub.target, o["name"], o.hub.token, agent_offers(o["allow"], reactor=reactor),
-            credentials=o.hub.credentials())
+            credentials=o.hub.credentials(), explain=partial(client_cert_required, o.hub))
         self.ready = get_bridge().deferred(self.session.astart())
         self.ready.addErrback(self.on_start_failure)
         self.log.info("sesame remote {name} dialling the hub at {hub}; allowing {allow}",
