@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from sesame import _names as N
+from sesame import _routecli
 
 DEFAULT_LISTEN = "tcp:7443:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "./.sesame"
@@ -78,12 +79,14 @@ class HubOptions(usage.Options):
          "Serve /metrics on the --http listener without the admin token (for a Prometheus "
          "scraper on loopback; the dashboard still needs the token)."],
     ]
+    optParameters += _routecli.HUB_OPTIONS  # front doors: --vhost, --sni, --grpc-door, ...
 
     def postOptions(self) -> None:
         try:
             self.host, self.port = N.grpc_address(self["listen"])
         except ValueError as exc:
             raise usage.UsageError(f"--listen: {exc}") from None
+        _routecli.check_hub_options(self)
         if self["no-tls"] and not N.is_loopback(self.host):
             raise usage.UsageError(
                 f"--no-tls: refusing to serve without TLS on {self.host}, which is not a "
@@ -320,11 +323,27 @@ class HubService(service.Service):
         self.ready = get_bridge().deferred(self.hub.start(o.host, o.port, creds))
         self.ready.addErrback(_explain_bind, o.host, o.port)
         self.ready.addCallbacks(listening, self.on_start_failure)
+        self.ready.addCallback(self._start_doors, store)
+
+    def _start_doors(self, port: int, store: Any) -> int:
+        """Front doors (routes in the store) once the hub serves; they follow route changes."""
+        from twisted.internet import defer, reactor
+
+        if self.hub is None or port is None:  # stopped, or the start failed
+            return port
+        self.doors = _routecli.front_doors(self.hub, store, self.options, reactor)
+        self.hub.on_routes_changed = self.doors.changed
+        self.doors_ready = defer.ensureDeferred(self.doors.start())
+        self.doors_ready.addErrback(self.on_start_failure)
+        return port
 
     def stopService(self) -> Any:
         from sesame._bridge import get_bridge
 
         super().stopService()
+        doors, self.doors = getattr(self, "doors", None), None
+        if doors is not None:
+            doors.stop()
         if self.hub is None:
             return None
         hub, self.hub = self.hub, None
