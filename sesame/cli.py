@@ -147,25 +147,42 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
 
 
 def _hub_banner(svc: Any) -> None:
-    o = svc.options
+    """What to type next, for this hub's TLS mode (generated CA, --tls-cert [--tls-ca],
+    --no-tls): printed commands work when followed literally from the hub's directory."""
+    import shlex
+
     from sesame import _names as N
 
+    o = svc.options
     where = N.join_host_port(o.host, svc.port)
-    data = o["data-dir"]
-    tls = "" if o["no-tls"] else f" --ca {data}/ca.pem"
-    print(f"sesame hub listening on {where}", flush=True)
-    if not o["no-tls"] and not o["tls-cert"]:
-        print(f"hub CA certificate: {data}/ca.pem (remotes and clients need it)", flush=True)
-    print("next, in another terminal, start a remote that may reach its own port 22:", flush=True)
-    print(f"  .venv/bin/sesame token create --data-dir {data} --remote edge-1 > edge-1.token",
-          flush=True)
-    print(f"  .venv/bin/sesame remote --hub {where} --name edge-1 --token-file edge-1.token"
-          f"{tls} --allow 127.0.0.1:22", flush=True)
-    print("then forward a local port to it:", flush=True)
-    print(f"  export SESAME_HUB={where} SESAME_CA={data}/ca.pem "
-          f"SESAME_TOKEN=$(.venv/bin/sesame token create --data-dir {data} --client)", flush=True)
-    print("  .venv/bin/sesame forward tcp:2222:interface=127.0.0.1 "
-          "'sesame:remote=edge-1:host=127.0.0.1:port=22'", flush=True)
+    data = shlex.quote(o["data-dir"])
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    say(f"sesame hub listening on {where}")
+    ca: str | None = None
+    if o["no-tls"]:
+        say("no TLS (loopback only): remotes need --no-tls, clients SESAME_TLS=no or tls=no")
+    elif o["tls-cert"]:
+        if o["tls-ca"]:
+            ca = shlex.quote(o["tls-ca"])
+            say(f"hub certificate {o['tls-cert']}, issued by {o['tls-ca']} "
+                "(remotes and clients need it)")
+        else:
+            say(f"hub certificate {o['tls-cert']}: remotes and clients check it against the "
+                "system's trusted roots (start the hub with --tls-ca FILE if they need a CA file)")
+    else:
+        ca = shlex.quote(o['data-dir'] + '/ca.pem')
+        say(f"hub CA certificate: {o['data-dir']}/ca.pem (remotes and clients need it)")
+    remote_tls = " --no-tls" if o["no-tls"] else (f" --ca {ca}" if ca else "")
+    env_tls = "SESAME_TLS=no " if o["no-tls"] else (f"SESAME_CA={ca} " if ca else "")
+    say("next, in another terminal, start a remote that may reach its own port 22:")
+    say(f"  .venv/bin/sesame token create --data-dir {data} --remote edge-1 > edge-1.token")
+    say(f"  .venv/bin/sesame remote --hub {where} --name edge-1 --token-file edge-1.token"
+        f"{remote_tls} --allow 127.0.0.1:22")
+    say("then forward a local port to it:")
+    say(f"  export SESAME_HUB={where} {env_tls}"
+        f"SESAME_TOKEN=$(.venv/bin/sesame token create --data-dir {data} --client)")
+    say("  .venv/bin/sesame forward tcp:2222:interface=127.0.0.1 "
+        "'sesame:remote=edge-1:host=127.0.0.1:port=22'")
 
 
 def cmd_hub(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ Server (``serverFromString``)::
 Common keys: ``hub`` (``HOST\\:PORT``, colons escaped; or ``$SESAME_HUB``),
 ``ca`` (PEM file of the hub's CA; or ``$SESAME_CA``; without it the system
 roots are used), ``token`` / ``tokenFile`` (or ``$SESAME_TOKEN`` /
-``$SESAME_TOKEN_FILE``), ``namespace``, ``tls=no`` (loopback hubs only),
+``$SESAME_TOKEN_FILE``), ``namespace``, ``tls=no`` (or ``$SESAME_TLS=no``;
+loopback hubs started with ``--no-tls`` only),
 ``timeout`` (client: dial timeout seconds), ``cert`` / ``key`` (a client
 certificate for hubs that require one; or ``$SESAME_CERT`` / ``$SESAME_KEY``).
 """
@@ -96,12 +97,14 @@ def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> H
     if not token:
         raise ValueError("token: no token (give token=, tokenFile=, or set SESAME_TOKEN / "
                          "SESAME_TOKEN_FILE)")
-    tls_text = kw.get("tls", "yes").lower()
+    tls_key = "tls" if kw.get("tls") else "SESAME_TLS"
+    tls_text = (kw.get("tls") or env.get("SESAME_TLS") or "yes").lower()
     if tls_text not in ("yes", "no", "true", "false", "1", "0"):
-        raise ValueError(f"tls: {tls_text!r} is not yes or no")
+        raise ValueError(f"{tls_key}: {tls_text!r} is not yes or no")
     tls = tls_text in ("yes", "true", "1")
     if not tls and not N.is_loopback(host):
-        raise ValueError(f"tls: refusing tls=no for hub {hub!r}, which is not a loopback address")
+        raise ValueError(f"{tls_key}: refusing plain text (no TLS) for hub {hub!r}, which is "
+                         "not a loopback address")
     ca_path = kw.get("ca") or env.get("SESAME_CA")
     ca = None
     if ca_path and tls:
@@ -126,6 +129,38 @@ def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> H
             else:
                 key = data
     return HubConfig(N.join_host_port(host, port), token, ca, tls, cert, key)
+
+
+def client_cert_required(cfg: HubConfig, timeout: float = 5.0) -> str | None:
+    """(blocking) Why a TLS link to the hub failed, if it is the missing client certificate.
+
+    A hub started with ``--client-ca`` completes the TLS 1.3 handshake with a client that
+    has no certificate and then drops the connection, which grpc reports only as "Socket
+    closed".  Probe once: if the hub closes without a word after a handshake without a
+    client certificate (a hub that does not require one sends its HTTP/2 settings at
+    once), say so.  None when ``cfg`` has a client certificate, no TLS, or the probe shows
+    something else.
+    """
+    import socket
+    import ssl
+
+    if not cfg.tls or cfg.cert is not None:
+        return None
+    host, port = N.grpc_address(cfg.target)
+    ctx = ssl.create_default_context(cadata=cfg.ca.decode("ascii", "replace") if cfg.ca else None)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            try:
+                if tls.recv(1):
+                    return None
+            except (ssl.SSLError, ConnectionError):
+                pass
+    except (OSError, ssl.SSLError, ValueError):
+        return None  # not reachable, or a TLS problem grpc reports well enough
+    return (f"the hub at {cfg.target} requires a client certificate (it was started with "
+            "--client-ca): give --cert and --key (or cert= and key=, SESAME_CERT and SESAME_KEY)")
 
 
 _channels: dict[tuple, grpc.aio.Channel] = {}
@@ -348,6 +383,7 @@ __all__ = [
     "SesameAddress",
     "SesameClientEndpoint",
     "SesameServerEndpoint",
+    "client_cert_required",
     "client_from_kwargs",
     "hub_config",
     "server_from_kwargs",

@@ -5,7 +5,8 @@ The remote side: a session that dials the hub, registers, and opens a
 :class:`RemoteSession` keeps one control stream up, reconnecting with
 exponential backoff and jitter (1 s doubling to 30 s, ±20 %) whenever the
 hub goes away, and re-registers what it offers.  gRPC keepalive (10 s ping,
-5 s timeout) notices dead links that TCP would not.
+5 s timeout by default; ``keepalive_time`` / ``keepalive_timeout``) notices dead
+links that TCP would not.
 
 What it offers: a map from endpoint name to a :class:`ServiceRegistry` that
 serves ``RemoteControl.NetConn`` for it — the agent's allowlisted dialer
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -37,12 +38,28 @@ from sesame.v1alpha1 import tunnel_pb2
 
 log = logging.getLogger("sesame.remote")
 
-KEEPALIVE_OPTIONS = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
+KEEPALIVE_TIME = 10.0  # seconds between pings
+KEEPALIVE_TIMEOUT = 5.0  # seconds without a ping ack before the link counts as dead
+
+
+def keepalive_options(time: float = KEEPALIVE_TIME,
+                      timeout: float = KEEPALIVE_TIMEOUT) -> tuple[tuple[str, int], ...]:
+    """gRPC channel options: ping every ``time`` s, give up on the link ``timeout`` s
+    after an unanswered ping (so a dead link is noticed within about ``time + timeout``)."""
+    if time <= 0 or timeout <= 0:
+        raise ValueError("keepalive time and timeout must be positive")
+    return (
+        ("grpc.keepalive_time_ms", int(time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+        # any ping (keepalive or grpc's own BDP probe) unanswered this long ends the link:
+        # the keepalive ping waits behind an outstanding one, whose default timeout is 60 s
+        ("grpc.http2.ping_timeout_ms", int(timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    )
+
+
+KEEPALIVE_OPTIONS = keepalive_options()
 
 
 class FixedTargetServicer(NetConnServicer):
@@ -69,6 +86,10 @@ class RemoteSession:
 
     :param target: the hub's gRPC address, ``host:port``.
     :param offers: endpoint name → registry serving it.
+    :param keepalive_time, keepalive_timeout: see :func:`keepalive_options`.
+    :param explain: a blocking callable run (in a thread) when an attempt fails with
+        UNAVAILABLE before registering; a string it returns is the real reason (e.g. "the
+        hub requires a client certificate") and is reported as fatal.
     """
 
     def __init__(
@@ -83,13 +104,17 @@ class RemoteSession:
         bridge: Bridge | None = None,
         min_backoff: float = 1.0,
         max_backoff: float = 30.0,
+        keepalive_time: float = KEEPALIVE_TIME,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        explain: Callable[[], str | None] | None = None,
     ) -> None:
         self.namespace, self.name = N.parse_remote(remote)
         self.target = target
         self.token = token
         self.offers = dict(offers)
         self.credentials = credentials
-        self.options = [*KEEPALIVE_OPTIONS, *options]
+        self.options = [*keepalive_options(keepalive_time, keepalive_timeout), *options]
+        self.explain = explain
         self.bridge = bridge or get_bridge()
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -179,9 +204,20 @@ class RemoteSession:
                 raise
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
-                                  grpc.StatusCode.PERMISSION_DENIED,
-                                  grpc.StatusCode.INVALID_ARGUMENT):
+                why = None
+                if (exc.code() == grpc.StatusCode.UNAVAILABLE and self.explain is not None
+                        and self.registrations == before and not self._stopping):
+                    try:
+                        why = await asyncio.to_thread(self.explain)
+                    except Exception:  # noqa: BLE001 - no better reason, then
+                        why = None
+                if why:
+                    if why != self.fatal:
+                        log.error("cannot register remote %s: %s", self.resource, why)
+                    self.last_error = self.fatal = why
+                elif exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                    grpc.StatusCode.PERMISSION_DENIED,
+                                    grpc.StatusCode.INVALID_ARGUMENT):
                     # credentials will not get better by retrying quickly
                     self.fatal = self.last_error
                     log.error("hub refused remote %s: %s", self.resource, self.last_error)
