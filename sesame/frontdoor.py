@@ -50,7 +50,6 @@ from sesame.relay import Side, _half_close, pair
 log = Logger()
 
 FORWARDED_MODES = ("replace", "append", "off")
-_FLUSH_BYTES = 1 << 20  # hand byte counts to the metrics at least every MiB
 
 
 @dataclass
@@ -77,44 +76,35 @@ class Route:
 
 
 class _Meter:
-    """Byte and connection accounting for one relayed connection."""
+    """Byte and connection accounting for one relayed connection (route and metrics)."""
 
     def __init__(self, doors: FrontDoors, route: Route) -> None:
-        self.doors = doors
         self.route = route
-        self.pending = {"in": 0, "out": 0}
         route.connections += 1
         route.total += 1
-        m = doors.metrics
-        if m is not None and route.target is not None:
-            m.connection_opened(route.target.namespace, route.target.remote, route.id)
+        m, t = doors.metrics, route.target
+        self.stats = (m.open_connection(t.namespace, t.remote, route.id)
+                      if m is not None and t is not None else None)
         self.open = True
 
     def add(self, direction: str, n: int) -> None:
+        st = self.stats
         if direction == "in":
             self.route.bytes_in += n
+            if st is not None:
+                st.bytes_in += n
         else:
             self.route.bytes_out += n
-        self.pending[direction] += n
-        if self.pending[direction] >= _FLUSH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        m, t = self.doors.metrics, self.route.target
-        for direction, n in self.pending.items():
-            if n and m is not None and t is not None:
-                m.add_bytes(t.namespace, t.remote, self.route.id, direction, n)
-            self.pending[direction] = 0
+            if st is not None:
+                st.bytes_out += n
 
     def close(self) -> None:
         if not self.open:
             return
         self.open = False
-        self.flush()
         self.route.connections -= 1
-        m, t = self.doors.metrics, self.route.target
-        if m is not None and t is not None:
-            m.connection_closed(t.namespace, t.remote, self.route.id)
+        if self.stats is not None:
+            self.stats.close()
 
 
 class _Out(Side):
@@ -419,15 +409,15 @@ class FrontDoors:
         return HubEndpoint(self.hub, route.target, reactor=self.reactor, route=route.id)
 
     def record_error(self, route: Route | None, message: str) -> None:
+        """Count a connection a front door could not complete (dashboard: recent errors)."""
         m = self.metrics
-        if m is not None and hasattr(m, "recent_errors"):
-            import time
-
-            m.recent_errors.append({
-                "time": time.time(),
-                "remote": route.target.remote if route and route.target else "",
-                "code": "UNAVAILABLE" if route else "NOT_FOUND",
-                "message": f"route {route.id}: {message}" if route else message})
+        if m is None:
+            return
+        if route is None:
+            m.dial_error("NOT_FOUND", "", message)
+        else:
+            m.dial_error("UNAVAILABLE", route.target.remote if route.target else "",
+                         f"route {route.id} ({route.kind} {route.match}): {message}")
 
     # --- lifecycle ------------------------------------------------------------------------
 

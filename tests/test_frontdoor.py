@@ -270,6 +270,9 @@ async def test_tcp_route_added_at_runtime_moves_bytes_and_closes_when_removed(se
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
     route = doors.tcp[rec.id]
     assert route.connections == 1 and route.bytes_in == route.bytes_out == len(payload)
+    metrics = sesame_hub.hub.metrics
+    assert metrics.bytes_by_key()[("default", "edge-1", rec.id)] == (len(payload), len(payload))
+    assert metrics.open_connections()[("default", "edge-1", rec.id)] == 1
     client.transport.loseConnection()
     await client.done.addTimeout(T, reactor)
     sesame_hub.store.delete_route(rec.id)
@@ -291,6 +294,9 @@ async def test_tcp_route_to_offline_remote_is_kept_and_works_when_it_connects(se
     port = int(doors.tcp[rec.id].listening.rsplit(":", 1)[1])
     c = await connect_raw(port)
     assert await c.done.addTimeout(T, reactor) == b""  # offline: closed, nothing sent
+    err = sesame_hub.hub.metrics.recent_errors[-1]
+    assert err["remote"] == "edge-2" and "not connected" in err["message"]
+    assert sesame_hub.hub.metrics.dial_errors()["UNAVAILABLE"] >= 1
     await sesame_hub.start_remote("edge-2", [f"127.0.0.1:{echo.getHost().port}"])
     c = await connect_raw(port)
     c.transport.write(b"ping")
