@@ -513,31 +513,14 @@ class Hub:
         return out
 
     async def list_remotes(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """``Sesame/ListRemotes``: registered remotes; live state rides in metadata."""
-        import json
+        """``Sesame/ListRemotes``: registered remotes; live state rides in metadata.
 
+        The management API (:mod:`sesame.mgmt`) serves it; kept for callers of the method."""
+        from sesame import mgmt
         from sesame.v1alpha1 import sesame_pb2
 
-        info = self._token(context)
-        if info is None:
-            self.metrics.auth_failure("client", message="ListRemotes: missing, invalid or revoked token")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
-        req = sesame_pb2.ListRemotesRequest.FromString(request)
-        namespace = None
-        if req.parent:
-            if not req.parent.startswith("namespaces/") or req.parent.count("/") != 1:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    "parent: expected namespaces/{namespace}")
-            namespace = req.parent.split("/", 1)[1]
-        live = self.live_view(info, namespace)
-        resp = sesame_pb2.ListRemotesResponse()
-        for r in self.store.list_remotes(namespace):
-            if not info.may_list(r.name, r.namespace):
-                continue
-            pb = resp.remotes.add(name=r.resource_name, display_name=r.display_name,
-                                  description=r.description)
-            pb.create_time.FromNanoseconds(int(r.create_time * 1e9))
-        await context.send_initial_metadata(((N.MD_LIVE, json.dumps(live)),))
+        handle = mgmt.for_hub(self)._grpc_unary(mgmt.SESAME.methods_by_name["ListRemotes"])
+        resp = await handle(sesame_pb2.ListRemotesRequest.FromString(request), context)
         return resp.SerializeToString()
 
     # --- serving -------------------------------------------------------------------------
@@ -584,11 +567,14 @@ class _HubError(Exception):
 
 class _HubHandler(grpc.GenericRpcHandler):
     def __init__(self, hub: Hub) -> None:
+        from sesame.mgmt import for_hub
+
         self._h = {
+            # the management API: sesame.v1alpha1.Sesame (incl. ListRemotes) and Admin
+            **for_hub(hub).grpc_handlers(),
             N.TUNNEL_METHOD: grpc.stream_stream_rpc_method_handler(hub.tunnel),
             N.STREAM_METHOD: grpc.stream_stream_rpc_method_handler(hub.stream),
             NETCONN_METHOD: grpc.stream_stream_rpc_method_handler(hub.netconn),
-            N.LIST_REMOTES_METHOD: grpc.unary_unary_rpc_method_handler(hub.list_remotes),
         }
 
     def service(self, details: Any) -> grpc.RpcMethodHandler | None:

@@ -72,6 +72,11 @@ class HubOptions(usage.Options):
         ["client-ca", None, None,
          "Require client certificates signed by this PEM CA (mTLS), in addition to tokens."],
         ["port-file", None, None, "Write the bound port to this file once listening."],
+        ["http", None, None,
+         "Also serve the management API as JSON REST under /v1alpha1/ (docs/MANAGEMENT.md) "
+         "on this Twisted server endpoint, e.g. tcp:8080:interface=127.0.0.1 or "
+         "ssl:8443:privateKey=key.pem:certKey=cert.pem (default: off). It carries admin "
+         "tokens: plain TCP is refused unless on a loopback interface."],
     ]
     optFlags = [
         ["no-tls", None, "Serve plain gRPC (refused unless --listen is a loopback address)."],
@@ -87,6 +92,13 @@ class HubOptions(usage.Options):
         except ValueError as exc:
             raise usage.UsageError(f"--listen: {exc}") from None
         _routecli.check_hub_options(self)
+        if self["http"]:
+            from sesame._http import check_http_endpoint
+
+            try:
+                check_http_endpoint(self["http"])
+            except ValueError as exc:
+                raise usage.UsageError(f"--http: {exc}") from None
         if self["no-tls"] and not N.is_loopback(self.host):
             raise usage.UsageError(
                 f"--no-tls: refusing to serve without TLS on {self.host}, which is not a "
@@ -273,6 +285,8 @@ class HubService(service.Service):
         self.out = out or sys.stdout
         self.ready: Any = None  # a Deferred once started: fires when listening
         self.on_start_failure: Any = _start_failed(self, "hub")
+        self.http_ready: Any = None  # with --http: a Deferred of its listening port
+        self.http_listener: Any = None
 
     def startService(self) -> None:
         from sesame._bridge import get_bridge
@@ -311,6 +325,8 @@ class HubService(service.Service):
                 if tls.created:
                     ca_note += " (new CA created)"
         self.hub = Hub(store)
+        if o["http"]:
+            self._start_http(o["http"], store)
 
         def listening(port: int) -> int:
             self.port = port
@@ -337,6 +353,23 @@ class HubService(service.Service):
         self.doors_ready.addErrback(self.on_start_failure)
         return port
 
+    def _start_http(self, description: str, store: Any) -> None:
+        """``--http``: the operator site (:func:`sesame._http.admin_root`), its own listener."""
+        from twisted.internet import reactor
+
+        from sesame._http import listen_http
+
+        def up(port: Any) -> Any:
+            self.http_listener = port
+            addr = port.getHost()
+            where = (N.join_host_port(addr.host, addr.port) if hasattr(addr, "port")
+                     else description)
+            self.log.info("sesame hub management API (REST) on {where}/v1alpha1/", where=where)
+            return port
+
+        self.http_ready = listen_http(reactor, description, self.hub, store)
+        self.http_ready.addCallbacks(up, self.on_start_failure)
+
     def stopService(self) -> Any:
         from sesame._bridge import get_bridge
 
@@ -344,10 +377,15 @@ class HubService(service.Service):
         doors, self.doors = getattr(self, "doors", None), None
         if doors is not None:
             doors.stop()
+        http, self.http_listener = self.http_listener, None
+        http_stopped = http.stopListening() if http is not None else None
         if self.hub is None:
-            return None
+            return http_stopped
         hub, self.hub = self.hub, None
-        return get_bridge().deferred(hub.stop(1))
+        d = get_bridge().deferred(hub.stop(1))
+        if http_stopped is not None:
+            d.addCallback(lambda _: http_stopped)
+        return d
 
 
 class RemoteService(service.Service):
