@@ -29,6 +29,13 @@ were *not* ours (other load sharing the cores).  Prints one JSON document;
 exit status 1 on any failed check.
 
     PYTHONPATH=. python bench/e2e.py [--seconds 3] [--mib 512] [--rtt-calls 3000] [--conns 200] [--repeat 3]
+
+Front doors (on by default; ``--no-front-doors``): the same hub also runs
+``--vhost``, with a ``tcp`` route per target (path ``port_map``: client →
+hub port → remote → target, no client-side gRPC at all) measured like the
+others, and an ``http`` route to a Twisted web server beside the targets:
+``bench/httpload.py`` requests/s with ``--http-conns`` keep-alive connections,
+straight to the web server vs through the vhost.
 """
 
 from __future__ import annotations
@@ -192,11 +199,12 @@ class SesameStack:
             raise RuntimeError(f"sesame token create {' '.join(argv)}: {out.stderr.strip()}")
         return out.stdout.strip()
 
-    def start(self) -> None:
+    def start(self, vhost_port: int | None = None) -> None:
         port_file = self.dir / "hub.port"
+        doors = ["--vhost", f"tcp:{vhost_port}:interface=127.0.0.1"] if vhost_port else []
         self.hub = self._sesame(
             "hub", "--listen", "tcp:0:interface=127.0.0.1", "--port-file", str(port_file),
-            "--data-dir", str(self.data),
+            "--data-dir", str(self.data), *doors,
             stdout=open(self.dir / "hub.out", "w"), stderr=open(self.dir / "hub.log", "w"))
         end = time.monotonic() + 30
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -216,6 +224,15 @@ class SesameStack:
             if self.remote.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"remote did not register: {self.log('remote')}")
             time.sleep(0.05)
+
+    def route(self, kind: str, match: str, target: str) -> str:
+        """``sesame route add`` on the running hub's store; the hub picks it up by itself."""
+        out = subprocess.run([self.python, "-m", "sesame", "route", "add", kind, match, target,
+                              "--data-dir", str(self.data)], env=self.env, capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"sesame route add {kind} {match} {target}: {out.stderr.strip()}")
+        return out.stdout.strip()
 
     @property
     def ca(self) -> Path:
@@ -264,6 +281,29 @@ def _ratio(a, b):
     return round(a / b, 2) if a and b else None
 
 
+async def _http_rounds(args: argparse.Namespace, web_port: int, vhost_port: int) -> dict:
+    """requests/s with ``--http-conns`` keep-alive connections: straight to the web server,
+    then through the hub's vhost front door (hub → remote → web server), alternating."""
+    from twisted.internet.threads import deferToThread
+
+    def one(port: int) -> dict:
+        out = subprocess.run([sys.executable, str(HERE / "httpload.py"), "--port", str(port),
+                              "--host", "web.bench", "--conns", str(args.http_conns),
+                              "--seconds", str(args.seconds)], capture_output=True, text=True,
+                             timeout=args.seconds + 60)
+        return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-500:]}
+
+    runs: dict[str, list] = {"direct": [], "vhost": []}
+    for rnd in range(args.repeat):
+        for path, port in (("direct", web_port), ("vhost", vhost_port)):
+            r = await deferToThread(one, port)
+            runs[path].append(r)
+            print(f"  {path} (round {rnd + 1}) http: {json.dumps(r)}", file=sys.stderr, flush=True)
+    med = {p: nc._median_run(rs) for p, rs in runs.items()}
+    return {"median": med, "rounds": runs,
+            "vhost_vs_direct_rps": _ratio(med["vhost"].get("rps"), med["direct"].get("rps"))}
+
+
 def client_main(args: argparse.Namespace) -> None:
     _name_threads_here()
     import grpc
@@ -283,7 +323,19 @@ def client_main(args: argparse.Namespace) -> None:
     try:
         tchild, targets = nc._spawn([sys.executable, str(HERE / "netconn.py"), "--serve", "targets"])
         children.append(tchild)
-        stack.start()
+        vhost_port = nc._free_port() if args.front_doors else None
+        stack.start(vhost_port)
+        if args.front_doors:
+            # front doors on the same hub: a tcp port map per target, and a vhost route to a
+            # Twisted web server beside the targets (reached by the remote over NetConn)
+            wchild, web = nc._spawn([sys.executable, str(HERE / "httpload.py"), "--serve"])
+            children.append(wchild)
+            port_map = {k: nc._free_port() for k in names}
+            for k in names:
+                stack.route("tcp", str(port_map[k]), f"127.0.0.1:{targets[k]}@{REMOTE}")
+            stack.route("http", "web.bench", f"127.0.0.1:{web['web']}@{REMOTE}")
+            for k in names:
+                nc._wait_port(port_map[k], 30)
         if args.ssh:
             ssh_note = nc.SSHD.available()
             if ssh_note is None:
@@ -323,6 +375,8 @@ def client_main(args: argparse.Namespace) -> None:
         "direct": {k: bench.direct(targets[k]) for k in names},
         "hub": {k: clientFromString(reactor, stack.endpoint_string(targets[k])).connect for k in names},
     }
+    if args.front_doors:
+        paths["port_map"] = {k: bench.direct(port_map[k]) for k in names}
     if sshd:
         paths["ssh_R"] = {k: bench.direct(p) for k, p in ssh_ports.items()}
     steps = {
@@ -357,6 +411,8 @@ def client_main(args: argparse.Namespace) -> None:
                     print(f"  {label} {step}: {json.dumps(brief)}", file=sys.stderr, flush=True)
         results = {p: {s: nc._median_run(rs) for s, rs in per.items()} for p, per in runs.items()}
         report["results"] = results
+        if args.front_doors:
+            report["http_keepalive"] = await _http_rounds(args, web["web"], vhost_port)
 
         def fig(path, step, key):
             r = results.get(path, {}).get(step, {})
@@ -393,6 +449,16 @@ def client_main(args: argparse.Namespace) -> None:
             report["ssh_cipher"] = sshd.cipher()
         elif args.ssh:
             results["ssh_R"] = {"skipped": ssh_note}
+        if "port_map" in results and "ssh_R" in results and "skipped" not in results["ssh_R"]:
+            report["ratios_port_map_vs_ssh_R"] = {
+                "upload": _ratio(fig("port_map", "upload", "MiBps"), fig("ssh_R", "upload", "MiBps")),
+                "download": _ratio(fig("port_map", "download", "MiBps"),
+                                   fig("ssh_R", "download", "MiBps")),
+                "rtt_p50": _ratio(fig("port_map", "rtt_64B", "p50_us"),
+                                  fig("ssh_R", "rtt_64B", "p50_us")),
+                "concurrent_seconds": _ratio(fig("port_map", "concurrent_echo", "seconds"),
+                                             fig("ssh_R", "concurrent_echo", "seconds")),
+            }
 
     # watchdog: past --max-seconds stop the reactor (partial report); 30 s later, hard exit
     def watchdog() -> None:
@@ -463,6 +529,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the median round")
     p.add_argument("--write-size", type=int, default=64 * 1024, help="bytes per transport.write when uploading")
     p.add_argument("--no-ssh", dest="ssh", action="store_false", help="skip the ssh -R peer")
+    p.add_argument("--no-front-doors", dest="front_doors", action="store_false",
+                   help="skip the hub's front doors (tcp port map path, vhost HTTP requests/s)")
+    p.add_argument("--http-conns", type=int, default=32,
+                   help="keep-alive connections for the HTTP requests/s figure")
     p.add_argument("--max-seconds", type=float, default=600, help="watchdog for the whole run")
     client_main(p.parse_args())
 
