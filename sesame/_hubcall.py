@@ -16,59 +16,17 @@ Twisted code in the hub process.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, interfaces
 from zope.interface import implementer
 
-from sesame import _names as N
 from sesame._calls import LoopCall, TunnelLoopCall
 from sesame._codec import SesameCodec
 from sesame._core import Role
 from sesame._frames import CANCELLED, UNAVAILABLE, Status
+from sesame._target import Target, parse_target
 from sesame._tunnel import TunnelConnection
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a front-door route leads: an endpoint of a remote, or an address it dials.
-
-    Written ``ENDPOINT@REMOTE`` or ``HOST:PORT@REMOTE`` (``REMOTE`` may be a
-    resource name ``namespaces/NS/remotes/R``); see :func:`parse_target`.
-    """
-
-    namespace: str
-    remote: str
-    endpoint: str  # "netconn" when ``address`` is set
-    address: str | None = None
-
-    def __str__(self) -> str:
-        what = self.address or self.endpoint
-        remote = (self.remote if self.namespace == N.DEFAULT_NAMESPACE
-                  else N.resource_name(self.namespace, self.remote))
-        return f"{what}@{remote}"
-
-
-def parse_target(text: str) -> Target:
-    """``web@edge-1``, ``127.0.0.1:8080@edge-1``, ``[::1]:22@namespaces/lab/remotes/edge-1``.
-
-    Raises ValueError naming what is wrong.
-    """
-    what, at, remote = text.strip().rpartition("@")
-    if not at or not what or not remote:
-        raise ValueError(f"target {text!r}: expected ENDPOINT@REMOTE or HOST:PORT@REMOTE "
-                         "(e.g. web@edge-1 or 127.0.0.1:8080@edge-1)")
-    ns, name = N.parse_remote(remote)
-    if ":" in what:
-        host, _, port = what.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"target {text!r}: {what!r} is not HOST:PORT with a port 1-65535")
-        return Target(ns, name, N.NETCONN_ENDPOINT, N.join_host_port(host, int(port)))
-    if not N.valid_name(what) or what == N.NETCONN_ENDPOINT:
-        raise ValueError(f"target {text!r}: {what!r} is not a valid endpoint name")
-    return Target(ns, name, what)
 
 
 class HubLoopCall(LoopCall):

@@ -958,6 +958,12 @@ class SQLiteStore(Store):
         if not isinstance(target, str) or not target.strip():
             raise InvalidArgument("target", "must be a non-empty string")
         _check_text("target", target)
+        from sesame._target import parse_target
+
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            raise InvalidArgument("target", str(exc).removeprefix("target ")) from None
         with self._tx() as db:
             if db.execute(
                 "SELECT 1 FROM routes WHERE kind=? AND match=?", (kind, match)

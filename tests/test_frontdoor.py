@@ -153,6 +153,8 @@ def test_targets_parse_and_refuse_with_reasons():
     t = parse_target("[::1]:8080@namespaces/lab/remotes/edge-2")
     assert (t.namespace, t.remote, t.endpoint, t.address) == ("lab", "edge-2", "netconn", "[::1]:8080")
     assert str(parse_target("127.0.0.1:22@edge-1")) == "127.0.0.1:22@edge-1"
+    assert parse_target("namespaces/lab/remotes/r/endpoints/web") == parse_target(
+        "web@namespaces/lab/remotes/r")
     for bad, why in [("edge-1", "ENDPOINT@REMOTE"), ("web@", "ENDPOINT@REMOTE"),
                      ("1.2.3.4:0@edge-1", "port 1-65535"), ("b@d@bad name", "remote name"),
                      ("netconn@edge-1", "not a valid endpoint")]:

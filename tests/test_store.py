@@ -334,22 +334,24 @@ def test_endpoints(store: SQLiteStore) -> None:
 
 def test_routes(store: SQLiteStore) -> None:
     tcp = store.create_route("tcp", "2222", "namespaces/default/remotes/edge-1/endpoints/ssh")
-    http = store.create_route("http", "Docs.Example.TEST", "edge-1/web")
+    http = store.create_route("http", "Docs.Example.TEST", "web@edge-1")
     assert http.match == "docs.example.test"
     assert store.get_route(tcp.id) == tcp
     assert store.list_routes() == [tcp, http]
     assert store.list_routes("http") == [http]
     with pytest.raises(AlreadyExists) as excinfo:
-        store.create_route("tcp", "2222", "elsewhere")
+        store.create_route("tcp", "2222", "127.0.0.1:22@elsewhere")
     assert excinfo.value.field == "match"
-    store.create_route("sni", "2222.example", "x")  # (kind, match) is what is unique
+    store.create_route("sni", "2222.example", "x@y")  # (kind, match) is what is unique
     for args, field in [
-        (("udp", "53", "x"), "kind"),
-        (("tcp", "0", "x"), "match"),
-        (("tcp", "http", "x"), "match"),
-        (("http", "", "x"), "match"),
-        (("http", "a b", "x"), "match"),
+        (("udp", "53", "x@y"), "kind"),
+        (("tcp", "0", "x@y"), "match"),
+        (("tcp", "http", "x@y"), "match"),
+        (("http", "", "x@y"), "match"),
+        (("http", "a b", "x@y"), "match"),
         (("http", "ok.example", " "), "target"),
+        (("http", "ok.example", "edge-1/web"), "target"),
+        (("tcp", "22", "127.0.0.1:0@edge-1"), "target"),
     ]:
         with pytest.raises(InvalidArgument) as excinfo:
             store.create_route(*args)
@@ -382,7 +384,7 @@ def test_state_survives_reopen(db_path: Path) -> None:
         first.create_namespace("lab")
         first.create_remote("edge-1", description="kept")
         first.create_endpoint("edge-1", "web")
-        route = first.create_route("tcp", "2222", "t")
+        route = first.create_route("tcp", "2222", "t@r")
     with SQLiteStore(db_path) as second:
         assert second.verify(token).id == token_id
         assert second.verify(revoked) is None
