@@ -107,10 +107,12 @@ def check_http_endpoint(description: str) -> None:
             "interface=127.0.0.1")
 
 
-def listen_http(reactor: Any, description: str, hub: Any, store: Any = None) -> Any:
-    """Listen on ``description`` with the :func:`admin_root` site; a Deferred of the port."""
+def listen_http(reactor: Any, description: str, hub: Any, store: Any = None, *,
+                root: resource.Resource | None = None) -> Any:
+    """Listen on ``description`` with ``root`` (by default a new :func:`admin_root`);
+    a Deferred of the listening port."""
     from twisted.internet import endpoints
 
-    site = server.Site(admin_root(hub, store))
+    site = server.Site(root if root is not None else admin_root(hub, store))
     site.displayTracebacks = False
     return endpoints.serverFromString(reactor, description).listen(site)

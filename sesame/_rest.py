@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import grpc
 from google.api import annotations_pb2, http_pb2
@@ -356,10 +356,17 @@ class RestGateway(resource.Resource):
     def build_request(self, binding: Binding, match: re.Match[str], request: Any) -> Message:
         cls = message_factory.GetMessageClass(binding.method.input_type)
         desc = binding.method.input_type
+        # The query string only: twisted.web also puts form-encoded bodies in request.args
+        # (curl -d sends that content type), and the body is JSON whatever it says.
+        query = parse_qs(urlsplit(request.uri).query.decode("utf-8", "replace"),
+                         keep_blank_values=True)
         data: dict[str, Any] = {}
         bound: set[str] = set()  # top-level fields the path or the body set
         if binding.body:
-            raw = request.content.read() if request.content is not None else b""
+            raw = b""
+            if request.content is not None:
+                request.content.seek(0)
+                raw = request.content.read()
             if raw.strip():
                 try:
                     payload = json.loads(raw)
@@ -377,14 +384,12 @@ class RestGateway(resource.Resource):
                     bound.add(field.name)
                     if (binding.verb == "PATCH" and isinstance(payload, dict)
                             and "update_mask" in desc.fields_by_name
-                            and not any(k in request.args for k in (b"updateMask", b"update_mask"))):
+                            and not any(k in query for k in ("updateMask", "update_mask"))):
                         mask = ",".join(_snake_to_camel(k) for k in payload)
                         data["updateMask"] = mask
         # the query string: every field the path and body do not bind
         path_fields = {f.split(".")[0] for _, f in binding.variables}
-        for key_b, values_b in sorted(request.args.items()):
-            key = key_b.decode("utf-8", "replace")
-            values = [v.decode("utf-8", "replace") for v in values_b]
+        for key, values in sorted(query.items()):
             try:
                 fields = _resolve(desc, key)
             except KeyError:

@@ -362,8 +362,9 @@ class HubService(service.Service):
         def up(port: Any) -> Any:
             self.http_listener = port
             addr = port.getHost()
-            where = (N.join_host_port(addr.host, addr.port) if hasattr(addr, "port")
-                     else description)
+            scheme = "https" if description.split(":", 1)[0] in ("ssl", "tls") else "http"
+            where = (f"{scheme}://{N.join_host_port(addr.host, addr.port)}"
+                     if hasattr(addr, "port") else description)
             self.log.info("sesame hub management API (REST) on {where}/v1alpha1/", where=where)
             return port
 
