@@ -6,8 +6,10 @@ The hub's ``--http`` listener: one twisted.web site for operators.
 * ``/v1alpha1/...`` — the management API as JSON REST (:mod:`sesame._rest`
   over :class:`sesame.mgmt.Management`; docs/MANAGEMENT.md),
 
-and other pages (``/metrics``, ``/dashboard``) mount themselves on the same
-root with ``root.putChild(b"metrics", ...)``.  :func:`bearer_token` and
+* ``/dashboard``, ``/dashboard/state``, ``/metrics`` — :mod:`sesame.dashboard`
+  (admin token; ``/metrics`` without it under ``--metrics-public``),
+
+and other pages mount themselves on the same root with ``root.putChild(...)``.  :func:`bearer_token` and
 :func:`authenticate` are the shared auth helpers: ``Authorization: Bearer
 <token>`` checked against the store on every request.
 
@@ -62,10 +64,13 @@ def authenticate(request: Any, store: Any, *, admin: bool = False) -> Any:
     return info
 
 
-def admin_root(hub: Any, store: Any = None, *, bridge: Any = None) -> resource.Resource:
+def admin_root(hub: Any, store: Any = None, *, bridge: Any = None,
+               metrics_public: bool = False) -> resource.Resource:
     """The ``--http`` site's root: ``/v1alpha1/`` is the REST gateway of the
-    management API of ``hub`` (over ``store``, the hub's own by default)."""
-    from sesame import mgmt
+    management API of ``hub`` (over ``store``, the hub's own by default), plus
+    ``/dashboard`` and ``/metrics`` (:func:`sesame.dashboard.mount`; ``/metrics``
+    without the admin token when ``metrics_public``)."""
+    from sesame import dashboard, mgmt
     from sesame._rest import RestGateway
 
     if store is None or store is getattr(hub, "store", None):
@@ -75,6 +80,8 @@ def admin_root(hub: Any, store: Any = None, *, bridge: Any = None) -> resource.R
     root = resource.Resource()
     root.putChild(b"v1alpha1", RestGateway(mgmt.SERVICES, impl.call, bearer_token,
                                            bridge=bridge or getattr(hub, "bridge", None)))
+    dashboard.mount(root, hub, store if store is not None else hub.store,
+                    metrics_public=metrics_public)
     return root
 
 
@@ -108,11 +115,12 @@ def check_http_endpoint(description: str) -> None:
 
 
 def listen_http(reactor: Any, description: str, hub: Any, store: Any = None, *,
-                root: resource.Resource | None = None) -> Any:
+                root: resource.Resource | None = None, metrics_public: bool = False) -> Any:
     """Listen on ``description`` with ``root`` (by default a new :func:`admin_root`);
     a Deferred of the listening port."""
     from twisted.internet import endpoints
 
-    site = server.Site(root if root is not None else admin_root(hub, store))
+    site = server.Site(root if root is not None
+                       else admin_root(hub, store, metrics_public=metrics_public))
     site.displayTracebacks = False
     return endpoints.serverFromString(reactor, description).listen(site)

@@ -366,9 +366,12 @@ class HubService(service.Service):
             where = (f"{scheme}://{N.join_host_port(addr.host, addr.port)}"
                      if hasattr(addr, "port") else description)
             self.log.info("sesame hub management API (REST) on {where}/v1alpha1/", where=where)
+            self.log.info("sesame hub dashboard on {where}/dashboard, metrics on {where}/metrics",
+                          where=where)
             return port
 
-        self.http_ready = listen_http(reactor, description, self.hub, store)
+        self.http_ready = listen_http(reactor, description, self.hub, store,
+                                      metrics_public=self.options["metrics-public"])
         self.http_ready.addCallbacks(up, self.on_start_failure)
 
     def stopService(self) -> Any:

@@ -88,6 +88,13 @@ class Web:
         dashboard.mount(self.root, fx.hub, fx.store, metrics_public=metrics_public)
         self.port = None
 
+    @classmethod
+    def client(cls, port, admin: str) -> Web:
+        """Just the HTTP client half, for a listener someone else started."""
+        w = cls.__new__(cls)
+        w.port, w.admin = port, admin
+        return w
+
     async def start(self) -> Web:
         ep = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         self.port = await within(ep.listen(server.Site(self.root)))
@@ -404,3 +411,32 @@ async def test_dashboard_in_headless_chromium(sesame_hub, web, echo_port):  # no
         await threads.deferToThread(driver.quit)
         shutil.rmtree(profile, ignore_errors=True)
 
+
+
+@pytest.mark.parametrize("public", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_hub_http_listener_serves_dashboard_and_metrics(tmp_path: Path, public: bool):
+    """``sesame hub --http ... [--metrics-public]``: the operator site mounts these pages."""
+    from sesame import tap
+
+    args = ["--no-tls", "--listen", "tcp:0:interface=127.0.0.1", "--data-dir", str(tmp_path),
+            "--http", "tcp:0:interface=127.0.0.1"]
+    opts = tap.HubOptions()
+    opts.parseOptions(args + (["--metrics-public"] if public else []))
+    svc = tap.HubService(opts)
+    svc.startService()
+    try:
+        await within(svc.ready)
+        port = await within(svc.http_ready)
+        w = Web.client(port, svc.hub.store.create_token("admin")[1])  # the hub's own listener
+        code, _, body = await w.get("/metrics")
+        assert code == (200 if public else 401)
+        assert (b"sesame_hub_remotes_connected 0.0" in body) is public
+        assert (await w.get("/dashboard/state"))[0] == 401
+        code, _, body = await w.get("/dashboard/state", w.admin)
+        assert code == 200 and json.loads(body)["remotes"] == []
+        code, heads, _ = await w.get("/dashboard")
+        assert code == 200 and heads["content-type"].startswith("text/html")
+        assert (await w.samples())[("sesame_hub_remotes_connected", ())] == 0
+    finally:
+        await svc.stopService()
