@@ -5,12 +5,11 @@ The hub's ``--http`` listener: one twisted.web site for operators.
 
 * ``/v1alpha1/...`` — the management API as JSON REST (:mod:`sesame._rest`
   over :class:`sesame.mgmt.Management`; docs/MANAGEMENT.md),
-
 * ``/dashboard``, ``/dashboard/state``, ``/metrics`` — :mod:`sesame.dashboard`
   (admin token; ``/metrics`` without it under ``--metrics-public``),
 
-and other pages mount themselves on the same root with ``root.putChild(...)``.  :func:`bearer_token` and
-:func:`authenticate` are the shared auth helpers: ``Authorization: Bearer
+and other pages mount themselves on the same root with ``root.putChild(...)``.
+:func:`bearer_token` and :func:`authenticate` are the shared auth helpers: ``Authorization: Bearer
 <token>`` checked against the store on every request.
 
 The listener carries admin tokens, so :func:`check_http_endpoint` refuses a
