@@ -104,9 +104,23 @@ class RecordingHealth(health_pb2_grpc.HealthServicer):
         context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
 
 
+STREAM_SIZES = [1, 31_415, 9, 65_536, 200_000]
+
+
 class Echo(interop_pb2_grpc.TestServiceServicer):
     def UnaryCall(self, request, context):
         return interop_pb2.SimpleResponse(payload=request.payload)
+
+    def StreamingOutputCall(self, request, context):
+        for p in request.response_parameters:
+            yield interop_pb2.StreamingOutputCallResponse(
+                payload=interop_pb2.Payload(body=BIG[:p.size]))
+
+    def FullDuplexCall(self, request_iterator, context):
+        for req in request_iterator:
+            for p in req.response_parameters:
+                yield interop_pb2.StreamingOutputCallResponse(
+                    payload=interop_pb2.Payload(body=BIG[:p.size]))
 
 
 def registry() -> tuple[ServiceRegistry, RecordingHealth]:
@@ -125,6 +139,10 @@ def check_probe(results: list[dict]) -> None:
     assert by[("Check", "missing")]["details"] == "unknown service"
     big = by[("UnaryCall", None)]
     assert big["code"] == "OK" and big["size"] == len(BIG) and big["sha256"] == BIG_SHA
+    out = by[("StreamingOutputCall", None)]
+    assert out["code"] == "OK" and out["sizes"] == STREAM_SIZES, out
+    duplex = by[("FullDuplexCall", None)]
+    assert duplex["code"] == "OK" and duplex["sizes"] == STREAM_SIZES and duplex["clean_end"], duplex
 
 
 def our_probe(channel: grpc.Channel) -> None:
@@ -137,9 +155,28 @@ def our_probe(channel: grpc.Channel) -> None:
         health.Check(health_pb2.HealthCheckRequest(service="missing"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert err.value.details() == "unknown service"
-    r = interop_pb2_grpc.TestServiceStub(channel).UnaryCall(
-        interop_pb2.SimpleRequest(payload=interop_pb2.Payload(body=BIG)), timeout=20)
+    tests = interop_pb2_grpc.TestServiceStub(channel)
+    r = tests.UnaryCall(interop_pb2.SimpleRequest(payload=interop_pb2.Payload(body=BIG)), timeout=20)
     assert hashlib.sha256(r.payload.body).hexdigest() == BIG_SHA
+    params = [interop_pb2.ResponseParameters(size=n) for n in STREAM_SIZES]
+    got = [m.payload.body for m in tests.StreamingOutputCall(
+        interop_pb2.StreamingOutputCallRequest(response_parameters=params), timeout=20)]
+    assert got == [BIG[:n] for n in STREAM_SIZES]
+    # full duplex in lock step: each request is answered before the next is sent
+    q: queue.Queue = queue.Queue()
+    turns = iter(STREAM_SIZES)
+
+    def requests():
+        for n in turns:
+            yield interop_pb2.StreamingOutputCallRequest(
+                response_parameters=[interop_pb2.ResponseParameters(size=n)])
+            q.get(timeout=20)
+
+    sizes = []
+    for m in tests.FullDuplexCall(requests(), timeout=20):
+        sizes.append(len(m.payload.body))
+        q.put(None)
+    assert sizes == STREAM_SIZES
 
 
 def served_metadata(peer: Peer) -> dict:

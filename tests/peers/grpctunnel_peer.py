@@ -12,14 +12,17 @@ service protos (which clash with nothing).
   reverse ADDR       serve Health + TestService over a reverse tunnel to ADDR
 
 The probe: Health/Check (known and unknown service, with metadata incl. a
--bin key) and TestService/UnaryCall echoing a 300,000-byte payload (bigger
-than every flow-control window, so window updates must work both ways).
+-bin key), TestService/UnaryCall echoing a 300,000-byte payload (bigger
+than every flow-control window, so window updates must work both ways),
+StreamingOutputCall and a FullDuplexCall ping-pong with messages from 1 B
+to 200 KB.
 Each result is one JSON line.  serve/reverse exit on stdin EOF.
 """
 
 import argparse
 import asyncio
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -64,6 +67,63 @@ class Tests(interop_pb2_grpc.TestServiceServicer):
              sha256=hashlib.sha256(body).hexdigest())
         return interop_pb2.SimpleResponse(payload=interop_pb2.Payload(body=body))
 
+    # grpctunnel-py's own handler shapes for streaming methods: (request, stream, context)
+    # for server streaming, (stream, context) for bidi; messages go through the stream.
+    async def StreamingOutputCall(self, request, stream, context):
+        if isinstance(request, bytes):  # this shape gets the request undecoded
+            request = interop_pb2.StreamingOutputCallRequest.FromString(request)
+        for p in request.response_parameters:
+            await stream.send_message(interop_pb2.StreamingOutputCallResponse(
+                payload=interop_pb2.Payload(body=BIG[:p.size])))
+
+    async def FullDuplexCall(self, stream, context):
+        while True:
+            try:
+                req = await stream.recv_message()
+            except StopAsyncIteration:
+                return
+            if isinstance(req, bytes):
+                req = interop_pb2.StreamingOutputCallRequest.FromString(req)
+            for p in req.response_parameters:
+                await stream.send_message(interop_pb2.StreamingOutputCallResponse(
+                    payload=interop_pb2.Payload(body=BIG[:p.size])))
+
+
+STREAM_SIZES = (1, 31_415, 9, 65_536, 200_000)  # bigger than a window, and tiny
+
+
+async def _called(call):
+    # grpctunnel-py's streaming stubs are coroutines that return the call object
+    return await call if inspect.isawaitable(call) else call
+
+
+async def stream_probe(tests, where):
+    """Server streaming, then a full-duplex ping-pong (one response per request, in turn)."""
+    try:
+        it = await _called(tests.StreamingOutputCall(
+            interop_pb2.StreamingOutputCallRequest(response_parameters=[
+                interop_pb2.ResponseParameters(size=n) for n in STREAM_SIZES]), timeout=20))
+        sizes = [len(m.payload.body) async for m in it]
+        emit(event=where, method="StreamingOutputCall", code="OK", sizes=sizes)
+    except grpc.RpcError as e:
+        emit(event=where, method="StreamingOutputCall", code=e.code().name, details=e.details())
+    try:
+        call = await _called(tests.FullDuplexCall(timeout=20))
+        got = []
+        for n in STREAM_SIZES:
+            await call.write(interop_pb2.StreamingOutputCallRequest(
+                response_parameters=[interop_pb2.ResponseParameters(size=n)]))
+            got.append(len((await call.read()).payload.body))
+        await call.done_writing()
+        try:
+            end = await call.read()
+        except StopAsyncIteration:
+            end = None
+        emit(event=where, method="FullDuplexCall", code="OK", sizes=got,
+             clean_end=end is None or end is grpc.aio.EOF)
+    except grpc.RpcError as e:
+        emit(event=where, method="FullDuplexCall", code=e.code().name, details=e.details())
+
 
 async def probe(channel, where):
     health = health_pb2_grpc.HealthStub(channel)
@@ -89,6 +149,7 @@ async def probe(channel, where):
         emit(event=where, method="UnaryCall", code="TIMEOUT")
     except grpc.RpcError as e:
         emit(event=where, method="UnaryCall", code=e.code().name, details=e.details())
+    await stream_probe(tests, where)
     emit(event=where + "_done")
 
 
