@@ -39,6 +39,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.log import callWithLogger
 from zope.interface import implementer
 
 from sesame._allowlist import AddressError, Allowlist, ip_literal, parse_port, split_host_port
@@ -214,6 +215,8 @@ class NetConnTransport:
         self._write_closed = False
         self._read_closed = False
         self._lost = False
+        self._aborting = False  # abortConnection was called; connectionLost comes next turn
+        self._logstr = "NetConnTransport"
         self._producer: Any = None
         self._streaming = False
         self._producer_paused = False
@@ -252,6 +255,10 @@ class NetConnTransport:
         if self._handoff_full and self._handed <= LOW_WATER:
             self._handoff_full = False
             self._update_producer()
+        elif self._handed == 0 and self._producer is not None and not self._streaming:
+            # everything written has moved on: like a TCP transport whose buffer drained,
+            # ask a pull producer for more (it may have written before it was registered)
+            self._ask_pull_producer()
 
     def writeSequence(self, data: Sequence[bytes]) -> None:
         joined = b"".join(data)
@@ -259,7 +266,7 @@ class NetConnTransport:
             self.write(joined)
 
     def loseConnection(self) -> None:
-        if self.disconnecting or self._lost:
+        if self.disconnecting or self._lost or self._aborting:
             return
         self.disconnecting = True
         if self._producer is None:
@@ -273,12 +280,18 @@ class NetConnTransport:
         self._close_timer = self.reactor.callLater(CLOSE_GRACE, self.abortConnection)
 
     def abortConnection(self) -> None:
-        if self._lost:
+        if self._lost or self._aborting:
             return
+        self._aborting = True
         self._write_closed = True
+        self._inq.clear()
+        self._inq_bytes = 0
         if self.loop_side is not None:
             self.hop.to_loop(self.loop_side.abort)
-        self._connection_lost(Status(CANCELLED, "aborted"), aborted=True)
+        # As TCP does: connectionLost on the next turn, never re-entrantly from inside the
+        # protocol method (dataReceived, resumeProducing...) that aborted.
+        self.reactor.callLater(0, callWithLogger, self, self._connection_lost,
+                               Status(CANCELLED, "aborted"), True)
 
     def loseWriteConnection(self) -> None:
         if self._write_closed or self._lost:
@@ -301,6 +314,10 @@ class NetConnTransport:
 
     def writeConnectionLost(self, reason: Failure) -> None:
         self.loseWriteConnection()
+
+    def logPrefix(self) -> str:
+        """ILoggingContext: log events from the protocol's callbacks carry its prefix."""
+        return self._logstr
 
     def getPeer(self) -> NetConnAddress:
         assert self._peer is not None
@@ -353,7 +370,7 @@ class NetConnTransport:
         self._pull_scheduled = False
         p = self._producer
         if (p is not None and not self._streaming and not self._writers_paused
-                and not self._handoff_full and not self._lost):
+                and not self._handoff_full and not self._lost and not self._aborting):
             p.resumeProducing()
 
     def _pause_writers(self) -> None:
@@ -399,10 +416,13 @@ class NetConnTransport:
         self._peer = peer
         self.connected = True
         self.protocol = protocol
+        prefix = (protocol.logPrefix() if interfaces.ILoggingContext.providedBy(protocol)
+                  else protocol.__class__.__name__)
+        self._logstr = f"{prefix},netconn"
         protocol.makeConnection(self)
 
     def _data(self, chunks: list[bytes]) -> None:
-        if self._lost:
+        if self._lost or self._aborting:
             return
         if self._paused or self._inq:
             for c in chunks:
@@ -417,7 +437,7 @@ class NetConnTransport:
             p.dataReceived(b"".join(chunks) if len(chunks) > 1 else chunks[0])
 
     def _drain_inq(self) -> None:
-        while self._inq and not self._paused and not self._lost:
+        while self._inq and not self._paused and not self._lost and not self._aborting:
             data = self._inq.popleft()
             self._inq_bytes -= len(data)
             if self.protocol is not None:
@@ -434,7 +454,7 @@ class NetConnTransport:
 
     def _read_eof(self) -> None:
         """The target half-closed: no more bytes will come."""
-        if self._read_closed or self._lost:
+        if self._read_closed or self._lost or self._aborting:
             return
         if self._inq:
             self._pending_read_eof = True  # after the queued bytes (_drain_inq)
@@ -455,6 +475,7 @@ class NetConnTransport:
     def _connection_lost(self, status: Status, aborted: bool = False) -> None:
         if self._lost:
             return
+        aborted = aborted or self._aborting
         self._lost = True
         self.connected = False
         if self._close_timer is not None and self._close_timer.active():
@@ -468,12 +489,14 @@ class NetConnTransport:
         else:
             reason = Failure(error.ConnectionLost(f"{_status_error(status)}"))
         producer, self._producer = self._producer, None
-        if producer is not None and self._streaming:
+        if producer is not None:  # streaming or not, as FileDescriptor.connectionLost does
             try:
                 producer.stopProducing()
             except Exception:  # noqa: BLE001
                 log.failure("stopProducing failed")
-        p = self.protocol
+        # as TCP does, the transport lets go of the protocol (the loop side may hold the
+        # transport a little longer than the connection lasts)
+        p, self.protocol = self.protocol, None
         if p is not None:
             p.connectionLost(reason)
 
@@ -540,7 +563,7 @@ class _ClientLoopSide:
         data = decode_bytes(msg, rc_pb.NetConnResponse)
         if data is None:
             self._flush_down()
-            self.hop.to_reactor(self.transport._read_eof)
+            self.hop.to_reactor(callWithLogger, self.transport, self.transport._read_eof)
             return
         if not data:
             return
@@ -564,7 +587,7 @@ class _ClientLoopSide:
 
     def _deliver(self, chunks: list[bytes], n: int) -> None:  # reactor thread
         try:
-            self.transport._data(chunks)
+            callWithLogger(self.transport, self.transport._data, chunks)
         finally:
             self.hop.to_loop(self._delivered, n)
 
@@ -589,7 +612,7 @@ class _ClientLoopSide:
         protocol = self.factory.buildProtocol(peer)
         if protocol is None:
             self.hop.to_loop(self.abort)
-            self.d.errback(error.ConnectError(string="factory refused the connection"))
+            self.d.errback(error.NoProtocol())  # as Twisted's TCP endpoints report it
             return
         self.transport._connected(self, host, peer, protocol)
         self.d.callback(protocol)
@@ -600,7 +623,7 @@ class _ClientLoopSide:
             self._fail(status if status.code != OK else Status(UNAVAILABLE, "no conn response"))
             return
         self._flush_down()
-        self.hop.to_reactor(self.transport._ended, status)
+        self.hop.to_reactor(callWithLogger, self.transport, self.transport._ended, status)
 
     def _on_writable(self) -> None:
         if self._writers_paused:
@@ -620,24 +643,22 @@ class _ClientLoopSide:
         self._flush_scheduled = False
         call = self.call
         n = self._out_bytes
-        if n:
-            self.hop.to_reactor(self.transport._flushed, n)
-        if call is None or call.status is not None:
-            self._out.clear()
-            self._out_bytes = 0
-            return
         data = b"".join(self._out) if len(self._out) > 1 else (self._out[0] if self._out else b"")
         self._out.clear()
         self._out_bytes = 0
-        view = memoryview(data)
-        for i in range(0, len(data), MAX_MESSAGE):
-            call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
-        if self._half_close_pending:
-            self._half_close_pending = False
-            call.half_close()
-        if call.buffered() > HIGH_WATER and not self._writers_paused:
-            self._writers_paused = True
-            self.hop.to_reactor(self.transport._pause_writers)
+        if call is not None and call.status is None:
+            view = memoryview(data)
+            for i in range(0, len(data), MAX_MESSAGE):
+                call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
+            if self._half_close_pending:
+                self._half_close_pending = False
+                call.half_close()
+            if call.buffered() > HIGH_WATER and not self._writers_paused:
+                self._writers_paused = True
+                self.hop.to_reactor(self.transport._pause_writers)
+        if n:
+            # after _pause_writers: a producer held by the hand-off is not resumed in between
+            self.hop.to_reactor(self.transport._flushed, n)
 
     def half_close(self) -> None:
         if self._flush_scheduled:
