@@ -277,15 +277,24 @@ def cmd_remotes(args: argparse.Namespace) -> int:
                                    request_serializer=sesame_pb2.ListRemotesRequest.SerializeToString,
                                    response_deserializer=sesame_pb2.ListRemotesResponse.FromString)
         parent = f"namespaces/{args.namespace}" if args.namespace else ""
-        try:
-            resp, c = call.with_call(sesame_pb2.ListRemotesRequest(parent=parent),
-                                     metadata=cfg.metadata(), timeout=10)
-        except grpc.RpcError as exc:
-            raise CLIError(f"{exc.code().name}: {exc.details()}") from None
-    live = {(e["namespace"], e["name"]): e
-            for e in json.loads(dict(c.initial_metadata()).get(N.MD_LIVE, "[]"))}
+        remotes: list = []
+        live: dict = {}
+        page = ""
+        while True:  # every page; the live state rides on each response's headers
+            try:
+                resp, c = call.with_call(
+                    sesame_pb2.ListRemotesRequest(parent=parent, page_size=1000, page_token=page),
+                    metadata=cfg.metadata(), timeout=10)
+            except grpc.RpcError as exc:
+                raise CLIError(f"{exc.code().name}: {exc.details()}") from None
+            remotes.extend(resp.remotes)
+            live.update({(e["namespace"], e["name"]): e for e in
+                         json.loads(dict(c.initial_metadata()).get(N.MD_LIVE, "[]"))})
+            page = resp.next_page_token
+            if not page:
+                break
     rows = []
-    for r in resp.remotes:
+    for r in remotes:
         _, ns, _, name = r.name.split("/")
         e = live.get((ns, name))
         rows.append({"name": name, "namespace": ns, "connected": e is not None,

@@ -543,6 +543,7 @@ class Hub:
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         reflection.enable_server_reflection((
             "sesame.v1alpha1.TunnelService", "sesame.v1alpha1.RemoteControl",
+            "sesame.v1alpha1.Sesame", "sesame.admin.v1alpha1.Admin",
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME), server)
         address = N.join_host_port(host, port)

@@ -67,13 +67,29 @@ def test_health_and_reflection(hub):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         names = {s.name for s in answers[0].list_services_response.service}
         assert {"sesame.v1alpha1.TunnelService", "sesame.v1alpha1.RemoteControl",
+                "sesame.v1alpha1.Sesame", "sesame.admin.v1alpha1.Admin",
                 "grpc.health.v1.Health"} <= names
+        answers = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="sesame.admin.v1alpha1.Admin")]), timeout=10))
+        files = answers[0].file_descriptor_response.file_descriptor_proto
+        assert files, answers[0]  # a reflection client can build Admin's stubs
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, "-m", "sesame", *args], env=full,
                           capture_output=True, text=True, timeout=60)
+
+
+def test_sesame_remotes_reads_every_page(hub):
+    hub.store.create_namespace("bulk")  # its own namespace: the other tests see none of it
+    for i in range(1100):  # more than one page of ListRemotes (1000 at most)
+        hub.store.create_remote(f"bulk-{i:04d}", namespace="bulk")
+    out = _cli(hub.env(hub.client_token(namespace="bulk")), "remotes", "--namespace", "bulk",
+               "--json")
+    assert out.returncode == 0, out.stderr
+    names = [r["name"] for r in json.loads(out.stdout)]
+    assert sorted(names) == [f"bulk-{i:04d}" for i in range(1100)]
 
 
 def test_sesame_remotes_lists_what_the_token_may_see(hub):
