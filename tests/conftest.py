@@ -332,3 +332,26 @@ def no_thread_leaks() -> Iterator[None]:
     # started during the module; nothing else may stay behind.
     assert wait_until(lambda: threading.active_count() <= before + 16 + 1 + 8, WAIT), (
         before, [t.name for t in threading.enumerate()])
+
+
+# --- real processes (the end-to-end tests) ----------------------------------------------------
+
+
+@pytest.fixture
+def procs():
+    """Child processes (tests.e2e_support.Procs), all stopped at the end of the test."""
+    from tests.e2e_support import Procs
+
+    p = Procs()
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture
+def target():
+    """The sink/source/echo TCP server of tests.e2e_support, on 127.0.0.1."""
+    from tests.e2e_support import TargetServer
+
+    t = TargetServer()
+    yield t
+    t.close()

@@ -20,7 +20,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,20 +54,6 @@ from sesame._tls import ensure_hub_tls
 pytestmark = pytest.mark.slow
 
 BULK = 64 << 20
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-def target() -> Iterator[TargetServer]:
-    t = TargetServer()
-    yield t
-    t.close()
 
 
 def _last_line(text: str) -> str:

@@ -18,7 +18,6 @@ import pytest
 from tests.e2e_support import (
     SESAME,
     Procs,
-    TargetServer,
     child_env,
     connect,
     free_port,
@@ -30,20 +29,6 @@ from tests.e2e_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-def target():
-    t = TargetServer()
-    yield t
-    t.close()
 
 
 def _hub(procs: Procs, data: Path, vhost_port: int):

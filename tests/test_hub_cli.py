@@ -18,7 +18,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,20 +48,6 @@ from sesame.testing.hub import HubFixture
 sesame_hub = testing_hub.sesame_hub  # the public pytest fixture
 
 VENV = Path(PY).parent.parent  # the virtualenv running these tests (the README's .venv)
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-def target() -> Iterator[TargetServer]:
-    t = TargetServer()
-    yield t
-    t.close()
 
 
 def _read_port(path: Path, proc) -> int:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from e2e_support import (
     REGISTERED,
     SESAME,
@@ -29,20 +27,6 @@ from e2e_support import (
 )
 
 GRPC_CORE_LINE = re.compile(r"^[EWID]\d{4} ")  # grpc's own C-core logging, if any
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-def target() -> Iterator[TargetServer]:
-    t = TargetServer()
-    yield t
-    t.close()
 
 
 def json_lines(text: str) -> list[dict]:
