@@ -133,8 +133,23 @@ class _Door(Side):
         self._route: Route | None = None
         self._h2_stream = 1
         self._h2: S.SettingsAckFilter | None = None
+        self._sniff_timer: Any = None
         if self.factory.kind == "tcp":
             self._go(self.factory.route, b"")
+        else:  # a client that never finishes its first request must not hold a slot forever
+            self._sniff_timer = self.factory.doors.reactor.callLater(
+                self.factory.doors.sniff_timeout, self._sniff_expired)
+
+    def _sniff_expired(self) -> None:
+        self._sniff_timer = None
+        if self.factory.kind == "http":
+            self.transport.write(S.http_response(408, "Request Timeout", "408 Request Timeout\n"))
+        self.transport.loseConnection()
+
+    def _sniffed(self) -> None:
+        t, self._sniff_timer = self._sniff_timer, None
+        if t is not None and t.active():
+            t.cancel()
 
     # --- before the far side is connected ------------------------------------------------
 
@@ -204,6 +219,7 @@ class _Door(Side):
         return route  # type: ignore[return-value]
 
     def _go(self, route: Route, first: bytes) -> None:
+        self._sniffed()
         self._route = route
         if route.target is None:
             self._refuse(S.SniffError(route.error or "bad target"), route=route)
@@ -258,6 +274,7 @@ class _Door(Side):
         self.transport.loseConnection()
 
     def _refuse(self, exc: Exception, route: Route | None = None) -> None:
+        self._sniffed()
         kind = self.factory.kind
         if isinstance(exc, _NoRoute):
             self.factory.doors.record_error(None, f"{kind}: no route for {exc.host!r}")
@@ -332,6 +349,7 @@ class _Door(Side):
         super().readConnectionLost()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._sniffed()
         d, self._dial = self._dial, None
         if self._meter is not None:
             self._meter.close()
@@ -377,7 +395,8 @@ class FrontDoors:
 
     def __init__(self, hub: Any, store: Any, reactor: Any = None, *,
                  listeners: dict[str, str] | None = None, tcp_interface: str = "127.0.0.1",
-                 forwarded: str = "replace", watch_interval: float = 2.0) -> None:
+                 forwarded: str = "replace", watch_interval: float = 2.0,
+                 sniff_timeout: float = 15.0) -> None:
         if forwarded not in FORWARDED_MODES:
             raise ValueError(f"forwarded: {forwarded!r} is not one of {', '.join(FORWARDED_MODES)}")
         if reactor is None:
@@ -391,6 +410,7 @@ class FrontDoors:
         self.tcp_interface = tcp_interface
         self.forwarded = forwarded
         self.watch_interval = watch_interval
+        self.sniff_timeout = sniff_timeout  # seconds to send a request head / ClientHello
         self.http: dict[str, Route] = {}
         self.sni: dict[str, Route] = {}
         self.grpc: dict[str, Route] = {}

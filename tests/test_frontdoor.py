@@ -562,3 +562,19 @@ async def wait_until(predicate, timeout=T):
         if reactor.seconds() > deadline:
             raise TimeoutError("condition not reached")
         await deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_sends_its_first_request_is_timed_out(sesame_hub):
+    doors = FrontDoors(sesame_hub.hub, sesame_hub.store, reactor, sniff_timeout=0.3,
+                       listeners={k: "tcp:0:interface=127.0.0.1" for k in ("http", "sni")})
+    await doors.start()
+    try:
+        c = await connect_raw(doors.address("http").port)
+        c.transport.write(b"GET / HTTP/1.1\r\nHost: slow")  # never finished
+        data = await c.done.addTimeout(T, reactor)
+        assert _responses(data)[0][0] == 408
+        c = await connect_raw(doors.address("sni").port)
+        assert await c.done.addTimeout(T, reactor) == b""  # closed, nothing said
+    finally:
+        await doors.stop()
