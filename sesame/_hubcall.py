@@ -64,10 +64,17 @@ class HubLoopCall(LoopCall):
             return
         from sesame._service import _ext_apply
 
-        conn = TunnelConnection(self.hub.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
-        _ext_apply(conn, peer_ext, own=True)
-        conn.start()
-        self._conn, self._done, self._session = conn, done, session
+        self._done, self._session = done, session
+        try:
+            conn = TunnelConnection(self.hub.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
+            _ext_apply(conn, peer_ext, own=True)
+            conn.start()
+        except Exception as exc:  # noqa: BLE001 - the stream is unusable: end it, say why
+            if not done.done():
+                done.set_result(None)
+            self._finish(Status(UNAVAILABLE, f"tunnel to {t.remote} failed: {exc}"))
+            return
+        self._conn = conn
         session.connections += 1
         if self.status is not None:  # cancelled while the stream was being opened
             self._cleanup()
@@ -134,10 +141,10 @@ class HubLoopCall(LoopCall):
         if self.inner is not None:
             self.inner.cancel(status)
             return
+        # Not cancelling _open: a stream the remote is already opening must still be taken
+        # and closed (it sees status set and cleans up), or the remote's side would leak.
         self._queued.clear()
         self._queued_bytes = 0
-        if not self._task.done() and self._conn is None:
-            self._task.cancel()
         self._finish(status)
         self._cleanup()
 

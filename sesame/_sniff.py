@@ -126,9 +126,12 @@ def h2c_authority(buf: bytes) -> tuple[str, int] | None:
         pos += 9 + length
         if ftype == 1:  # HEADERS
             if flags & 0x8:  # PADDED
-                pad = payload[0]
-                payload = payload[1:len(payload) - pad]
+                if not payload or payload[0] >= len(payload):
+                    raise SniffError("bad HEADERS padding")
+                payload = payload[1:len(payload) - payload[0]]
             if flags & 0x20:  # PRIORITY
+                if len(payload) < 5:
+                    raise SniffError("short HEADERS priority")
                 payload = payload[5:]
             block += payload
             stream = sid
@@ -197,6 +200,11 @@ class SettingsAckFilter:
             self._preface -= n
         while not self._preface and len(self._buf) >= 9:
             length = int.from_bytes(self._buf[:3], "big")
+            if length > 16384:  # over the default frame size we advertised: not ours to judge
+                self.done = True
+                out += self._buf
+                self._buf.clear()
+                break
             if len(self._buf) < 9 + length:
                 break
             if self._buf[3] == 4 and self._buf[4] & 1 and length == 0:
@@ -253,22 +261,37 @@ class HTTPError(SniffError):
         self.code = code
 
 
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+_BAD_IN_VALUE = re.compile(rb"[\r\n\0]")
+
+
 def parse_head(raw: bytes) -> RequestHead:
-    """One request head (without the final blank line)."""
+    """One request head (without the final blank line), parsed strictly.
+
+    Anything a lenient backend could read differently from us is refused
+    with 400 (RFC 9112): bare CR/LF/NUL, obsolete line folding, a repeated
+    ``Host``/``Content-Length``/``Transfer-Encoding``, or both of the last two.
+    """
     lines = raw.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[2].startswith(b"HTTP/1."):
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") \
+            or not parts[1] or _BAD_IN_VALUE.search(lines[0]):
         raise HTTPError(400, "malformed request line")
     headers = []
+    seen: dict[bytes, int] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.match(name) or _BAD_IN_VALUE.search(value):
             raise HTTPError(400, "malformed header line")
+        key = name.lower()
+        seen[key] = seen.get(key, 0) + 1
         headers.append((name, value.strip(b" \t")))
-    head = RequestHead(parts[0], parts[1], parts[2], headers)
-    if head.get(b"transfer-encoding") is not None and head.get(b"content-length") is not None:
+    for key in (b"host", b"content-length", b"transfer-encoding"):
+        if seen.get(key, 0) > 1:
+            raise HTTPError(400, f"more than one {key.decode()} header")
+    if seen.get(b"transfer-encoding") and seen.get(b"content-length"):
         raise HTTPError(400, "both Transfer-Encoding and Content-Length")
-    return head
+    return RequestHead(parts[0], parts[1], parts[2], headers)
 
 
 @dataclass
@@ -276,19 +299,28 @@ class RequestStream:
     """Finds request heads in a client's byte stream; ``on_head`` may rewrite each.
 
     ``feed`` returns the bytes to pass on (heads re-encoded, bodies as they
-    came).  After a request with ``Upgrade`` (WebSocket) or ``CONNECT`` the
-    rest of the stream passes through untouched.
+    came).  After a request asking for ``Upgrade`` (WebSocket) or ``CONNECT``,
+    what follows is held (``awaiting_upgrade``) until the caller tells
+    :meth:`upgrade_answered` whether the backend switched protocols: only
+    then does the rest pass through untouched — a backend that answers 200
+    instead keeps every later head parsed and rewritten.
     """
 
     on_head: Callable[[RequestHead], RequestHead]
     limit: int = MAX_SNIFF
     _buf: bytearray = field(default_factory=bytearray)
-    _state: str = "head"  # head | body | chunk-size | chunk-data | trailer | tunnel
+    _state: str = "head"  # head | body | chunk-size | chunk-data | chunk-end | trailer | wait | tunnel
     _left: int = 0
+    _scanned: int = 0  # bytes of _buf already searched for the end of a head
+    upgrade_method: bytes = b""
 
     @property
     def passthrough(self) -> bool:
         return self._state == "tunnel"
+
+    @property
+    def awaiting_upgrade(self) -> bool:
+        return self._state == "wait"
 
     def feed(self, data: bytes) -> bytes:
         if self._state == "tunnel":
@@ -302,29 +334,55 @@ class RequestStream:
             raise
         return bytes(out)
 
+    def upgrade_answered(self, switched: bool) -> bytes:
+        """The backend's answer to the held Upgrade/CONNECT request; returns what to pass on."""
+        if self._state != "wait":
+            return b""
+        self._state = "tunnel" if switched else "head"
+        held, self._buf = bytes(self._buf), bytearray()
+        self._scanned = 0
+        return held if switched else self.feed(held)
+
     def _parse(self, out: bytearray) -> None:
         while self._buf:
             st = self._state
             if st == "tunnel":
                 out += self._buf
                 self._buf.clear()
+            elif st == "wait":
+                if len(self._buf) > self.limit:
+                    raise HTTPError(400, "too much data before the upgrade was answered")
+                break
             elif st == "head":
-                i = self._buf.find(b"\r\n\r\n")
+                i = self._buf.find(b"\r\n\r\n", max(self._scanned - 3, 0))
                 if i < 0:
+                    self._scanned = len(self._buf)
                     if len(self._buf) > self.limit:
                         raise HTTPError(431, "request head too large")
                     break
-                head = parse_head(bytes(self._buf[:i]).lstrip(b"\r\n"))
+                self._scanned = 0
+                raw = bytes(self._buf[:i])
+                while raw.startswith(b"\r\n"):  # tolerated before a request line (RFC 9112 2.2)
+                    raw = raw[2:]
+                head = parse_head(raw)
                 del self._buf[:i + 4]
                 out += self.on_head(head).encode()
                 self._after_head(head)
-            elif st == "body":
+            elif st in ("body", "chunk-data"):
                 n = min(self._left, len(self._buf))
                 out += self._buf[:n]
                 del self._buf[:n]
                 self._left -= n
                 if not self._left:
-                    self._state = "head"
+                    self._state = "head" if st == "body" else "chunk-end"
+            elif st == "chunk-end":
+                if len(self._buf) < 2:
+                    break
+                if self._buf[:2] != b"\r\n":
+                    raise HTTPError(400, "chunk data not followed by CRLF")
+                out += self._buf[:2]
+                del self._buf[:2]
+                self._state = "chunk-size"
             elif st == "chunk-size":
                 i = self._buf.find(b"\r\n")
                 if i < 0:
@@ -332,28 +390,21 @@ class RequestStream:
                         raise HTTPError(400, "chunk size line too long")
                     break
                 line = bytes(self._buf[:i + 2])
+                size_text = line[:i].split(b";", 1)[0]
+                if not _CHUNK_SIZE.match(size_text) or _BAD_IN_VALUE.search(line[:i]):
+                    raise HTTPError(400, "bad chunk size")
                 del self._buf[:i + 2]
                 out += line
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise HTTPError(400, "bad chunk size") from None
-                if size < 0:
-                    raise HTTPError(400, "bad chunk size")
-                self._state, self._left = ("chunk-data", size + 2) if size else ("trailer", 0)
-            elif st == "chunk-data":
-                n = min(self._left, len(self._buf))
-                out += self._buf[:n]
-                del self._buf[:n]
-                self._left -= n
-                if not self._left:
-                    self._state = "chunk-size"
+                size = int(size_text, 16)
+                self._state, self._left = ("chunk-data", size) if size else ("trailer", 0)
             elif st == "trailer":
                 i = self._buf.find(b"\r\n")
                 if i < 0:
                     if len(self._buf) > self.limit:
                         raise HTTPError(431, "trailers too large")
                     break
+                if _BAD_IN_VALUE.search(self._buf[:i]):
+                    raise HTTPError(400, "malformed trailer line")
                 out += self._buf[:i + 2]
                 del self._buf[:i + 2]
                 if i == 0:
@@ -362,21 +413,34 @@ class RequestStream:
     def _after_head(self, head: RequestHead) -> None:
         conn = (head.get(b"connection") or b"").lower()
         if head.method == b"CONNECT" or (head.get(b"upgrade") and b"upgrade" in conn):
-            self._state = "tunnel"
+            if head.get(b"transfer-encoding") is not None or (head.get(b"content-length") or b"0") != b"0":
+                raise HTTPError(400, "an upgrade request with a body")
+            self.upgrade_method = head.method
+            self._state = "wait"
             return
         te = head.get(b"transfer-encoding")
         if te is not None:
-            if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+            if te.lower() != b"chunked":
                 raise HTTPError(400, "unsupported Transfer-Encoding")
             self._state = "chunk-size"
             return
         cl = head.get(b"content-length")
         if cl is not None:
-            if not cl.isdigit():
+            if not cl.isdigit() or len(cl) > 18:
                 raise HTTPError(400, "bad Content-Length")
             self._left = int(cl)
             if self._left:
                 self._state = "body"
+
+
+def switched_protocols(response_start: bytes, method: bytes) -> bool | None:
+    """Did the backend accept an Upgrade (101) or CONNECT (2xx)?  None: need more bytes."""
+    if len(response_start) < 12:
+        return None
+    status = response_start[9:12]
+    if not response_start.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")):
+        return False
+    return status.startswith(b"2") if method == b"CONNECT" else status == b"101"
 
 
 def http_response(code: int, reason: str, body: str, close: bool = True) -> bytes:
@@ -422,5 +486,6 @@ __all__ = [
     "http_response",
     "parse_head",
     "pick",
+    "switched_protocols",
     "tls_alert",
 ]

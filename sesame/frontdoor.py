@@ -50,6 +50,7 @@ from sesame.relay import Side, _half_close, pair
 log = Logger()
 
 FORWARDED_MODES = ("replace", "append", "off")
+LISTEN_RETRY = 30.0  # seconds between attempts to bind a tcp route that failed to listen
 
 
 @dataclass
@@ -116,6 +117,9 @@ class _Out(Side):
         if self.meter is not None:
             self.meter.add("out", len(data))
         super().dataReceived(data)
+        door = self.peer
+        if isinstance(door, _Door) and door._http is not None and door._http.awaiting_upgrade:
+            door._upgrade_reply_seen(data)
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -134,6 +138,9 @@ class _Door(Side):
         self._h2_stream = 1
         self._h2: S.SettingsAckFilter | None = None
         self._sniff_timer: Any = None
+        self._scanned = 0  # bytes of _buf already searched for the end of the first head
+        self._lost = False
+        self._upgrade_reply = b""
         if self.factory.kind == "tcp":
             self._go(self.factory.route, b"")
         else:  # a client that never finishes its first request must not hold a slot forever
@@ -161,16 +168,15 @@ class _Door(Side):
         if self._dial is not None or self._route is not None:
             return
         try:
-            decided = self._classify(bytes(self._buf))
+            route = self._classify(self._buf)  # no copy: sniffing stays linear in the bytes read
         except S.SniffError as exc:
             self._refuse(exc)
             return
-        if decided is None:
+        if route is None:
             if len(self._buf) > S.MAX_SNIFF:
                 self._refuse(S.HTTPError(431, "request head too large")
                              if self.factory.kind == "http" else S.SniffError("too large"))
             return
-        route = decided
         if route.target is None:
             self._refuse(S.SniffError(route.error or "route has no usable target"), route=route)
             return
@@ -179,22 +185,29 @@ class _Door(Side):
         if self._h2 is not None:
             first = self._h2.feed(first)
         if self.factory.kind == "http":
+            self._route = route  # so that every pipelined head is checked against it
             self._http = S.RequestStream(self._rewrite)
             try:
                 first = self._http.feed(first)
+            except _Misdirected:
+                self._refuse(S.HTTPError(421, "requests for more than one site in one write"))
+                return
             except S.SniffError as exc:
                 self._refuse(exc)
                 return
         self._go(route, first)
 
-    def _classify(self, data: bytes) -> Route | None:
+    def _classify(self, data: bytearray) -> Route | None:
         doors, kind = self.factory.doors, self.factory.kind
         if kind == "http":
-            i = data.find(b"\r\n\r\n")
+            i = data.find(b"\r\n\r\n", max(self._scanned - 3, 0))
             if i < 0:
+                self._scanned = len(data)
                 return None
-            head = S.parse_head(data[:i].lstrip(b"\r\n"))
-            return self._lookup(doors.http, head.host)
+            raw = bytes(data[:i])
+            while raw.startswith(b"\r\n"):
+                raw = raw[2:]
+            return self._lookup(doors.http, S.parse_head(raw).host)
         if kind == "sni":
             name = S.client_hello_sni(data)
             if name is None:
@@ -209,7 +222,10 @@ class _Door(Side):
         if found is None:
             return None
         authority, self._h2_stream = found
-        host = authority.rsplit(":", 1)[0] if not authority.startswith("[") else authority
+        if authority.startswith("["):
+            host = authority[:authority.find("]") + 1]
+        else:
+            host = authority.rsplit(":", 1)[0]
         return self._lookup(doors.grpc, host)
 
     def _lookup(self, routes: dict[str, Route], host: str) -> Route:
@@ -253,6 +269,8 @@ class _Door(Side):
 
     def _failed(self, failure: Failure) -> None:
         self._dial = None
+        if self._lost:  # the client left while we dialled: nothing failed
+            return
         why = failure.getErrorMessage()
         route = self._route
         log.info("front door {kind} {match}: cannot reach {target}: {why}",
@@ -284,8 +302,7 @@ class _Door(Side):
                 t.write(S.http_response(404, "Not Found",
                                         "404 Not Found: no site is served under this name.\n"))
             elif isinstance(exc, S.HTTPError):
-                t.write(S.http_response(exc.code, "Bad Request" if exc.code == 400
-                                        else "Request Header Fields Too Large", f"{exc}\n"))
+                t.write(S.http_response(exc.code, _REASONS.get(exc.code, "Bad Request"), f"{exc}\n"))
             else:
                 t.write(S.http_response(502, "Bad Gateway", "502 Bad Gateway\n"))
         elif kind == "sni":
@@ -316,6 +333,25 @@ class _Door(Side):
                 return
         self._meter_add(len(data))
         super().dataReceived(data)
+
+    def _upgrade_reply_seen(self, data: bytes) -> None:
+        """The backend's first reply bytes after an Upgrade/CONNECT request: did it switch?"""
+        http = self._http
+        if http is None or not http.awaiting_upgrade:
+            return
+        self._upgrade_reply += data[:12]
+        switched = S.switched_protocols(self._upgrade_reply, http.upgrade_method)
+        if switched is None:
+            return
+        self._upgrade_reply = b""
+        try:
+            held = http.upgrade_answered(switched)
+        except S.SniffError:
+            self.transport.abortConnection()
+            return
+        if held and self.peer is not None:
+            self._meter_add(len(held))
+            self.peer.transport.write(held)
 
     def _meter_add(self, n: int) -> None:
         if self._meter is not None:
@@ -349,6 +385,7 @@ class _Door(Side):
         super().readConnectionLost()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
         self._sniffed()
         d, self._dial = self._dial, None
         if self._meter is not None:
@@ -356,6 +393,9 @@ class _Door(Side):
         if d is not None:
             d.cancel()
         super().connectionLost(reason)
+
+
+_REASONS = {400: "Bad Request", 421: "Misdirected Request", 431: "Request Header Fields Too Large"}
 
 
 class _NoRoute(S.SniffError):
@@ -396,7 +436,7 @@ class FrontDoors:
     def __init__(self, hub: Any, store: Any, reactor: Any = None, *,
                  listeners: dict[str, str] | None = None, tcp_interface: str = "127.0.0.1",
                  forwarded: str = "replace", watch_interval: float = 2.0,
-                 sniff_timeout: float = 15.0) -> None:
+                 sniff_timeout: float = 15.0, listen_retry: float = LISTEN_RETRY) -> None:
         if forwarded not in FORWARDED_MODES:
             raise ValueError(f"forwarded: {forwarded!r} is not one of {', '.join(FORWARDED_MODES)}")
         if reactor is None:
@@ -411,6 +451,7 @@ class FrontDoors:
         self.forwarded = forwarded
         self.watch_interval = watch_interval
         self.sniff_timeout = sniff_timeout  # seconds to send a request head / ClientHello
+        self.listen_retry = listen_retry  # seconds between tries to bind a failed tcp route
         self.http: dict[str, Route] = {}
         self.sni: dict[str, Route] = {}
         self.grpc: dict[str, Route] = {}
@@ -478,6 +519,7 @@ class FrontDoors:
             return
         key = tuple((r.id, r.kind, r.match, r.target) for r in records)
         if key == self._known:
+            self._sync_tcp()  # only retries of listeners that failed
             return
         self._known = key
         old = {r.id: r for d in (self.http, self.sni, self.grpc, self.tcp) for r in d.values()}
@@ -507,6 +549,7 @@ class FrontDoors:
         return match
 
     def _sync_tcp(self) -> None:
+        now = self.reactor.seconds()
         for rid in list(self._tcp_ports):
             spec, port = self._tcp_ports[rid]
             r = self.tcp.get(rid)
@@ -515,6 +558,8 @@ class FrontDoors:
                 d = defer.maybeDeferred(port.stopListening)
                 d.addErrback(lambda f: log.warn("stop listening: {why}", why=f.getErrorMessage()))
                 log.info("front door tcp {id} closed", id=rid)
+            elif isinstance(port, _Failed) and now - port.when >= self.listen_retry:
+                del self._tcp_ports[rid]  # try again below
         for rid, route in self.tcp.items():
             if rid in self._tcp_ports or route.target is None:
                 continue
@@ -523,17 +568,20 @@ class FrontDoors:
     def _listen_tcp(self, route: Route) -> None:
         desc = self._tcp_desc(route.match)
         spec = (route.match, str(route.target))
-        placeholder = object()
-        self._tcp_ports[route.id] = (spec, _Pending(placeholder))
+        token = _Pending()
+        self._tcp_ports[route.id] = (spec, token)
         try:
             d = endpoints.serverFromString(self.reactor, desc).listen(
                 DoorFactory(self, "tcp", route))
         except Exception as exc:  # noqa: BLE001 - bad description: say so, keep the others
             d = defer.fail(exc)
 
-        def up(port: Any) -> None:
+        def ours() -> bool:  # still the attempt the table holds (not removed or redone meanwhile)
             cur = self._tcp_ports.get(route.id)
-            if cur is None or cur[0] != spec:  # removed meanwhile
+            return cur is not None and cur[1] is token
+
+        def up(port: Any) -> None:
+            if not ours():
                 port.stopListening()
                 return
             self._tcp_ports[route.id] = (spec, port)
@@ -544,10 +592,12 @@ class FrontDoors:
                      where=route.listening, target=str(route.target))
 
         def down(f: Failure) -> None:
-            self._tcp_ports.pop(route.id, None)
+            if not ours():
+                return
+            self._tcp_ports[route.id] = (spec, _Failed(self.reactor.seconds()))
             route.error = f"cannot listen on {desc}: {f.getErrorMessage()}"
-            log.warn("route {id}: {why}", id=route.id, why=route.error)
-            self._known = ()  # try again on the next reconcile
+            log.warn("route {id}: {why} (retrying every {n:g}s)", id=route.id, why=route.error,
+                     n=self.listen_retry)
 
         d.addCallbacks(up, down)
 
@@ -558,11 +608,15 @@ class FrontDoors:
 class _Pending:
     """Stands for a tcp listener that is still being bound."""
 
-    def __init__(self, token: object) -> None:
-        self.token = token
-
     def stopListening(self) -> None:
         return None
+
+
+class _Failed(_Pending):
+    """A tcp listener that could not be bound at ``when`` (retried after LISTEN_RETRY)."""
+
+    def __init__(self, when: float) -> None:
+        self.when = when
 
 
 __all__ = ["FORWARDED_MODES", "DoorFactory", "FrontDoors", "Route"]

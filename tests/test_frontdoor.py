@@ -118,6 +118,8 @@ def test_request_stream_rewrites_every_head_and_follows_bodies():
               b"GET /c HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
               b"GET /not-a-request HTTP/1.1\r\n\r\n")
     out = b"".join(rs.feed(stream[i:i + 7]) for i in range(0, len(stream), 7))
+    assert rs.awaiting_upgrade  # what follows the Upgrade waits for the backend's 101
+    out += rs.upgrade_answered(True)
     assert seen == [(b"POST", b"/a", "a.example"), (b"PUT", b"/b", "a.example"),
                     (b"GET", b"/c", "a.example")]
     assert out.count(b"X-Seen: 1") == 3
@@ -128,6 +130,14 @@ def test_request_stream_rewrites_every_head_and_follows_bodies():
 
 @pytest.mark.parametrize("bad, code", [
     (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\nContent-Length: 5\r\n\r\n", 400),  # bare LF
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", 400),  # no CRLF
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nX: " + b"a" * (S.MAX_SNIFF + 10), 431),
@@ -136,6 +146,30 @@ def test_request_stream_refuses_malformed_input(bad, code):
     with pytest.raises(S.HTTPError) as err:
         S.RequestStream(lambda h: h).feed(bad)
     assert err.value.code == code
+
+
+def test_upgrade_waits_for_the_backends_answer():
+    seen = []
+    rs = S.RequestStream(lambda h: seen.append(h.target) or h)
+    up = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    later = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert rs.feed(up + later).endswith(b"\r\n\r\n") and rs.awaiting_upgrade
+    assert seen == [b"/ws"]  # the next head is held, not passed
+    assert S.switched_protocols(b"HTTP/1.1 20", b"GET") is None
+    assert S.switched_protocols(b"HTTP/1.1 200 OK", b"GET") is False
+    assert rs.upgrade_answered(False) == later and seen == [b"/ws", b"/next"]  # still parsed
+    rs2 = S.RequestStream(lambda h: h)
+    rs2.feed(up + b"\x81\x05hello")
+    assert S.switched_protocols(b"HTTP/1.1 101 Switching", b"GET") is True
+    assert rs2.upgrade_answered(True) == b"\x81\x05hello" and rs2.passthrough
+    assert S.switched_protocols(b"HTTP/1.1 200 Connection established", b"CONNECT") is True
+
+
+def test_h2c_malformed_frames_are_sniff_errors():
+    for flags, payload in ((0x8, b""), (0x8, b"\x05ab"), (0x20, b"\x00\x00")):
+        frame = len(payload).to_bytes(3, "big") + bytes([1, flags | 0x4]) + b"\0\0\0\x01" + payload
+        with pytest.raises(S.SniffError):
+            S.h2c_authority(S.H2_PREFACE + frame)
 
 
 def test_host_patterns():
@@ -362,6 +396,68 @@ async def test_vhost_keep_alive_forwarded_headers_404_and_502(sesame_hub, doors_
     c.transport.write(b"BROKEN\r\n\r\n")
     data = await c.done.addTimeout(T, reactor)
     assert _responses(data)[0][0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_vhost_cannot_be_talked_past(sesame_hub, doors_on):
+    """A refused Upgrade, pipelined heads for another site, a second Host: none get through
+    unrewritten or to the wrong backend."""
+    web = await web_on_remote(sesame_hub)
+    doors = await doors_on(http=True)
+    sesame_hub.store.create_route("http", "web.example", "web@edge-1")
+    doors.changed()
+    await wait_until(lambda: "web.example" in doors.http)
+    port = doors.address("http").port
+
+    c = await connect_raw(port)  # twisted.web ignores Upgrade and answers 200: keep rewriting
+    c.transport.write(b"GET /up HTTP/1.1\r\nHost: web.example\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: h2c\r\n\r\n"
+                      b"GET /after HTTP/1.1\r\nHost: web.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+    data = await c.until(lambda d: len(_responses(bytes(d))) == 2)
+    (s1, _, b1), (s2, _, b2) = _responses(data)
+    assert (s1, s2) == (200, 200)
+    assert b2.decode().splitlines()[:2] == ["GET /after 0", "X-Forwarded-For=127.0.0.1"]
+    c.transport.loseConnection()
+
+    c = await connect_raw(port)  # two sites in the first write: refused as a whole
+    c.transport.write(b"GET / HTTP/1.1\r\nHost: web.example\r\n\r\n"
+                      b"GET / HTTP/1.1\r\nHost: internal.example\r\n\r\n")
+    data = await c.done.addTimeout(T, reactor)
+    assert [r[0] for r in _responses(data)] == [421]
+
+    c = await connect_raw(port)
+    c.transport.write(b"GET / HTTP/1.1\r\nHost: web.example\r\nHost: internal.example\r\n\r\n")
+    data = await c.done.addTimeout(T, reactor)
+    assert [r[0] for r in _responses(data)] == [400]
+    await web.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_route_that_cannot_listen_says_why_and_binds_once_free(sesame_hub):
+    echo = await echo_server()
+    await sesame_hub.start_remote("edge-1", [f"127.0.0.1:{echo.getHost().port}"])
+    blocker = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Echo))
+    port = blocker.getHost().port
+    doors = FrontDoors(sesame_hub.hub, sesame_hub.store, reactor, watch_interval=0.1,
+                       listen_retry=0.2)
+    await doors.start()
+    try:
+        rec = sesame_hub.store.create_route("tcp", str(port),
+                                            f"127.0.0.1:{echo.getHost().port}@edge-1")
+        doors.changed()
+        await wait_until(lambda: rec.id in doors.tcp and doors.tcp[rec.id].error)
+        assert "cannot listen" in doors.tcp[rec.id].error and "in use" in doors.tcp[rec.id].error
+        await blocker.stopListening()
+        await wait_until(lambda: doors.tcp[rec.id].listening)  # retried without any change
+        assert doors.tcp[rec.id].error is None
+        c = await connect_raw(port)
+        c.transport.write(b"hi")
+        assert await c.until(lambda d: d == b"hi") == b"hi"
+        c.transport.loseConnection()
+    finally:
+        await doors.stop()
+        await echo.stopListening()
 
 
 class WebSocketEcho(protocol.Protocol):
