@@ -30,16 +30,21 @@ class _ToTwistedLog(logging.Handler):
     """stdlib ``sesame.*`` records (hub/remote progress: "registered ...", refusals) into
     the Twisted log that ``twistd`` and ``sesame hub|remote`` print."""
 
+    _formatter = logging.Formatter()
+
     def emit(self, record: logging.LogRecord) -> None:
         from twisted.logger import LogLevel
 
-        level = (LogLevel.error if record.levelno >= logging.ERROR else
-                 LogLevel.warn if record.levelno >= logging.WARNING else
-                 LogLevel.info if record.levelno >= logging.INFO else LogLevel.debug)
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        Logger(namespace=record.name).emit(level, "{text}", text=text)
+        try:
+            level = (LogLevel.error if record.levelno >= logging.ERROR else
+                     LogLevel.warn if record.levelno >= logging.WARNING else
+                     LogLevel.info if record.levelno >= logging.INFO else LogLevel.debug)
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + self._formatter.formatException(record.exc_info)
+            Logger(namespace=record.name).emit(level, "{text}", text=text)
+        except Exception:  # noqa: BLE001 - a handler never raises into the code that logged
+            self.handleError(record)
 
 
 def _log_stdlib_to_twisted() -> None:

@@ -112,3 +112,32 @@ def test_json_logs_and_no_token_is_ever_logged(procs: Procs, target: TargetServe
         secret = token.split("_", 2)[2]
         assert token not in everything
         assert secret not in everything, f"a token secret was logged: ...{secret[-6:]}"
+
+
+def test_a_logged_exception_reaches_the_twisted_log_with_its_traceback() -> None:
+    """``log.exception`` in sesame code under ``sesame hub`` (the stdlib->Twisted bridge of
+    sesame.tap) must log the traceback, not raise from the handler into the caller."""
+    import logging
+
+    from twisted.logger import globalLogPublisher
+
+    from sesame import tap
+
+    root = logging.getLogger("sesame")
+    before = list(root.handlers), root.level
+    tap._log_stdlib_to_twisted()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        try:
+            {}["missing"]
+        except KeyError:
+            logging.getLogger("sesame.mgmt").exception("GetRemote failed")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
+    texts = [e["text"] for e in events if e.get("log_namespace") == "sesame.mgmt"]
+    assert len(texts) == 1, events
+    assert texts[0].startswith("GetRemote failed\nTraceback (most recent call last):")
+    assert "KeyError: 'missing'" in texts[0]
