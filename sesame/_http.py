@@ -15,17 +15,31 @@ and other pages mount themselves on the same root with ``root.putChild(...)``.
 The listener carries admin tokens, so :func:`check_http_endpoint` refuses a
 plain-TCP endpoint on anything but a loopback interface (``ssl:``/``tls:``
 endpoints and UNIX sockets are fine).
+
+:func:`admin_site` is the :class:`twisted.web.server.Site` for that root: request
+bodies are capped at :data:`MAX_BODY` (413, without buffering the rest), and the
+access log shows token-shaped strings as ``ses_<id>_***``.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from io import BytesIO
 from typing import Any
 
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from sesame import _names as N
 
-__all__ = ["admin_root", "authenticate", "bearer_token", "check_http_endpoint", "listen_http"]
+__all__ = ["MAX_BODY", "admin_root", "admin_site", "authenticate", "bearer_token",
+           "check_http_endpoint", "listen_http"]
+
+#: The largest request body the ``--http`` site accepts (management requests are a few KiB).
+MAX_BODY = 1 << 20
+#: Past this much discarded chunked body the connection is closed instead of answered.
+_DISCARD_LIMIT = 4 * MAX_BODY
+_TOKEN_IN_TEXT = re.compile(r"(ses_[0-9a-f]{12}_)[A-Za-z0-9_-]+")
 
 _TLS_TYPES = ("ssl", "tls")
 _LOCAL_TYPES = ("unix",)
@@ -113,13 +127,89 @@ def check_http_endpoint(description: str) -> None:
             "interface=127.0.0.1")
 
 
+def _too_large_body(limit: int) -> bytes:
+    return json.dumps({"error": {
+        "code": 413, "status": "RESOURCE_EXHAUSTED", "details": [],
+        "message": f"the request body is larger than {limit} bytes"}}, indent=2).encode() + b"\n"
+
+
+class _AdminRequest(server.Request):
+    """A request whose body may not exceed ``max_body`` bytes.
+
+    A declared ``Content-Length`` over the limit is answered 413 at once and the
+    connection closed, before any of the body is read.  A chunked body is counted
+    as it arrives and discarded past the limit, then answered 413 when it ends (or
+    the connection closed once the discarded part passes ``_DISCARD_LIMIT``).
+    """
+
+    max_body = MAX_BODY
+    _received = 0
+    _too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self._too_large = True
+            self.content = BytesIO()
+            # no "100 Continue" for a body we refuse (allHeadersReceived sends it next)
+            self.requestHeaders.removeHeader(b"expect")
+            body = _too_large_body(self.max_body)
+            self.channel.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\n"
+                b"Content-Type: application/json; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+            self.channel.loseConnection()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.max_body:
+            if not self._too_large:
+                self._too_large = True
+                self.content.close()
+                self.content = BytesIO()
+            if self._received > _DISCARD_LIMIT:
+                self.channel.loseConnection()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self._too_large:
+            return super().process()
+        if self.channel is None or self.channel.transport is None or \
+                getattr(self.channel.transport, "disconnecting", False):
+            return None  # answered (or dropped) already
+        self.channel.persistent = False  # close after the answer: the body was discarded
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", b"application/json; charset=utf-8")
+        self.setHeader(b"connection", b"close")
+        body = _too_large_body(self.max_body)
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return None
+
+
+def _access_log_line(timestamp: str, request: Any) -> str:
+    """The combined log line, with token secrets (a token pasted into a path) masked."""
+    return _TOKEN_IN_TEXT.sub(r"\1***", http.combinedLogFormatter(timestamp, request))
+
+
+def admin_site(root: resource.Resource) -> server.Site:
+    """The ``--http`` :class:`~twisted.web.server.Site` for ``root`` (see the module docstring)."""
+    # No form parsing: every body here is JSON (sesame._rest reads the query string only).
+    site = server.Site(root, _AdminRequest, parsePOSTFormSubmission=False,
+                       logFormatter=_access_log_line)
+    site.displayTracebacks = False
+    return site
+
+
 def listen_http(reactor: Any, description: str, hub: Any, store: Any = None, *,
                 root: resource.Resource | None = None, metrics_public: bool = False) -> Any:
-    """Listen on ``description`` with ``root`` (by default a new :func:`admin_root`);
-    a Deferred of the listening port."""
+    """Listen on ``description`` with :func:`admin_site` of ``root`` (by default a new
+    :func:`admin_root`); a Deferred of the listening port."""
     from twisted.internet import endpoints
 
-    site = server.Site(root if root is not None
-                       else admin_root(hub, store, metrics_public=metrics_public))
-    site.displayTracebacks = False
+    site = admin_site(root if root is not None
+                      else admin_root(hub, store, metrics_public=metrics_public))
     return endpoints.serverFromString(reactor, description).listen(site)

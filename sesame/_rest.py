@@ -278,6 +278,33 @@ def _scalar_json(field: FieldDescriptor, text: str) -> Any:
     return text  # json_format parses numbers, enums, Timestamps... from strings
 
 
+_FAILED_FIELD = re.compile(r'Failed to parse (\w+) field')
+_NO_FIELD = re.compile(r'has no field named "(\w+)" at "\w+((?:\.\w+)*)"')
+
+
+def _parse_error_field(desc: Descriptor, message: str) -> str:
+    """The request field (proto names, dotted) a json_format ParseError is about, or ""."""
+    parts = _FAILED_FIELD.findall(message)
+    unknown = _NO_FIELD.search(message)
+    if unknown:  # 'Message type "X" has no field named "bogus" at "Req.remote"'
+        parts = [p for p in unknown.group(2).split(".") if p] + [unknown.group(1)]
+    names, d = [], desc
+    for part in parts:
+        f = None if d is None else (d.fields_by_name.get(part) or next(
+            (x for x in d.fields if x.json_name == part), None))
+        if f is None:  # not a field (an unknown key, a list index): name it as sent
+            names.append(_snake_of(part))
+            d = None
+            continue
+        names.append(f.name)
+        d = f.message_type
+    return ".".join(names)
+
+
+def _snake_of(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
 def _put(target: dict, fields: list[FieldDescriptor], value: Any) -> None:
     """Set ``value`` at the field path in a JSON dict, replacing either spelling of a key."""
     for f in fields[:-1]:
@@ -372,6 +399,8 @@ class RestGateway(resource.Resource):
                     payload = json.loads(raw)
                 except ValueError as exc:
                     raise _BadRequest("", f"the request body is not JSON: {exc}") from None
+                except RecursionError:
+                    raise _BadRequest("", "the request body is nested too deeply") from None
                 if binding.body == "*":
                     if not isinstance(payload, dict):
                         raise _BadRequest("", "the request body must be a JSON object")
@@ -380,6 +409,10 @@ class RestGateway(resource.Resource):
                     field = desc.fields_by_name.get(binding.body)
                     if field is None:
                         raise _BadRequest("", f"body field {binding.body!r} does not exist")
+                    if (field.message_type is not None and not field.is_repeated
+                            and not isinstance(payload, dict)
+                            and not field.message_type.full_name.startswith("google.protobuf.")):
+                        raise _BadRequest(field.name, "the request body must be a JSON object")
                     data[field.json_name] = payload
                     bound.add(field.name)
                     if (binding.verb == "PATCH" and isinstance(payload, dict)
@@ -415,8 +448,9 @@ class RestGateway(resource.Resource):
         try:
             return json_format.ParseDict(data, cls())
         except json_format.ParseError as exc:
-            raise _BadRequest(binding.body if binding.body not in ("", "*") else "",
-                              str(exc)) from None
+            raise _BadRequest(_parse_error_field(desc, str(exc)), str(exc)) from None
+        except RecursionError:
+            raise _BadRequest("", "the request is nested too deeply") from None
 
     # -- responses
 

@@ -20,15 +20,15 @@ import pytest_twisted
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from twisted.internet import reactor
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
-from twisted.web import server
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from sesame import _names as N
 from sesame import _rest, mgmt, tap
-from sesame._http import admin_root, check_http_endpoint
+from sesame._http import MAX_BODY, admin_root, admin_site, check_http_endpoint
 from sesame.admin.v1alpha1 import admin_pb2, admin_pb2_grpc
 from sesame.testing.hub import HubFixture
 from sesame.v1alpha1 import sesame_pb2, sesame_pb2_grpc
@@ -76,7 +76,7 @@ class Api:
 def api(tmp_path_factory):
     fx = HubFixture(tmp_path_factory.mktemp("mgmt"))
     pytest_twisted.blockon(fx.start())
-    site = server.Site(admin_root(fx.hub, fx.store))
+    site = admin_site(admin_root(fx.hub, fx.store))  # the --http site (sesame._http.listen_http)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:
         yield Api(fx, port.getHost().port)
@@ -115,6 +115,31 @@ def _grpc_details(exc: grpc.RpcError) -> list:
                 d.Unpack(msg)
                 out.append(msg)
     return out
+
+
+class _Raw(protocol.Protocol):
+    """Writes bytes as given and collects the answer until the server closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(self.data)
+
+
+async def raw_http(api: Api, head: bytes, body_parts: tuple[bytes, ...] = ()) -> bytes:
+    """Send a request head (and body pieces) on a plain socket; the whole answer."""
+    port = int(api.base.rsplit(":", 1)[1])
+    ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    p = await endpoints.connectProtocol(ep, _Raw())
+    p.transport.write(head)
+    for part in body_parts:
+        p.transport.write(part)
+    return await p.closed.addTimeout(T, reactor)
 
 
 # --- REST: every resource -------------------------------------------------------------
@@ -395,7 +420,7 @@ async def test_rest_paths_methods_and_bodies(api):
     assert code == 400 and err["error"]["status"] == "INVALID_ARGUMENT"
     code, err, _ = await api.rest("POST", "/v1alpha1/namespaces/default/remotes?resourceId=j",
                                   {"displayName": 7, "colour": "red"})
-    assert code == 400 and "remote" in _violations(err)
+    assert code == 400 and set(_violations(err)) & {"remote.display_name", "remote.colour"}
     code, err, _ = await api.rest("GET", "/v1alpha1/namespaces/default/remotes?colour=red")
     assert code == 400 and "colour" in _violations(err)
     code, err, _ = await api.rest("GET", "/v1alpha1/namespaces/default/remotes?pageSize=x")
@@ -671,3 +696,89 @@ async def test_hub_service_serves_rest_on_http(tmp_path: Path):
         listener = svc.http_listener
         await svc.stopService()
     assert listener is not None and not listener.connected  # stopService waited for it
+
+
+# --- review fixes: body limits, JSON errors, the access log ---------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_refuses_a_declared_huge_body_before_reading_it(api):
+    ns = _uid("huge")
+    head = (f"POST /v1alpha1/namespaces?resourceId={ns} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {api.admin}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {100 * MAX_BODY}\r\nExpect: 100-continue\r\n\r\n").encode()
+    answer = await raw_http(api, head)  # no body sent: the server answers the head alone
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 413 Content Too Large", answer[:200]
+    assert b"100 Continue" not in answer
+    err = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert err["error"]["code"] == 413 and str(MAX_BODY) in err["error"]["message"]
+    code, _, _ = await api.rest("GET", f"/v1alpha1/namespaces/{ns}")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_refuses_a_chunked_body_over_the_limit(api):
+    ns = _uid("chunky")
+    head = (f"POST /v1alpha1/namespaces?resourceId={ns} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {api.admin}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    piece = b" " * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 1)
+    answer = await raw_http(api, head, (b"1\r\n{\r\n", *chunks, b"1\r\n}\r\n0\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == 413
+    code, _, _ = await api.rest("GET", f"/v1alpha1/namespaces/{ns}")
+    assert code == 404
+    # the same request under the limit is served
+    small = await raw_http(api, head.replace(b"Host: x", b"Host: x\r\nConnection: close"),
+                           (b"1\r\n{\r\n", chunks[0], b"1\r\n}\r\n0\r\n\r\n"))
+    assert small.startswith(b"HTTP/1.1 200 "), small[:200]
+    await api.rest("DELETE", f"/v1alpha1/namespaces/{ns}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_deeply_nested_json_is_400_not_500(api):
+    for raw in (b"[" * 200_000 + b"]" * 200_000,
+                b'{"remote": ' * 50_000 + b"1" + b"}" * 50_000):
+        code, err, _ = await api.rest(
+            "POST", "/v1alpha1/namespaces/default/remotes?resourceId=deep", raw=raw)
+        assert code == 400 and err["error"]["status"] == "INVALID_ARGUMENT", err
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_json_errors_name_the_field(api):
+    base = "/v1alpha1/namespaces/default/remotes"
+    code, err, _ = await api.rest("GET", f"{base}?pageSize=abc")
+    assert code == 400 and "page_size" in _violations(err), err
+    code, err, _ = await api.rest("GET", f"{base}?page_size=99999999999")
+    assert code == 400 and "page_size" in _violations(err), err
+    code, err, _ = await api.rest("POST", f"{base}?resourceId=f1", {"displayName": 7})
+    assert code == 400 and "remote.display_name" in _violations(err), err
+    code, err, _ = await api.rest("POST", f"{base}?resourceId=f1", {"createTime": "yesterday"})
+    assert code == 400 and "remote.create_time" in _violations(err), err
+    code, err, _ = await api.rest("POST", f"{base}?resourceId=f1", {"colour": "red"})
+    assert code == 400 and "remote.colour" in _violations(err), err
+    code, err, _ = await api.rest("POST", f"{base}?resourceId=f1", [1, 2])
+    assert code == 400 and "remote" in _violations(err), err
+    code, err, _ = await api.rest("POST", "/v1alpha1/tokens", {"kind": ["client"]})
+    assert code == 400 and "token.kind" in _violations(err), err
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_masks_a_token_pasted_into_a_path(api):
+    secret = "S3cretPart" * 4
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        text = formatEvent(event)  # the access log is legacy log.logfile output (log_io)
+        if "/v1alpha1/tokens/" in text:
+            lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        code, _, _ = await api.rest("GET", f"/v1alpha1/tokens/ses_0123456789ab_{secret}")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert code == 400
+    assert lines and all(secret not in line for line in lines), lines
+    assert any("/v1alpha1/tokens/ses_0123456789ab_***" in line for line in lines), lines
