@@ -232,10 +232,29 @@ class SesameClientEndpoint:
     def connect(self, protocolFactory: Any) -> defer.Deferred:
         try:
             make = hub_call_factory(self.hub, self.remote, self.endpoint)
-            return connectNetConn(make, self.address or self.endpoint or "", protocolFactory,
-                                  timeout=self.timeout, reactor=self.reactor, bridge=self.bridge)
+            d = connectNetConn(make, self.address or self.endpoint or "", protocolFactory,
+                               timeout=self.timeout, reactor=self.reactor, bridge=self.bridge)
         except Exception:  # noqa: BLE001
             return defer.fail()
+        return d.addErrback(self._explain)
+
+    def _explain(self, f: Any) -> Any:
+        """An mTLS hub drops a client without a certificate after the handshake, which grpc
+        reports only as UNAVAILABLE "Socket closed": probe once (in a thread) and say so."""
+        from sesame.netconn import NetConnError
+
+        if not (f.check(NetConnError) and f.value.code == grpc.StatusCode.UNAVAILABLE
+                and self.hub.tls and self.hub.cert is None):
+            return f
+        from twisted.internet import threads
+
+        def reason(why: str | None) -> Any:
+            if why is None:
+                return f
+            raise NetConnError(grpc.StatusCode.UNAVAILABLE, why)
+
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                         client_cert_required, self.hub).addCallback(reason)
 
 
 def client_from_kwargs(reactor: Any, kw: Mapping[str, str],

@@ -282,6 +282,11 @@ def test_mtls_hub_refuses_a_remote_without_certificate_and_takes_one_with(
                        cwd=tmp_path)
     good.wait_line(REGISTERED)
     client = sesame("token", "create", "--data-dir", str(data), "--client").stdout.strip()
+    # a client without a certificate is told why, not just "Socket closed"
+    r = sesame("stdio", f"sesame:remote=edge-1:host=127.0.0.1:port={target.port}",
+               env=child_env(SESAME_HUB=f"127.0.0.1:{port}", SESAME_CA=str(tls.ca_path),
+                             SESAME_TOKEN=client))
+    assert r.returncode != 0 and "requires a client certificate" in r.stderr, r.stderr
     env = child_env(SESAME_HUB=f"127.0.0.1:{port}", SESAME_CA=str(tls.ca_path),
                     SESAME_TOKEN=client, SESAME_CERT=str(tmp_path / "edge.pem"),
                     SESAME_KEY=str(tmp_path / "edge-key.pem"))
