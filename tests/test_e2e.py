@@ -23,7 +23,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_support import (
+
+from sesame._tls import ensure_hub_tls
+from tests.e2e_support import (
     PY,
     REGISTERED,
     REPO,
@@ -48,8 +50,6 @@ from e2e_support import (
     upload_sink,
     wait_until,
 )
-
-from sesame._tls import ensure_hub_tls
 
 pytestmark = pytest.mark.slow
 

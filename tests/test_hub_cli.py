@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from e2e_support import (
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet.error import ConnectingCancelledError
+
+from sesame._tls import ensure_hub_tls, issue_client_cert
+from sesame.remote import RemoteSession, agent_offers
+from sesame.testing import hub as testing_hub
+from sesame.testing.hub import HubFixture
+from tests.e2e_support import (
     PY,
     REGISTERED,
     REPO,
@@ -36,14 +44,6 @@ from e2e_support import (
     twistd,
     wait_until,
 )
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, protocol, reactor
-from twisted.internet.error import ConnectingCancelledError
-
-from sesame._tls import ensure_hub_tls, issue_client_cert
-from sesame.remote import RemoteSession, agent_offers
-from sesame.testing import hub as testing_hub
-from sesame.testing.hub import HubFixture
 
 sesame_hub = testing_hub.sesame_hub  # the public pytest fixture
 

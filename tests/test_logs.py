@@ -13,7 +13,7 @@ import re
 import socket
 from pathlib import Path
 
-from e2e_support import (
+from tests.e2e_support import (
     REGISTERED,
     SESAME,
     EchoConn,

@@ -21,22 +21,6 @@ from typing import Any
 import grpc
 import pytest
 import pytest_twisted
-from netconn_helpers import (
-    WAIT,
-    EchoTarget,
-    HalfRecorder,
-    KiB,
-    Lab,
-    MiB,
-    Recorder,
-    Source,
-    eventually,
-    factory_of,
-    fd_count,
-    make_carrier,
-    rss_bytes,
-    within,
-)
 from twisted.internet import defer, error, interfaces, reactor
 from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
@@ -52,6 +36,22 @@ from sesame.netconn import (
     NetConnTransport,
 )
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
+from tests.netconn_helpers import (
+    WAIT,
+    EchoTarget,
+    HalfRecorder,
+    KiB,
+    Lab,
+    MiB,
+    Recorder,
+    Source,
+    eventually,
+    factory_of,
+    fd_count,
+    make_carrier,
+    rss_bytes,
+    within,
+)
 
 CARRIERS = ("direct", "tunnel")
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from netconn_helpers import WAIT, factory_of, make_carrier, within
 from twisted.internet import defer, reactor, utils
 from twisted.internet.protocol import Protocol
+
+from tests.netconn_helpers import WAIT, factory_of, make_carrier, within
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "NETCONN.md"
 ROOT = DOC.parent.parent

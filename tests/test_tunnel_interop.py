@@ -18,7 +18,15 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import (
+from google.protobuf import empty_pb2, struct_pb2
+from grpc_status import rpc_status
+
+from sesame._channel import SEND_LIMIT
+from sesame._server import ServiceRegistry
+from sesame._service import ReverseTunnelServer, TunnelHost, open_tunnel
+from sesame.testing import interop_pb2 as pb
+from sesame.testing import interop_pb2_grpc as pbg
+from tests.conftest import (
     TEST_ID_KEY,
     WAIT,
     Env,
@@ -28,14 +36,6 @@ from conftest import (
     rich_status,
     wait_until,
 )
-from google.protobuf import empty_pb2, struct_pb2
-from grpc_status import rpc_status
-
-from sesame._channel import SEND_LIMIT
-from sesame._server import ServiceRegistry
-from sesame._service import ReverseTunnelServer, TunnelHost, open_tunnel
-from sesame.testing import interop_pb2 as pb
-from sesame.testing import interop_pb2_grpc as pbg
 
 MiB = 1024 * 1024
 MAX_MESSAGE = 4 * MiB  # grpcio's default max receive size and the tunnel core's
