@@ -55,67 +55,25 @@ LISTEN_RETRY = 30.0  # seconds between attempts to bind a tcp route that failed 
 
 @dataclass
 class Route:
-    """A route as the front doors hold it, with live counters."""
+    """A route as the front doors hold it (its traffic is counted in ``hub.metrics``
+    under the route id)."""
 
     id: str
     kind: str
     match: str
     target: Target | None
     error: str | None = None
-    connections: int = 0
-    total: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
     listening: str | None = None  # tcp: where it is bound
-
-    def view(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "match": self.match,
-                "target": str(self.target) if self.target else None, "error": self.error,
-                "connections": self.connections, "total": self.total,
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "listening": self.listening}
-
-
-class _Meter:
-    """Byte and connection accounting for one relayed connection (route and metrics)."""
-
-    def __init__(self, doors: FrontDoors, route: Route) -> None:
-        self.route = route
-        route.connections += 1
-        route.total += 1
-        m, t = doors.metrics, route.target
-        self.stats = (m.open_connection(t.namespace, t.remote, route.id)
-                      if m is not None and t is not None else None)
-        self.open = True
-
-    def add(self, direction: str, n: int) -> None:
-        st = self.stats
-        if direction == "in":
-            self.route.bytes_in += n
-            if st is not None:
-                st.bytes_in += n
-        else:
-            self.route.bytes_out += n
-            if st is not None:
-                st.bytes_out += n
-
-    def close(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        self.route.connections -= 1
-        if self.stats is not None:
-            self.stats.close()
 
 
 class _Out(Side):
     """The hub's connection to the remote side of a route."""
 
-    meter: _Meter | None = None
+    stats: Any = None  # the connection's sesame.metrics.ConnStats
 
     def dataReceived(self, data: bytes) -> None:
-        if self.meter is not None:
-            self.meter.add("out", len(data))
+        if self.stats is not None:
+            self.stats.bytes_out += len(data)
         super().dataReceived(data)
         door = self.peer
         if isinstance(door, _Door) and door._http is not None and door._http.awaiting_upgrade:
@@ -132,7 +90,7 @@ class _Door(Side):
         self._buf = bytearray()
         self._eof = False
         self._dial: defer.Deferred | None = None
-        self._meter: _Meter | None = None
+        self._stats: Any = None  # sesame.metrics.ConnStats once a route is chosen
         self._http: S.RequestStream | None = None
         self._route: Route | None = None
         self._h2_stream = 1
@@ -242,23 +200,24 @@ class _Door(Side):
             return
         self._first = first
         self.transport.pauseProducing()
-        self._meter = _Meter(self.factory.doors, route)
+        t = route.target
+        self._stats = self.factory.doors.hub.metrics.open_connection(t.namespace, t.remote, route.id)
         ep = self.factory.doors.endpoint(route)
         self._dial = ep.connect(Factory.forProtocol(_Out))
         self._dial.addCallbacks(self._connected, self._failed)
 
     def _connected(self, out: _Out) -> None:
         self._dial = None
-        if self.transport is None or self._meter is None or not self._meter.open:
+        if self._lost:
             out.transport.abortConnection()
             return
-        out.meter = self._meter
+        out.stats = self._stats
         pair(self, out)
         first, rest = self._first, bytes(self._buf)
         self._first = b""
         self._buf.clear()
         if first:
-            self._meter.add("in", len(first))
+            self._stats.bytes_in += len(first)
             out.transport.write(first)
         if rest:  # arrived while dialling: through the same filters as the rest
             self._forward(rest)
@@ -323,7 +282,7 @@ class _Door(Side):
                 # a later request names another site: finish what is in flight, then close
                 self._http = None
                 if exc.partial:
-                    self._meter_add(len(exc.partial))
+                    self._stats.bytes_in += len(exc.partial)
                     super().dataReceived(exc.partial)
                 self.transport.pauseProducing()
                 _half_close(self.peer.transport)
@@ -331,7 +290,7 @@ class _Door(Side):
             except S.SniffError:
                 self.transport.abortConnection()
                 return
-        self._meter_add(len(data))
+        self._stats.bytes_in += len(data)
         super().dataReceived(data)
 
     def _upgrade_reply_seen(self, data: bytes) -> None:
@@ -350,12 +309,8 @@ class _Door(Side):
             self.transport.abortConnection()
             return
         if held and self.peer is not None:
-            self._meter_add(len(held))
+            self._stats.bytes_in += len(held)
             self.peer.transport.write(held)
-
-    def _meter_add(self, n: int) -> None:
-        if self._meter is not None:
-            self._meter.add("in", n)
 
     def _rewrite(self, head: S.RequestHead) -> S.RequestHead:
         doors = self.factory.doors
@@ -388,8 +343,8 @@ class _Door(Side):
         self._lost = True
         self._sniffed()
         d, self._dial = self._dial, None
-        if self._meter is not None:
-            self._meter.close()
+        if self._stats is not None:
+            self._stats.close()
         if d is not None:
             d.cancel()
         super().connectionLost(reason)
@@ -431,8 +386,6 @@ class FrontDoors:
     :param tcp_interface: where a ``tcp`` route given as a bare port binds.
     """
 
-    log = log
-
     def __init__(self, hub: Any, store: Any, reactor: Any = None, *,
                  listeners: dict[str, str] | None = None, tcp_interface: str = "127.0.0.1",
                  forwarded: str = "replace", watch_interval: float = 2.0,
@@ -461,19 +414,13 @@ class FrontDoors:
         self._watch: LoopingCall | None = None
         self._known: tuple = ()
 
-    @property
-    def metrics(self) -> Any:
-        return getattr(self.hub, "metrics", None)
-
     def endpoint(self, route: Route) -> HubEndpoint:
         assert route.target is not None
         return HubEndpoint(self.hub, route.target, reactor=self.reactor, route=route.id)
 
     def record_error(self, route: Route | None, message: str) -> None:
         """Count a connection a front door could not complete (dashboard: recent errors)."""
-        m = self.metrics
-        if m is None:
-            return
+        m = self.hub.metrics
         if route is None:
             m.dial_error("NOT_FOUND", "", message)
         else:
@@ -600,9 +547,6 @@ class FrontDoors:
                      n=self.listen_retry)
 
         d.addCallbacks(up, down)
-
-    def routes(self) -> list[Route]:
-        return [*self.tcp.values(), *self.http.values(), *self.sni.values(), *self.grpc.values()]
 
 
 class _Pending:
