@@ -22,8 +22,6 @@ from twisted.internet import defer, interfaces
 from zope.interface import implementer
 
 from sesame._calls import LoopCall, TunnelLoopCall
-from sesame._codec import SesameCodec
-from sesame._core import Role
 from sesame._frames import CANCELLED, UNAVAILABLE, Status
 from sesame._target import Target, parse_target
 from sesame._tunnel import TunnelConnection
@@ -33,11 +31,10 @@ class HubLoopCall(LoopCall):
     """A call inside a fresh ``Stream`` tunnel of ``target``'s remote (bridge loop only)."""
 
     def __init__(self, hub: Any, target: Target, method: str,
-                 metadata: tuple = (), route: str = "") -> None:
+                 metadata: tuple = ()) -> None:
         super().__init__()
         self.hub = hub
         self.target = target
-        self.route = route
         self.inner: TunnelLoopCall | None = None
         self._queued: list[bytes] = []
         self._queued_bytes = 0
@@ -51,9 +48,7 @@ class HubLoopCall(LoopCall):
         t = self.target
         session = self.hub.routes.get((t.namespace, t.remote, t.endpoint))
         if session is None:
-            offered = any(k[0] == t.namespace and k[1] == t.remote for k in self.hub.routes)
-            self._finish(Status(UNAVAILABLE, f"remote {t.remote} does not offer endpoint "
-                                f"{t.endpoint!r}" if offered else f"remote {t.remote} is not connected"))
+            self._finish(Status(UNAVAILABLE, self.hub.unrouted(t.namespace, t.remote, t.endpoint)))
             return
         try:
             outer, done, peer_ext = await self.hub._request_stream(session, t.endpoint)
@@ -62,13 +57,9 @@ class HubLoopCall(LoopCall):
         except Exception as exc:  # noqa: BLE001 - _HubError and friends become the call's status
             self._finish(Status(getattr(exc, "code", UNAVAILABLE), str(exc)))
             return
-        from sesame._service import _ext_apply
-
         self._done, self._session = done, session
         try:
-            conn = TunnelConnection(self.hub.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
-            _ext_apply(conn, peer_ext, own=True)
-            conn.start()
+            conn = self.hub.stream_tunnel(outer, peer_ext)
         except Exception as exc:  # noqa: BLE001 - the stream is unusable: end it, say why
             if not done.done():
                 done.set_result(None)
@@ -164,18 +155,17 @@ class HubEndpoint:
     """Connect, from inside the hub, to what a :class:`Target` names (over NetConn)."""
 
     def __init__(self, hub: Any, target: Target, *, reactor: Any = None,
-                 route: str = "", timeout: float | None = None) -> None:
+                 timeout: float | None = None) -> None:
         self.hub = hub
         self.target = target
         self.reactor = reactor
-        self.route = route
         self.timeout = timeout
 
     def call_factory(self) -> Any:
-        hub, target, route = self.hub, self.target, self.route
+        hub, target = self.hub, self.target
 
         def make(method: str, metadata: Any) -> LoopCall:
-            return HubLoopCall(hub, target, method, tuple(metadata), route)
+            return HubLoopCall(hub, target, method, tuple(metadata))
 
         make.target = f"sesame:{target.remote}"  # type: ignore[attr-defined]
         return make

@@ -416,7 +416,7 @@ class FrontDoors:
 
     def endpoint(self, route: Route) -> HubEndpoint:
         assert route.target is not None
-        return HubEndpoint(self.hub, route.target, reactor=self.reactor, route=route.id)
+        return HubEndpoint(self.hub, route.target, reactor=self.reactor)
 
     def record_error(self, route: Route | None, message: str) -> None:
         """Count a connection a front door could not complete (dashboard: recent errors)."""

@@ -265,6 +265,19 @@ class Hub:
             self._unregister(session)
             log.info("remote %s/%s disconnected", ns, name)
 
+    def stream_tunnel(self, outer: StreamOuter, peer_ext: tuple[int, int] | None) -> TunnelConnection:
+        """The started tunnel over a remote's ``Stream``, the hub as its client."""
+        conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
+        _ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
+        conn.start()
+        return conn
+
+    def unrouted(self, namespace: str, remote: str, endpoint: str) -> str:
+        """Why no live session serves ``endpoint`` of ``remote`` (for an UNAVAILABLE)."""
+        if any(k[0] == namespace and k[1] == remote for k in self.routes):
+            return f"remote {remote} does not offer endpoint {endpoint!r}"
+        return f"remote {remote} is not connected"
+
     async def _request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
         info = self.store.verify(session.token)
@@ -388,9 +401,7 @@ class Hub:
         endpoint = N.md_get(md, N.MD_ENDPOINT) or N.NETCONN_ENDPOINT
         session = self.routes.get((ns, name, endpoint))
         if session is None:
-            why = (f"remote {name} does not offer endpoint {endpoint!r}"
-                   if any(k[0] == ns and k[1] == name for k in self.routes)
-                   else f"remote {name} is not connected")
+            why = self.unrouted(ns, name, endpoint)
             self.metrics.dial_error("UNAVAILABLE", name, why)
             await context.abort(grpc.StatusCode.UNAVAILABLE, why)
         try:
@@ -419,9 +430,7 @@ class Hub:
 
     async def _relay_counted(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
                              peer_ext: tuple[int, int] | None, stats: Any) -> None:
-        conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
-        _ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
-        conn.start()
+        conn = self.stream_tunnel(outer, peer_ext)
         call = TunnelLoopCall(conn, NETCONN_METHOD, ())
         loop = asyncio.get_running_loop()
         down: list[bytes] = []
