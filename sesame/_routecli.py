@@ -105,12 +105,17 @@ def check_hub_options(options: Any) -> None:
     if options["forwarded"] not in FORWARDED_MODES:
         raise usage.UsageError(f"--forwarded: one of {', '.join(FORWARDED_MODES)}, "
                                f"not {options['forwarded']!r}")
+    from sesame._store import server_description_problem
+
     for key in ("vhost", "sni", "grpc-door"):
         desc = options[key]
-        if desc and ":" not in desc and desc.isdigit():
-            options[key] = f"tcp:{desc}:interface={options['front-interface']}"
-        elif desc and not desc.split(":", 1)[0]:
-            raise usage.UsageError(f"--{key}: {desc!r} is not a Twisted server endpoint")
+        if not desc:
+            continue
+        if desc.isdigit():
+            desc = options[key] = f"tcp:{desc}:interface={options['front-interface']}"
+        why = server_description_problem(desc)
+        if why:
+            raise usage.UsageError(f"--{key}: {desc!r} is not a Twisted server endpoint: {why}")
 
 
 def front_doors(hub: Any, store: Any, options: Any, reactor: Any) -> Any:

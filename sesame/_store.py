@@ -245,25 +245,31 @@ def _check_text(field: str, value: object, limit: int = 1024) -> str:
     return value
 
 
+def server_description_problem(description: str) -> str | None:
+    """What is wrong with a Twisted server endpoint description, or None.  Checks the
+    syntax (and builds tcp/unix endpoint objects); never listens."""
+    from twisted.internet import endpoints
+
+    try:
+        args, _ = endpoints._parse(description)
+        kind = args[0] if args else ""
+        if kind in ("tcp", "tcp6", "unix"):
+            endpoints.serverFromString(None, description)  # builds the endpoint object only
+        elif kind not in endpoints._serverParsers and kind not in _server_plugin_prefixes():
+            return f"unknown endpoint type {kind!r}"
+    except (ValueError, TypeError, IndexError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def _check_tcp_match(match: str) -> None:
     """A tcp route listens on a port 1-65535 or a Twisted server endpoint description
-    (``tcp:9000:interface=127.0.0.1``).  Checks the description's syntax; never listens."""
+    (``tcp:9000:interface=127.0.0.1``)."""
     if match.isdigit():
         if not 1 <= int(match) <= 65535:
             raise InvalidArgument("match", f"a tcp route's port must be 1-65535, not {match}")
         return
-    from twisted.internet import endpoints
-
-    why = ""
-    try:
-        args, _ = endpoints._parse(match)
-        kind = args[0] if args else ""
-        if kind in ("tcp", "tcp6", "unix"):
-            endpoints.serverFromString(None, match)  # builds the endpoint object only
-        elif kind not in endpoints._serverParsers and kind not in _server_plugin_prefixes():
-            why = f"unknown endpoint type {kind!r}"
-    except (ValueError, TypeError, IndexError) as exc:
-        why = str(exc)
+    why = server_description_problem(match)
     if why:
         raise InvalidArgument(
             "match",

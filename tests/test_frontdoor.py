@@ -674,3 +674,25 @@ async def test_a_client_that_never_sends_its_first_request_is_timed_out(sesame_h
         assert await c.done.addTimeout(T, reactor) == b""  # closed, nothing said
     finally:
         await doors.stop()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vhost", "tcp:nope"], "--vhost: 'tcp:nope' is not a Twisted server endpoint"),
+    (["--sni", "bogus:1"], "unknown endpoint type 'bogus'"),
+    (["--forwarded", "sometimes"], "--forwarded: one of replace, append, off"),
+])
+def test_front_door_options_refused_at_parse_time(argv, message):
+    from twisted.python import usage
+
+    from sesame.tap import HubOptions
+
+    with pytest.raises(usage.UsageError, match=message):
+        HubOptions().parseOptions(argv)
+
+
+def test_a_bare_front_door_port_binds_the_front_interface():
+    from sesame.tap import HubOptions
+
+    o = HubOptions()
+    o.parseOptions(["--vhost", "8000", "--front-interface", "0.0.0.0"])
+    assert o["vhost"] == "tcp:8000:interface=0.0.0.0"
