@@ -289,6 +289,7 @@ class HubService(service.Service):
         self.port: int | None = None
         self.out = out or sys.stdout
         self.ready: Any = None  # a Deferred once started: fires when listening
+        self.doors: Any = None  # the front doors (sesame.frontdoor.FrontDoors) once serving
         self.on_start_failure: Any = _start_failed(self, "hub")
         self.http_ready: Any = None  # with --http: a Deferred of its listening port
         self.http_listener: Any = None
@@ -380,21 +381,22 @@ class HubService(service.Service):
         self.http_ready.addCallbacks(up, self.on_start_failure)
 
     def stopService(self) -> Any:
+        from twisted.internet import defer
+
         from sesame._bridge import get_bridge
 
         super().stopService()
-        doors, self.doors = getattr(self, "doors", None), None
+        stopping = []  # front doors, --http and the hub itself, all awaited
+        doors, self.doors = self.doors, None
         if doors is not None:
-            doors.stop()
+            stopping.append(doors.stop())
         http, self.http_listener = self.http_listener, None
-        http_stopped = http.stopListening() if http is not None else None
-        if self.hub is None:
-            return http_stopped
+        if http is not None:
+            stopping.append(defer.maybeDeferred(http.stopListening))
         hub, self.hub = self.hub, None
-        d = get_bridge().deferred(hub.stop(1))
-        if http_stopped is not None:
-            d.addCallback(lambda _: http_stopped)
-        return d
+        if hub is not None:
+            stopping.append(get_bridge().deferred(hub.stop(1)))
+        return defer.gatherResults(stopping, consumeErrors=True) if stopping else None
 
 
 class RemoteService(service.Service):
