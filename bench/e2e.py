@@ -310,7 +310,7 @@ def client_main(args: argparse.Namespace) -> None:
     from twisted.internet import defer, reactor
     from twisted.internet.endpoints import clientFromString
 
-    from sesame._bridge import get_bridge
+    from sesame.bridge._loop import get_bridge
 
     load_before = _load()
     print(f"load before: {json.dumps(load_before)}", file=sys.stderr, flush=True)

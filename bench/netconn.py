@@ -209,7 +209,7 @@ def serve_netconn(args: argparse.Namespace) -> None:
     import grpc
     from twisted.internet import reactor
 
-    from sesame._bridge import get_bridge
+    from sesame.bridge._loop import get_bridge
     from sesame.netconn import NetConnServicer
 
     bridge = get_bridge()
@@ -723,7 +723,7 @@ def client_main(args: argparse.Namespace) -> None:
     import grpc
     from twisted.internet import defer, reactor
 
-    from sesame._bridge import get_bridge
+    from sesame.bridge._loop import get_bridge
     from sesame.netconn import aio_call_factory
 
     me = [sys.executable, __file__, "--reactor", args.reactor]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import re
 
-from sesame._store import DEFAULT_NAMESPACE
+#: The namespace of a remote, token or route that names none.
+DEFAULT_NAMESPACE = "default"
 
 MD_AUTH = "authorization"
 MD_ENDPOINTS = "sesame-endpoints"
@@ -113,3 +114,46 @@ def is_loopback(host: str) -> bool:
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_endpoint_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """Split a Twisted endpoint description into positional and keyword parameters.
+
+    The grammar is the one ``serverFromString``/``clientFromString`` document: parameters
+    are separated by ``:``, the first unescaped ``=`` in a parameter makes it
+    ``key=value``, and a backslash takes the next character literally.  No endpoint is
+    built and no plugin is loaded: ``"tcp:8080:interface=127.0.0.1"`` gives
+    ``(["tcp", "8080"], {"interface": "127.0.0.1"})``.
+
+    :raises ValueError: on a trailing backslash (it escapes nothing).
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    parts: list[str] = []  # the current parameter: [value] or [key, value]
+    current: list[str] = []
+    chars = iter(description)
+    for ch in chars:
+        if ch == ":":
+            parts.append("".join(current))
+            _add_parameter(parts, args, kwargs)
+            parts, current = [], []
+        elif ch == "=" and not parts:
+            parts.append("".join(current))
+            current = []
+        elif ch == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError(f"{description!r} ends with a backslash that escapes nothing")
+            current.append(escaped)
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    _add_parameter(parts, args, kwargs)
+    return args, kwargs
+
+
+def _add_parameter(parts: list[str], args: list[str], kwargs: dict[str, str]) -> None:
+    if len(parts) == 1:
+        args.append(parts[0])
+    else:
+        kwargs[parts[0]] = parts[1]

@@ -45,11 +45,11 @@ def add_parser(sub: Any, default_data_dir: str) -> None:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from sesame._hubcall import parse_target
-    from sesame._store import StoreError
-    from sesame.cli import CLIError, _store
+    from sesame._cliutil import CLIError, open_store
+    from sesame.hub import parse_target
+    from sesame.hub.store import StoreError
 
-    store = _store(args.data_dir)
+    store = open_store(args.data_dir)
     try:
         if args.action == "add":
             try:
@@ -100,12 +100,12 @@ def check_hub_options(options: Any) -> None:
     """Usage errors for the front-door options (endpoint syntax is checked without listening)."""
     from twisted.python import usage
 
-    from sesame.frontdoor import FORWARDED_MODES
+    from sesame.hub.frontdoor import FORWARDED_MODES
 
     if options["forwarded"] not in FORWARDED_MODES:
         raise usage.UsageError(f"--forwarded: one of {', '.join(FORWARDED_MODES)}, "
                                f"not {options['forwarded']!r}")
-    from sesame._store import server_description_problem
+    from sesame.hub.store import server_description_problem
 
     for key in ("vhost", "sni", "grpc-door"):
         desc = options[key]
@@ -119,7 +119,7 @@ def check_hub_options(options: Any) -> None:
 
 
 def front_doors(hub: Any, store: Any, options: Any, reactor: Any) -> Any:
-    from sesame.frontdoor import FrontDoors
+    from sesame.hub.frontdoor import FrontDoors
 
     listeners = {kind: options[key] for kind, key in
                  (("http", "vhost"), ("sni", "sni"), ("grpc", "grpc-door")) if options[key]}

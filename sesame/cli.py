@@ -18,30 +18,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from sesame.tunnel import ServiceRegistry
+from sesame._cliutil import CLIError, default_registry, open_store
 
 DEFAULT_DATA_DIR = "./.sesame"
-
-
-def _registry() -> ServiceRegistry:
-    reg = ServiceRegistry()
-    servicer = health.HealthServicer()
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, reg)
-    reflection.enable_server_reflection(
-        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), reg)
-    return reg
-
-
-class CLIError(Exception):
-    """A one-line error for the user."""
 
 
 # --- services in the foreground ----------------------------------------------------------
@@ -200,20 +181,11 @@ def cmd_remote(args: argparse.Namespace) -> int:
 # --- tokens --------------------------------------------------------------------------------
 
 
-def _store(data_dir: str) -> Any:
-    from sesame._store import SQLiteStore
-
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise CLIError(f"--data-dir: {data_dir} does not exist (start the hub once, or create it)")
-    return SQLiteStore(path / "hub.db")
-
-
 def cmd_token(args: argparse.Namespace) -> int:
     from sesame import _names as N
-    from sesame._store import StoreError
+    from sesame.hub.store import StoreError
 
-    store = _store(args.data_dir)
+    store = open_store(args.data_dir)
     try:
         if args.action == "create":
             kinds = [k for k in ("remote", "client", "admin") if getattr(args, k)]
@@ -391,10 +363,11 @@ def cmd_stdio(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from sesame.tunnel import ReverseTunnelServer, TunnelHost, open_tunnel
 
-    local = TunnelHost(_registry())
+    local = TunnelHost(default_registry())
     target = f"127.0.0.1:{local.start('127.0.0.1:0')}"
     try:
         ch = open_tunnel(target, dialect=args.dialect)
@@ -402,7 +375,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"forward: Health/Check through a tunnel to {target} -> "
               f"{health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}")
         ch.close()
-        rs = ReverseTunnelServer(target, _registry(), dialect=args.dialect).start()
+        rs = ReverseTunnelServer(target, default_registry(), dialect=args.dialect).start()
         local.wait_for_reverse(5)
         resp = health_pb2_grpc.HealthStub(local.reverse_channel()).Check(
             health_pb2.HealthCheckRequest(), timeout=5)
@@ -489,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+__all__ = ["CLIError", "build_parser", "json_log_observer", "main"]
 
 
 if __name__ == "__main__":

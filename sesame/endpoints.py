@@ -34,10 +34,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sesame import _names as N
-from sesame._allowlist import AddressError, parse_port
-from sesame._bridge import Bridge, get_bridge
-from sesame._calls import AioLoopCall, LoopCall
-from sesame.netconn import connectNetConn
+from sesame.bridge import AioLoopCall, Bridge, LoopCall, get_bridge
+from sesame.netconn import AddressError, connectNetConn, parse_port
 
 log = Logger()
 
@@ -176,6 +174,17 @@ def hub_channel(cfg: HubConfig) -> grpc.aio.Channel:
               else grpc.aio.insecure_channel(cfg.target))
         _channels[key] = ch
     return ch
+
+
+async def close_hub_channels(target: str) -> None:
+    """Close the shared channels to the hub at ``target`` (on the bridge loop); the next
+    :func:`hub_channel` for it opens a new one.  Errors while closing are ignored."""
+    for key in [k for k in _channels if k[0] == target]:
+        ch = _channels.pop(key)
+        try:
+            await ch.close()
+        except Exception:  # noqa: BLE001 - best effort: the channel is gone either way
+            pass
 
 
 def hub_call_factory(cfg: HubConfig, remote: str, endpoint: str | None) -> Any:
@@ -319,7 +328,7 @@ class SesameListeningPort:
         pass
 
     def stopListening(self) -> defer.Deferred:
-        from sesame._bridge import to_deferred
+        from sesame.bridge import to_deferred
 
         d = to_deferred(self.bridge.submit(self.session.astop()))
         d.addBoth(lambda _: self.tcp_port.stopListening())
@@ -345,7 +354,7 @@ class SesameServerEndpoint:
         self.bridge = bridge or get_bridge()
 
     async def _listen(self, factory: Any) -> SesameListeningPort:
-        from sesame._bridge import to_deferred
+        from sesame.bridge import to_deferred
         from sesame.remote import FixedTargetServicer, RemoteSession, netconn_registry
 
         tcp = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(factory)

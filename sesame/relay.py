@@ -22,7 +22,7 @@ from zope.interface import implementer
 log = Logger()
 
 
-def _half_close(transport: Any) -> None:
+def half_close(transport: Any) -> None:
     if interfaces.IHalfCloseableDescriptor.providedBy(transport) or hasattr(
             transport, "loseWriteConnection"):
         transport.loseWriteConnection()
@@ -49,7 +49,7 @@ class Side(Protocol):
             # we produce nothing more: a paused producer would keep the peer's transport
             # from ever sending its half-close (Twisted resumes it instead)
             p.transport.unregisterProducer()
-            _half_close(p.transport)
+            half_close(p.transport)
         if self.write_closed:
             self.transport.loseConnection()
 
@@ -149,7 +149,7 @@ class StdioRelay(Side):
             out.transport.write(chunk)
         self._pending.clear()
         if self._stdin_eof:
-            _half_close(out.transport)
+            half_close(out.transport)
 
     def _failed(self, failure: Failure) -> None:
         import sys
@@ -163,3 +163,6 @@ class StdioRelay(Side):
         super().connectionLost(reason)
         if not self.done.called:
             self.done.callback(None)
+
+
+__all__ = ["Accepted", "RelayFactory", "Side", "StdioRelay", "half_close", "pair"]

@@ -25,15 +25,10 @@ from typing import Any
 import grpc
 
 from sesame import _names as N
-from sesame._bridge import Bridge, get_bridge
-from sesame._codec import SesameCodec
-from sesame._core import Role
-from sesame._frames import CANCELLED, Status
-from sesame._server import ServiceRegistry, stream_factory
-from sesame._service import _ext_apply, _ext_metadata, _ext_parse
-from sesame._tunnel import TunnelConnection
-from sesame.hub import StreamOuter
+from sesame.bridge import Bridge, StreamOuter, TunnelConnection, get_bridge
+from sesame.core import CANCELLED, Role, SesameCodec, Status
 from sesame.netconn import NetConnServicer
+from sesame.tunnel import ServiceRegistry, ext_apply, ext_metadata, ext_parse, stream_factory
 from sesame.v1alpha1 import tunnel_pb2
 
 log = logging.getLogger("sesame.remote")
@@ -303,7 +298,7 @@ class RemoteSession:
 
     async def _stream_call(self, k: int, endpoint: str, registry: ServiceRegistry) -> TunnelConnection:
         assert self._channel is not None
-        md = (*self._md(), (N.MD_STREAM_ID, str(k)), *_ext_metadata(SesameCodec))
+        md = (*self._md(), (N.MD_STREAM_ID, str(k)), *ext_metadata(SesameCodec))
         call = self._channel.stream_stream(N.STREAM_METHOD)(metadata=md)
         await call.write(tunnel_pb2.StreamRequest(connect={"remote": self.resource}).SerializeToString())
         for expect in ("connect", "dial"):
@@ -324,7 +319,7 @@ class RemoteSession:
         conn = TunnelConnection(self.bridge, SesameCodec(Role.SERVER), outer, Role.SERVER,
                                 on_stream=stream_factory(registry))
         # the hub answered the handshake, so its headers (and window grant) are here
-        _ext_apply(conn, _ext_parse(tuple(await call.initial_metadata() or ())), own=True)
+        ext_apply(conn, ext_parse(tuple(await call.initial_metadata() or ())), own=True)
         conn.start()
         return conn
 

@@ -98,7 +98,7 @@ class HubOptions(usage.Options):
             raise usage.UsageError(f"--listen: {exc}") from None
         _routecli.check_hub_options(self)
         if self["http"]:
-            from sesame._http import check_http_endpoint
+            from sesame.hub import check_http_endpoint
 
             try:
                 check_http_endpoint(self["http"])
@@ -177,7 +177,7 @@ class RemoteOptions(usage.Options):
     def opt_allow(self, pattern: str) -> None:
         """HOST:PORTS a client may reach from here; repeatable (127.0.0.1:*, 10.0.0.0/8:22,
         db.internal:5432, [::1]:8000-8100, *:443)."""
-        from sesame._allowlist import Allowlist, PatternError
+        from sesame.netconn import Allowlist, PatternError
 
         try:
             Allowlist([pattern])
@@ -289,16 +289,16 @@ class HubService(service.Service):
         self.port: int | None = None
         self.out = out or sys.stdout
         self.ready: Any = None  # a Deferred once started: fires when listening
-        self.doors: Any = None  # the front doors (sesame.frontdoor.FrontDoors) once serving
+        self.doors: Any = None  # the front doors (sesame.hub.frontdoor.FrontDoors) once serving
         self.on_start_failure: Any = _start_failed(self, "hub")
         self.http_ready: Any = None  # with --http: a Deferred of its listening port
         self.http_listener: Any = None
 
     def startService(self) -> None:
-        from sesame._bridge import get_bridge
-        from sesame._store import SQLiteStore
-        from sesame._tls import ensure_hub_tls
+        from sesame.bridge import get_bridge
         from sesame.hub import Hub
+        from sesame.hub.store import SQLiteStore
+        from sesame.hub.tls import ensure_hub_tls
 
         super().startService()
         _log_stdlib_to_twisted()
@@ -360,10 +360,10 @@ class HubService(service.Service):
         return port
 
     def _start_http(self, description: str, store: Any) -> None:
-        """``--http``: the operator site (:func:`sesame._http.admin_root`), its own listener."""
+        """``--http``: the operator site (:func:`sesame.hub._http.admin_root`), its own listener."""
         from twisted.internet import reactor
 
-        from sesame._http import listen_http
+        from sesame.hub import listen_http
 
         def up(port: Any) -> Any:
             self.http_listener = port
@@ -383,7 +383,7 @@ class HubService(service.Service):
     def stopService(self) -> Any:
         from twisted.internet import defer
 
-        from sesame._bridge import get_bridge
+        from sesame.bridge import get_bridge
 
         super().stopService()
         stopping = []  # front doors, --http and the hub itself, all awaited
@@ -413,7 +413,7 @@ class RemoteService(service.Service):
 
         from twisted.internet import reactor
 
-        from sesame._bridge import get_bridge
+        from sesame.bridge import get_bridge
         from sesame.endpoints import client_cert_required
         from sesame.remote import RemoteSession, agent_offers
 
@@ -431,7 +431,7 @@ class RemoteService(service.Service):
                       name=o["name"], hub=o.hub.target, allow=", ".join(o["allow"]) or "nothing")
 
     def stopService(self) -> Any:
-        from sesame._bridge import get_bridge
+        from sesame.bridge import get_bridge
 
         super().stopService()
         if self.session is None:
@@ -451,30 +451,25 @@ class TunnelHostService(service.Service):
         self.port: int | None = None
 
     def startService(self) -> None:
-        from sesame.cli import _registry
+        from sesame._cliutil import default_registry
         from sesame.tunnel import TunnelHost
 
         super().startService()
         host, port = N.grpc_address(self.listen)
-        self.host = TunnelHost(_registry())
+        self.host = TunnelHost(default_registry())
         self.port = self.host.start(N.join_host_port(host, port))
         self.log.info("sesame tunnel host listening on {address}",
                       address=N.join_host_port(host, self.port))
 
     def stopService(self) -> Any:
-        from sesame._bridge import to_deferred
+        from sesame.bridge import to_deferred
 
         super().stopService()
         if self.host is None:
             return None
         host, self.host = self.host, None
 
-        async def stop() -> None:
-            host._draining = True
-            if host._server is not None:
-                await host._server.stop(1)
-
-        return to_deferred(host.bridge.submit(stop()))
+        return to_deferred(host.bridge.submit(host.astop(1, close_tunnels=False)))
 
 
 def makeService(options: Options) -> service.IService:
@@ -487,3 +482,7 @@ def makeService(options: Options) -> service.IService:
     elif options.subCommand == "host":
         TunnelHostService(sub["listen"]).setServiceParent(top)
     return top
+
+
+__all__ = ["HostOptions", "HubOptions", "HubService", "Options", "RemoteOptions", "RemoteService",
+           "TunnelHostService", "makeService"]

@@ -28,11 +28,11 @@ from google.protobuf import any_pb2, struct_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from sesame._server import ServiceRegistry
-from sesame._service import ReverseTunnelServer, TunnelHost, open_tunnel
-from sesame._tunnel import TunnelConnection
+from sesame.bridge._connection import TunnelConnection
 from sesame.testing import interop_pb2_grpc
 from sesame.testing.interop import InteropServicer
+from sesame.tunnel._server import ServiceRegistry
+from sesame.tunnel._service import ReverseTunnelServer, TunnelHost, open_tunnel
 
 TUNNEL_VARIANTS = ("forward-sesame", "forward-grpctunnel", "reverse-sesame", "reverse-grpctunnel")
 ALL_VARIANTS = ("direct", *TUNNEL_VARIANTS)

@@ -26,10 +26,10 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sesame._bridge import get_bridge
-from sesame._server import ServiceRegistry
-from sesame._service import ReverseTunnelServer, TunnelHost
+from sesame.bridge._loop import get_bridge
 from sesame.netconn import NetConnServicer, aio_call_factory, connectNetConn
+from sesame.tunnel._server import ServiceRegistry
+from sesame.tunnel._service import ReverseTunnelServer, TunnelHost
 
 WAIT = 10.0  # generous bound for anything that should happen "promptly"
 KiB = 1024

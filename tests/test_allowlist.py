@@ -2,7 +2,7 @@
 
 import pytest
 
-from sesame._allowlist import AddressError, Allowlist, PatternError, split_host_port
+from sesame.netconn._allowlist import AddressError, Allowlist, PatternError, split_host_port
 
 
 def test_empty_denies_everything():

@@ -1,11 +1,11 @@
 """
-Plain-call tests of the sans-IO tunnel core (:mod:`sesame._core`).
+Plain-call tests of the sans-IO tunnel core (:mod:`sesame.core._machine`).
 
 No I/O, threads or clocks: frames go in through ``receive_frame``, API calls
 change state, and the frames and events that come out are compared exactly
 with PROTOCOL.md section 2 (``sesame.type``) and section 3 (``grpctunnel.v1``).
 
-The codecs are deliberately not imported here: ``sesame._codec`` registers
+The codecs are deliberately not imported here: ``sesame.core._codec`` registers
 ``grpctunnel.v1`` protobuf symbols that collide with the grpctunnel-py test
 dependency (see tests/test_wire.py).  The core is codec-neutral, so each
 dialect is described by its flow policy and id rule instead.
@@ -15,26 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from sesame._core import (
-    GRPCTUNNEL_FLOW,
-    GRPCTUNNEL_REV0,
-    MAX_STREAM_ID,
-    MAX_STRICT_STREAM_ID,
-    SESAME_FLOW,
-    Drained,
-    FlowPolicy,
-    HeadersReceived,
-    MessageReceived,
-    RequestsEnded,
-    Role,
-    SettingsReceived,
-    StreamEnded,
-    StreamRequested,
-    StreamWritable,
-    TunnelCore,
-    TunnelTerminated,
-)
-from sesame._frames import (
+from sesame.core._frames import (
     CANCELLED,
     INTERNAL,
     INVALID_ARGUMENT,
@@ -59,6 +40,25 @@ from sesame._frames import (
     TunnelClosedError,
     TunnelError,
     WindowUpdate,
+)
+from sesame.core._machine import (
+    GRPCTUNNEL_FLOW,
+    GRPCTUNNEL_REV0,
+    MAX_STREAM_ID,
+    MAX_STRICT_STREAM_ID,
+    SESAME_FLOW,
+    Drained,
+    FlowPolicy,
+    HeadersReceived,
+    MessageReceived,
+    RequestsEnded,
+    Role,
+    SettingsReceived,
+    StreamEnded,
+    StreamRequested,
+    StreamWritable,
+    TunnelCore,
+    TunnelTerminated,
 )
 
 SESAME = (SESAME_FLOW, False)

@@ -33,22 +33,7 @@ from collections import Counter, defaultdict, deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sesame._core import (
-    GRPCTUNNEL_FLOW,
-    SESAME_FLOW,
-    Drained,
-    FlowPolicy,
-    HeadersReceived,
-    MessageReceived,
-    RequestsEnded,
-    Role,
-    StreamEnded,
-    StreamRequested,
-    StreamWritable,
-    TunnelCore,
-    TunnelTerminated,
-)
-from sesame._frames import (
+from sesame.core._frames import (
     UNAVAILABLE,
     Cancel,
     CloseStream,
@@ -63,6 +48,21 @@ from sesame._frames import (
     Settings,
     Status,
     WindowUpdate,
+)
+from sesame.core._machine import (
+    GRPCTUNNEL_FLOW,
+    SESAME_FLOW,
+    Drained,
+    FlowPolicy,
+    HeadersReceived,
+    MessageReceived,
+    RequestsEnded,
+    Role,
+    StreamEnded,
+    StreamRequested,
+    StreamWritable,
+    TunnelCore,
+    TunnelTerminated,
 )
 
 METHOD = "/pkg.Svc/Call"

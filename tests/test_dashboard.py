@@ -3,7 +3,7 @@ Hub observability: the metrics counters move as traffic flows through a real hub
 and ``/dashboard/state`` need an admin token, and the dashboard page works in a real headless
 Chromium (Debian ``chromium`` + ``chromium-driver``; ``.ci/run`` installs them).
 
-The resources are served by their own twisted.web Site on 127.0.0.1 (``sesame.dashboard.mount``
+The resources are served by their own twisted.web Site on 127.0.0.1 (``sesame.hub.dashboard.mount``
 on a bare root), the hub is the in-process fixture, clients and remotes are real.  Selenium
 blocks, so every browser step runs in a thread while the reactor serves the page.
 """
@@ -24,7 +24,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from sesame import dashboard
+from sesame.hub import dashboard
 from sesame.netconn import NetConnError
 from sesame.testing.hub import HubFixture, sesame_hub  # noqa: F401 - the fixture
 
@@ -292,8 +292,8 @@ async def test_metrics_public_serves_metrics_without_a_token(sesame_hub):  # noq
 
 
 def test_two_hubs_in_one_process_keep_separate_counters(tmp_path):
-    from sesame._store import SQLiteStore
     from sesame.hub import Hub
+    from sesame.hub.store import SQLiteStore
 
     a, b = (Hub(SQLiteStore(tmp_path / f"{n}.db")) for n in "ab")
     a.metrics.add_bytes("default", "edge-1", "r1", "in", 5)
@@ -306,8 +306,8 @@ def test_two_hubs_in_one_process_keep_separate_counters(tmp_path):
 
 
 def test_throughput_is_the_rate_over_the_window(tmp_path):
-    from sesame._store import SQLiteStore
     from sesame.hub import Hub
+    from sesame.hub.store import SQLiteStore
 
     m = Hub(SQLiteStore(tmp_path / "h.db")).metrics
     assert m.throughput(now=100.0) == {}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sesame._tls import ensure_hub_tls
+from sesame.hub.tls import ensure_hub_tls
 from tests.e2e_support import (
     PY,
     REGISTERED,

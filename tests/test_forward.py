@@ -12,7 +12,7 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
-from sesame._bridge import get_bridge
+from sesame.bridge._loop import get_bridge
 from sesame.forward import NetConnForwardFactory
 from sesame.netconn import NetConnServicer
 

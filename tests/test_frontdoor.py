@@ -20,11 +20,11 @@ from OpenSSL import SSL
 from twisted.internet import defer, endpoints, protocol, reactor, ssl
 from twisted.web import resource, server
 
-from sesame import _sniff as S
-from sesame._bridge import get_bridge, to_deferred
-from sesame._hubcall import parse_target
-from sesame._tls import ensure_hub_tls
-from sesame.frontdoor import FrontDoors
+from sesame.bridge._loop import get_bridge, to_deferred
+from sesame.hub import _sniff as S
+from sesame.hub._calls import parse_target
+from sesame.hub.frontdoor import FrontDoors
+from sesame.hub.tls import ensure_hub_tls
 from sesame.testing import hub as testing_hub
 from sesame.testing import interop_pb2, interop_pb2_grpc
 from sesame.testing.interop import add_async_servicer

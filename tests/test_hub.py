@@ -31,7 +31,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 from zope.interface.verify import verifyObject
 
-from sesame._tls import ensure_hub_tls
+from sesame.hub.tls import ensure_hub_tls
 from sesame.netconn import NetConnError
 from sesame.remote import FixedTargetServicer, agent_offers, netconn_registry
 from sesame.testing import hub as testing_hub

@@ -26,7 +26,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.error import ConnectingCancelledError
 
-from sesame._tls import ensure_hub_tls, issue_client_cert
+from sesame.hub.tls import ensure_hub_tls, issue_client_cert
 from sesame.remote import RemoteSession, agent_offers
 from sesame.testing import hub as testing_hub
 from sesame.testing.hub import HubFixture
@@ -561,7 +561,7 @@ async def test_keepalive_notices_a_silent_hub_link_and_reregisters(sesame_hub, e
         credentials=hub.tls.channel_credentials(hub.tls.ca_pem), bridge=hub.bridge,
         keepalive_time=ping, keepalive_timeout=grace, min_backoff=backoff, max_backoff=backoff)
     hub.remotes.append(session)  # stopped with the fixture
-    from sesame._bridge import to_deferred
+    from sesame.bridge._loop import to_deferred
 
     await to_deferred(hub.bridge.submit(session.astart()))
     try:

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet import defer, endpoints, protocol, reactor
 
-from sesame._tls import ensure_hub_tls, issue_client_cert
 from sesame.hub import Hub
+from sesame.hub.tls import ensure_hub_tls, issue_client_cert
 from sesame.netconn import NetConnError
 from sesame.remote import RemoteSession, agent_offers
 from sesame.testing.hub import HubFixture, escape
@@ -117,7 +117,7 @@ async def test_mtls_hub_wants_a_client_certificate(tmp_path, hub):
     (tmp_path / "client.pem").write_bytes(cert)
     (tmp_path / "client-key.pem").write_bytes(key)
     mhub = Hub(hub.store, bridge=hub.bridge)
-    from sesame._bridge import to_deferred
+    from sesame.bridge._loop import to_deferred
 
     port = await to_deferred(hub.bridge.submit(mhub.start(
         "127.0.0.1", 0, tls.server_credentials(require_client_cert=True))))

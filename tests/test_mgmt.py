@@ -27,9 +27,10 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from sesame import _names as N
-from sesame import _rest, mgmt, tap
-from sesame._http import MAX_BODY, admin_root, admin_site, check_http_endpoint
+from sesame import tap
 from sesame.admin.v1alpha1 import admin_pb2, admin_pb2_grpc
+from sesame.hub import _rest, mgmt
+from sesame.hub._http import MAX_BODY, admin_root, admin_site, check_http_endpoint
 from sesame.testing.hub import HubFixture
 from sesame.v1alpha1 import sesame_pb2, sesame_pb2_grpc
 
@@ -76,7 +77,7 @@ class Api:
 def api(tmp_path_factory):
     fx = HubFixture(tmp_path_factory.mktemp("mgmt"))
     pytest_twisted.blockon(fx.start())
-    site = admin_site(admin_root(fx.hub, fx.store))  # the --http site (sesame._http.listen_http)
+    site = admin_site(admin_root(fx.hub, fx.store))  # the --http site (sesame.hub._http.listen_http)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:
         yield Api(fx, port.getHost().port)

@@ -26,7 +26,6 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from zope.interface.verify import verifyObject
 
-from sesame._allowlist import Allowlist
 from sesame.netconn import (
     HIGH_WATER,
     METHOD,
@@ -35,6 +34,7 @@ from sesame.netconn import (
     NetConnError,
     NetConnTransport,
 )
+from sesame.netconn._allowlist import Allowlist
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 from tests.netconn_helpers import (
     WAIT,

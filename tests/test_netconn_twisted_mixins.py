@@ -60,9 +60,7 @@ from twisted.internet.test.test_tcp import (
 from twisted.test.test_tcp import MyClientFactory, MyServerFactory
 from zope.interface import implementer
 
-from sesame._bridge import get_bridge
-from sesame._server import ServiceRegistry
-from sesame._service import ReverseTunnelServer, TunnelHost
+from sesame.bridge._loop import get_bridge
 from sesame.netconn import (
     HIGH_WATER,
     NetConnAddress,
@@ -72,6 +70,8 @@ from sesame.netconn import (
     aio_call_factory,
     tunnel_call_factory,
 )
+from sesame.tunnel._server import ServiceRegistry
+from sesame.tunnel._service import ReverseTunnelServer, TunnelHost
 
 WAIT = 10.0
 CARRIERS = ("direct", "tunnel")

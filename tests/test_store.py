@@ -1,4 +1,4 @@
-"""sesame._store: tokens and hub state in a real SQLite file."""
+"""sesame.hub.store: tokens and hub state in a real SQLite file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sesame._store import (
+from sesame.hub.store import (
     DEFAULT_NAMESPACE,
     SCHEMA_VERSION,
     AlreadyExists,

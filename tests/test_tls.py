@@ -1,4 +1,4 @@
-"""sesame._tls: the hub's generated CA and certificate, exercised over real TLS with grpcio."""
+"""sesame.hub.tls: the hub's generated CA and certificate, exercised over real TLS with grpcio."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sesame._tls import (
+from sesame.hub.tls import (
     CA_CERT_FILE,
     CA_KEY_FILE,
     HUB_CERT_FILE,

@@ -21,11 +21,11 @@ import pytest
 from google.protobuf import empty_pb2, struct_pb2
 from grpc_status import rpc_status
 
-from sesame._channel import SEND_LIMIT
-from sesame._server import ServiceRegistry
-from sesame._service import ReverseTunnelServer, TunnelHost, open_tunnel
 from sesame.testing import interop_pb2 as pb
 from sesame.testing import interop_pb2_grpc as pbg
+from sesame.tunnel._channel import SEND_LIMIT
+from sesame.tunnel._server import ServiceRegistry
+from sesame.tunnel._service import ReverseTunnelServer, TunnelHost, open_tunnel
 from tests.conftest import (
     TEST_ID_KEY,
     WAIT,

@@ -48,13 +48,13 @@ from typing import Any
 from twisted.internet import defer
 
 from sesame import _names as N
-from sesame._bridge import Bridge, get_bridge, to_deferred
-from sesame._server import ServiceRegistry
-from sesame._store import SQLiteStore
-from sesame._tls import HubTLS, ensure_hub_tls
+from sesame.bridge import Bridge, get_bridge, to_deferred
 from sesame.endpoints import HubConfig
 from sesame.hub import Hub
+from sesame.hub.store import SQLiteStore
+from sesame.hub.tls import HubTLS, ensure_hub_tls
 from sesame.remote import RemoteSession, agent_offers
+from sesame.tunnel import ServiceRegistry
 
 __all__ = ["HubFixture", "HubTestMixin", "RemoteRefused", "escape"]
 
@@ -152,12 +152,7 @@ class HubFixture:
         if hub is not None:
             await hub.stop(None)
         # Client endpoints share one channel per hub; close the ones for this hub.
-        for key in [k for k in endpoints._channels if k[0] == self.target]:
-            ch = endpoints._channels.pop(key)
-            try:
-                await ch.close()
-            except Exception:  # noqa: BLE001
-                pass
+        await endpoints.close_hub_channels(self.target)
 
     def stop(self) -> defer.Deferred:
         """Stop the remotes started here and the hub; remove a temporary data dir."""

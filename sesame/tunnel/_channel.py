@@ -20,9 +20,8 @@ from typing import Any
 
 import grpc
 
-from sesame._bridge import Bridge
-from sesame._codec import status_to_proto
-from sesame._frames import (
+from sesame.bridge import Bridge, TunnelConnection
+from sesame.core import (
     CANCELLED,
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -30,8 +29,8 @@ from sesame._frames import (
     UNAVAILABLE,
     Status,
     TunnelError,
+    status_to_proto,
 )
-from sesame._tunnel import TunnelConnection
 
 _CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -411,7 +410,7 @@ class _MultiCallable:
         ch = self._channel
         if ch._closed:
             raise ValueError("Cannot invoke RPC on closed channel!")  # as grpcio
-        conn = ch._pick()
+        conn = ch.pick_connection()
         headers = tuple(metadata or ())
         if timeout is not None:
             headers = (*headers, ("grpc-timeout", encode_timeout(timeout)))
@@ -495,7 +494,7 @@ class TunnelChannel(grpc.Channel):
         with self._lock:
             self._calls.discard(call)
 
-    def _pick(self) -> TunnelConnection | None:
+    def pick_connection(self) -> TunnelConnection | None:
         if self._closed:
             return None
         conn = self._pick_fn()
@@ -527,7 +526,7 @@ class TunnelChannel(grpc.Channel):
         return self._callable(method, request_serializer, response_deserializer, True, True)
 
     def subscribe(self, callback: Callable, try_to_connect: bool = False) -> None:
-        state = grpc.ChannelConnectivity.READY if self._pick() else (
+        state = grpc.ChannelConnectivity.READY if self.pick_connection() else (
             grpc.ChannelConnectivity.TRANSIENT_FAILURE)
         callback(state)
 
@@ -536,7 +535,7 @@ class TunnelChannel(grpc.Channel):
 
     @property
     def ready(self) -> bool:
-        return self._pick() is not None
+        return self.pick_connection() is not None
 
     def close(self) -> None:
         """Cancel every call and close the tunnel(s) this channel owns."""

@@ -3,9 +3,9 @@ The hub's ``--http`` listener: one twisted.web site for operators.
 
 :func:`admin_root` builds its root resource; today it has
 
-* ``/v1alpha1/...`` — the management API as JSON REST (:mod:`sesame._rest`
-  over :class:`sesame.mgmt.Management`; docs/MANAGEMENT.md),
-* ``/dashboard``, ``/dashboard/state``, ``/metrics`` — :mod:`sesame.dashboard`
+* ``/v1alpha1/...`` — the management API as JSON REST (:mod:`sesame.hub._rest`
+  over :class:`sesame.hub.mgmt.Management`; docs/MANAGEMENT.md),
+* ``/dashboard``, ``/dashboard/state``, ``/metrics`` — :mod:`sesame.hub.dashboard`
   (admin token; ``/metrics`` without it under ``--metrics-public``),
 
 and other pages mount themselves on the same root with ``root.putChild(...)``.
@@ -58,15 +58,15 @@ def bearer_token(request: Any) -> str | None:
 
 
 def authenticate(request: Any, store: Any, *, admin: bool = False) -> Any:
-    """The live :class:`~sesame._store.TokenInfo` of the request's bearer token.
+    """The live :class:`~sesame.hub.store.TokenInfo` of the request's bearer token.
 
-    Raises :class:`sesame.mgmt.ApiError` (UNAUTHENTICATED without a valid
+    Raises :class:`sesame.hub.mgmt.ApiError` (UNAUTHENTICATED without a valid
     token; PERMISSION_DENIED when ``admin`` and the token is not an admin's).
-    Write it out with :func:`sesame._rest.error_json` of ``exc.status()``.
+    Write it out with :func:`sesame.hub._rest.error_json` of ``exc.status()``.
     """
     import grpc
 
-    from sesame.mgmt import ApiError
+    from sesame.hub.mgmt import ApiError
 
     token = bearer_token(request)
     info = store.verify(token) if token else None
@@ -81,10 +81,10 @@ def admin_root(hub: Any, store: Any = None, *, bridge: Any = None,
                metrics_public: bool = False) -> resource.Resource:
     """The ``--http`` site's root: ``/v1alpha1/`` is the REST gateway of the
     management API of ``hub`` (over ``store``, the hub's own by default), plus
-    ``/dashboard`` and ``/metrics`` (:func:`sesame.dashboard.mount`; ``/metrics``
+    ``/dashboard`` and ``/metrics`` (:func:`sesame.hub.dashboard.mount`; ``/metrics``
     without the admin token when ``metrics_public``)."""
-    from sesame import dashboard, mgmt
-    from sesame._rest import RestGateway
+    from sesame.hub import dashboard, mgmt
+    from sesame.hub._rest import RestGateway
 
     if store is None or store is getattr(hub, "store", None):
         impl = mgmt.for_hub(hub)
@@ -104,7 +104,7 @@ def check_http_endpoint(description: str) -> None:
     from twisted.internet import endpoints
 
     try:
-        args, kwargs = endpoints._parse(description)
+        args, kwargs = N.split_endpoint_description(description)
     except (ValueError, IndexError) as exc:
         raise ValueError(f"{description!r} is not a Twisted server endpoint: {exc}") from None
     kind = args[0] if args else ""
@@ -115,10 +115,12 @@ def check_http_endpoint(description: str) -> None:
             f"{description!r}: use tcp:PORT:interface=127.0.0.1 (loopback), ssl:... (TLS) or "
             "unix:PATH for the admin HTTP listener")
     try:
-        ep = endpoints.serverFromString(None, description)  # builds the object, never listens
+        endpoints.serverFromString(None, description)  # builds the object, never listens
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{description!r} is not a Twisted server endpoint: {exc}") from None
-    interface = getattr(ep, "_interface", "") or ""
+    # Where the interface sits positionally: tcp:PORT:INTERFACE:BACKLOG, tcp6:PORT:BACKLOG:INTERFACE.
+    at = 2 if kind == "tcp" else 3
+    interface = kwargs.get("interface", args[at] if len(args) > at else "")
     if not N.is_loopback(interface):
         shown = interface or ("::" if kind == "tcp6" else "0.0.0.0")
         raise ValueError(
@@ -197,7 +199,7 @@ def _access_log_line(timestamp: str, request: Any) -> str:
 
 def admin_site(root: resource.Resource) -> server.Site:
     """The ``--http`` :class:`~twisted.web.server.Site` for ``root`` (see the module docstring)."""
-    # No form parsing: every body here is JSON (sesame._rest reads the query string only).
+    # No form parsing: every body here is JSON (sesame.hub._rest reads the query string only).
     site = server.Site(root, _AdminRequest, parsePOSTFormSubmission=False,
                        logFormatter=_access_log_line)
     site.displayTracebacks = False

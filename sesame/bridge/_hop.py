@@ -1,7 +1,7 @@
 """
 Hand-offs between the bridge loop and the Twisted reactor.
 
-:class:`ReactorInbox` is the mirror of :class:`sesame._bridge.Inbox`: any
+:class:`ReactorInbox` is the mirror of :class:`sesame.bridge._loop.Inbox`: any
 thread posts callables, one ``callFromThread`` drains everything queued.
 When the reactor *is* the bridge loop (Twisted's asyncio reactor) both
 directions collapse to scheduling on the same loop.
@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from sesame._bridge import Bridge, get_bridge
+from sesame.bridge._loop import Bridge, get_bridge
 
 log = Logger()
 

@@ -3,7 +3,7 @@ Codec-neutral tunnel frames, statuses and the errors of the tunnel core.
 
 Both wire dialects (``sesame.type`` and ``grpctunnel.v1``) decode into these
 plain objects and encode from them, so the state machine in
-:mod:`sesame._core` never sees protobuf.  Nothing here does I/O.
+:mod:`sesame.core._machine` never sees protobuf.  Nothing here does I/O.
 """
 
 from __future__ import annotations

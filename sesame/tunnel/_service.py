@@ -16,13 +16,21 @@ from typing import Any
 
 import grpc
 
-from sesame._bridge import Bridge, get_bridge
-from sesame._channel import TunnelChannel, status_code
-from sesame._codec import CODECS, NEGOTIATE_KEY, Codec, GrpcTunnelCodec, SesameCodec
-from sesame._core import GRPCTUNNEL_REV0, Role
-from sesame._frames import CANCELLED, OK, Status
-from sesame._server import ServiceRegistry, stream_factory
-from sesame._tunnel import ClientOuter, ServerOuter, TunnelConnection
+from sesame.bridge import Bridge, ClientOuter, ServerOuter, TunnelConnection, get_bridge
+from sesame.core import (
+    CANCELLED,
+    CODECS,
+    GRPCTUNNEL_REV0,
+    NEGOTIATE_KEY,
+    OK,
+    Codec,
+    GrpcTunnelCodec,
+    Role,
+    SesameCodec,
+    Status,
+)
+from sesame.tunnel._channel import TunnelChannel, status_code
+from sesame.tunnel._server import ServiceRegistry, stream_factory
 
 log = logging.getLogger("sesame.service")
 
@@ -58,13 +66,13 @@ EXT_WINDOW = 4 * 1024 * 1024
 EXT_CHUNK = 256 * 1024
 
 
-def _ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
+def ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
     if codec is not SesameCodec:
         return ()
     return ((EXT_WINDOW_KEY, str(EXT_WINDOW)), (EXT_CHUNK_KEY, str(EXT_CHUNK)))
 
 
-def _ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
+def ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
     d = {k: v for k, v in md or () if k in (EXT_WINDOW_KEY, EXT_CHUNK_KEY)}
     try:
         window, chunk = int(d[EXT_WINDOW_KEY]), int(d[EXT_CHUNK_KEY])
@@ -75,7 +83,7 @@ def _ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
     return window, chunk
 
 
-def _ext_apply(conn: TunnelConnection, peer: tuple[int, int] | None, own: bool) -> None:
+def ext_apply(conn: TunnelConnection, peer: tuple[int, int] | None, own: bool) -> None:
     if not isinstance(conn.codec, SesameCodec):
         return
     pol = conn.core.policy
@@ -153,12 +161,12 @@ class TunnelHost:
             md = tuple(context.invocation_metadata() or ())
             negotiated = codec is GrpcTunnelCodec and _negotiated(md)
             await context.send_initial_metadata(
-                ((NEGOTIATE_KEY, "on"),) if negotiated else _ext_metadata(codec))
+                ((NEGOTIATE_KEY, "on"),) if negotiated else ext_metadata(codec))
             conn = TunnelConnection(
                 self.bridge, codec(Role.SERVER), ServerOuter(context), Role.SERVER,
                 on_stream=stream_factory(self.services), send_settings=negotiated,
             )
-            _ext_apply(conn, _ext_parse(md), own=True)
+            ext_apply(conn, ext_parse(md), own=True)
             if self._draining:
                 conn.core.start_drain()
             await self._run(conn, context)
@@ -172,12 +180,12 @@ class TunnelHost:
             md = tuple(context.invocation_metadata() or ())
             negotiated = codec is GrpcTunnelCodec and _negotiated(md)
             await context.send_initial_metadata(
-                ((NEGOTIATE_KEY, "on"),) if negotiated else _ext_metadata(codec))
+                ((NEGOTIATE_KEY, "on"),) if negotiated else ext_metadata(codec))
             conn = TunnelConnection(
                 self.bridge, codec(Role.CLIENT), ServerOuter(context), Role.CLIENT,
                 expect_settings=negotiated,
             )
-            _ext_apply(conn, _ext_parse(md), own=True)
+            ext_apply(conn, ext_parse(md), own=True)
             conn.start()
             if negotiated:
                 try:
@@ -267,16 +275,23 @@ class TunnelHost:
         return self.bridge.run(go())
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Drain every tunnel (new tunnelled calls refused), then stop the server."""
+        """Drain every tunnel (new tunnelled calls refused), then stop the server.
 
-        async def go() -> None:
-            self._draining = True
+        Blocks until done: call it from a thread, never from the reactor or the bridge
+        loop (there, use :meth:`astop`).
+        """
+        self.bridge.run(self.astop(grace))
+
+    async def astop(self, grace: float | None = 1.0, *, close_tunnels: bool = True) -> None:
+        """On the bridge loop: refuse new tunnelled calls, close every tunnel (unless
+        ``close_tunnels`` is false: the server's stop then cancels them after
+        ``grace`` seconds) and stop the server."""
+        self._draining = True
+        if close_tunnels:
             conns = list(self._conns)
             await asyncio.gather(*(c.aclose(grace) for c in conns), return_exceptions=True)
-            if self._server is not None:
-                await self._server.stop(grace)
-
-        self.bridge.run(go())
+        if self._server is not None:
+            await self._server.stop(grace)
 
 
 class _PathHandler(grpc.GenericRpcHandler):
@@ -319,7 +334,7 @@ async def _connect(
     codec = _codec_for(dialect)
     outer_ch = _OuterChannel(target, credentials, options)
     fwd, rev = _paths(codec)
-    md = (*tuple(metadata), *_ext_metadata(codec))
+    md = (*tuple(metadata), *ext_metadata(codec))
     if codec is GrpcTunnelCodec:
         md = (*md, (NEGOTIATE_KEY, "on"))
     call = outer_ch.channel.stream_stream(rev if reverse else fwd)(metadata=md)
@@ -336,7 +351,7 @@ async def _connect(
         send_settings=negotiated and reverse,
         expect_settings=negotiated and not reverse,
     )
-    _ext_apply(conn, None, own=True)
+    ext_apply(conn, None, own=True)
     conn.start()
     if negotiated and not reverse:
         await asyncio.wait_for(asyncio.shield(conn.settings_ready), 10)
@@ -349,9 +364,9 @@ async def _connect(
                 headers = await call.initial_metadata()
             except Exception:  # noqa: BLE001
                 return
-            _ext_apply(conn, _ext_parse(tuple(headers or ())), own=False)
+            ext_apply(conn, ext_parse(tuple(headers or ())), own=False)
 
-        conn._tasks.append(asyncio.get_running_loop().create_task(upgrade()))
+        conn.spawn(upgrade())
     return conn, outer_ch
 
 

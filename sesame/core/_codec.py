@@ -1,12 +1,12 @@
 """
 Wire codecs: protobuf tunnel frames <-> the codec-neutral frames of
-:mod:`sesame._frames`.
+:mod:`sesame.core._frames`.
 
 ``SesameCodec`` speaks ``sesame.type`` (joeycumines/sesame), ``GrpcTunnelCodec``
 speaks ``grpctunnel.v1`` (jhump/grpctunnel).  A codec is built for one role:
 the tunnel client encodes ``ClientToServer`` and decodes ``ServerToClient``,
 the tunnel server the reverse.  Decoding never raises: anything malformed
-becomes an :class:`~sesame._frames.Invalid` frame that the core turns into the
+becomes an :class:`~sesame.core._frames.Invalid` frame that the core turns into the
 right protocol error.
 """
 
@@ -18,8 +18,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
-from sesame._core import GRPCTUNNEL_FLOW, SESAME_FLOW, FlowPolicy, Role
-from sesame._frames import (
+from sesame.core._frames import (
     Cancel,
     CloseStream,
     Frame,
@@ -34,6 +33,7 @@ from sesame._frames import (
     Status,
     WindowUpdate,
 )
+from sesame.core._machine import GRPCTUNNEL_FLOW, SESAME_FLOW, FlowPolicy, Role
 from sesame.grpctunnel.v1 import tunnel_pb2 as gt_pb
 from sesame.type import grpcmetadata_pb2 as md_pb
 from sesame.type import grpctunnel_pb2 as st_pb

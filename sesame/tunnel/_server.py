@@ -19,11 +19,8 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from sesame._aserver import AsyncServedStream, is_async_handler
-from sesame._channel import SEND_LIMIT, status_code
-from sesame._codec import handler_status, parse_timeout
-from sesame._core import StreamRequested
-from sesame._frames import (
+from sesame.bridge import TunnelConnection
+from sesame.core import (
     CANCELLED,
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
@@ -31,9 +28,13 @@ from sesame._frames import (
     UNIMPLEMENTED,
     UNKNOWN,
     Status,
+    StreamRequested,
     TunnelError,
+    handler_status,
+    parse_timeout,
 )
-from sesame._tunnel import TunnelConnection
+from sesame.tunnel._aserver import AsyncServedStream, is_async_handler
+from sesame.tunnel._channel import SEND_LIMIT, status_code
 
 log = logging.getLogger("sesame.server")
 

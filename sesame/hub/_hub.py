@@ -38,79 +38,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sesame import _names as N
-from sesame._bridge import Bridge, get_bridge
-from sesame._calls import HIGH_WATER, TunnelLoopCall
-from sesame._codec import SesameCodec
-from sesame._core import Role
-from sesame._frames import CANCELLED, OK, UNAVAILABLE, Status
-from sesame._service import _ext_apply, _ext_metadata, _ext_parse
-from sesame._store import AlreadyExists, Store
-from sesame._tunnel import TunnelConnection
-from sesame._wire import only_field, wrap_field
-from sesame.metrics import HubMetrics, payload_len
+from sesame.bridge import (
+    HIGH_WATER,
+    Bridge,
+    StreamOuter,
+    TunnelConnection,
+    TunnelLoopCall,
+    get_bridge,
+    unwrap_tunnel,
+    wrap_tunnel,
+)
+from sesame.core import CANCELLED, OK, UNAVAILABLE, Role, SesameCodec, Status
+from sesame.hub.metrics import HubMetrics, payload_len
+from sesame.hub.store import AlreadyExists, Store
 from sesame.netconn import METHOD as NETCONN_METHOD
+from sesame.tunnel import ext_apply, ext_metadata, ext_parse
 from sesame.v1alpha1 import tunnel_pb2
 
 log = logging.getLogger("sesame.hub")
 
 STREAM_REQUEST_TIMEOUT = 15.0
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-# --- wrapping tunnel frames in Stream messages (field 3 in all four types) ------------
-
-
-def wrap_tunnel(frame: bytes) -> bytes:
-    """``StreamRequest{tunnel}`` / ``StreamResponse{tunnel}`` around encoded frame bytes."""
-    return wrap_field(0x1A, frame)
-
-
-def unwrap_tunnel(msg: bytes, cls: type) -> bytes | None:
-    """The frame bytes inside a Stream message, or None if it is not a tunnel frame."""
-    frame = only_field(msg, 0x1A)
-    if frame is not None:
-        return frame
-    pb = cls.FromString(msg)
-    if pb.WhichOneof("data") == "tunnel":
-        return pb.tunnel.SerializeToString()
-    return None
-
-
-class StreamOuter:
-    """Outer-stream adapter for a tunnel carried by a ``Stream`` call."""
-
-    def __init__(self, reader: Any, writer: Any, in_cls: type, peer: str,
-                 done_writing: Any = None, cancel: Any = None) -> None:
-        self._read = reader
-        self._write = writer
-        self._in_cls = in_cls
-        self._peer = peer
-        self._done_writing = done_writing
-        self._cancel = cancel
-
-    async def read(self) -> bytes | None:
-        msg = await self._read()
-        if msg is grpc.aio.EOF:
-            return None
-        frame = unwrap_tunnel(msg, self._in_cls)
-        return frame if frame is not None else b""  # b"" decodes as an invalid frame
-
-    async def write(self, data: bytes) -> None:
-        await self._write(wrap_tunnel(data))
-
-    async def done_writing(self) -> None:
-        if self._done_writing is not None:
-            await self._done_writing()
-
-    def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel()
-
-    def peer(self) -> str:
-        return self._peer
-
-    def metadata(self) -> tuple:
-        return ()
 
 
 # --- sessions ------------------------------------------------------------------------
@@ -160,7 +108,7 @@ class Hub:
         self.routes: dict[tuple[str, str, str], Session] = {}
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self.metrics = HubMetrics(self)  # /metrics and the dashboard (sesame.metrics)
+        self.metrics = HubMetrics(self)  # /metrics and the dashboard (sesame.hub.metrics)
 
     # --- auth ----------------------------------------------------------------------
 
@@ -268,7 +216,7 @@ class Hub:
     def stream_tunnel(self, outer: StreamOuter, peer_ext: tuple[int, int] | None) -> TunnelConnection:
         """The started tunnel over a remote's ``Stream``, the hub as its client."""
         conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
-        _ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
+        ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
         conn.start()
         return conn
 
@@ -278,7 +226,7 @@ class Hub:
             return f"remote {remote} does not offer endpoint {endpoint!r}"
         return f"remote {remote} is not connected"
 
-    async def _request_stream(self, session: Session, endpoint: str) -> Any:
+    async def request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
         info = self.store.verify(session.token)
         if info is None or not info.may_register(session.remote, session.namespace):
@@ -347,9 +295,9 @@ class Hub:
         if pending is None or pending.future.done():
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no outstanding stream request {sid!r} for remote {name}")
-        await context.send_initial_metadata(_ext_metadata(SesameCodec))
+        await context.send_initial_metadata(ext_metadata(SesameCodec))
         await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
-        t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (sesame.metrics)
+        t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (sesame.hub.metrics)
         await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})
                             .SerializeToString())
         ack = await context.read()
@@ -370,7 +318,7 @@ class Hub:
 
         outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer(),
                             done_writing=end_call, cancel=finish)
-        pending.future.set_result((outer, done, _ext_parse(md)))
+        pending.future.set_result((outer, done, ext_parse(md)))
         await done  # the connection using this stream is over
 
     # --- clients -----------------------------------------------------------------------
@@ -405,7 +353,7 @@ class Hub:
             self.metrics.dial_error("UNAVAILABLE", name, why)
             await context.abort(grpc.StatusCode.UNAVAILABLE, why)
         try:
-            outer, done, peer_ext = await self._request_stream(session, endpoint)
+            outer, done, peer_ext = await self.request_stream(session, endpoint)
         except _HubError as exc:
             code = _CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE)
             self.metrics.dial_error(code.name, name, exc.message)
@@ -524,8 +472,8 @@ class Hub:
     async def list_remotes(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """``Sesame/ListRemotes``: registered remotes; live state rides in metadata.
 
-        The management API (:mod:`sesame.mgmt`) serves it; kept for callers of the method."""
-        from sesame import mgmt
+        The management API (:mod:`sesame.hub.mgmt`) serves it; kept for callers of the method."""
+        from sesame.hub import mgmt
         from sesame.v1alpha1 import sesame_pb2
 
         handle = mgmt.for_hub(self)._grpc_unary(mgmt.SESAME.methods_by_name["ListRemotes"])
@@ -577,7 +525,7 @@ class _HubError(Exception):
 
 class _HubHandler(grpc.GenericRpcHandler):
     def __init__(self, hub: Hub) -> None:
-        from sesame.mgmt import for_hub
+        from sesame.hub.mgmt import for_hub
 
         self._h = {
             # the management API: sesame.v1alpha1.Sesame (incl. ListRemotes) and Admin

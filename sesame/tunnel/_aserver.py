@@ -17,18 +17,19 @@ from typing import Any
 
 import grpc
 
-from sesame._codec import handler_status, parse_timeout
-from sesame._core import StreamRequested
-from sesame._frames import (
+from sesame.bridge import TunnelConnection
+from sesame.core import (
     CANCELLED,
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
     OK,
     UNKNOWN,
     Status,
+    StreamRequested,
     TunnelError,
+    handler_status,
+    parse_timeout,
 )
-from sesame._tunnel import TunnelConnection
 
 
 def is_async_handler(handler: grpc.RpcMethodHandler) -> bool:

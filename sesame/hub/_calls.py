@@ -21,10 +21,9 @@ from typing import Any
 from twisted.internet import defer, interfaces
 from zope.interface import implementer
 
-from sesame._calls import LoopCall, TunnelLoopCall
-from sesame._frames import CANCELLED, UNAVAILABLE, Status
-from sesame._target import Target, parse_target
-from sesame._tunnel import TunnelConnection
+from sesame.bridge import LoopCall, TunnelConnection, TunnelLoopCall
+from sesame.core import CANCELLED, UNAVAILABLE, Status
+from sesame.hub._target import Target, parse_target
 
 
 class HubLoopCall(LoopCall):
@@ -51,7 +50,7 @@ class HubLoopCall(LoopCall):
             self._finish(Status(UNAVAILABLE, self.hub.unrouted(t.namespace, t.remote, t.endpoint)))
             return
         try:
-            outer, done, peer_ext = await self.hub._request_stream(session, t.endpoint)
+            outer, done, peer_ext = await self.hub.request_stream(session, t.endpoint)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - _HubError and friends become the call's status

@@ -1,27 +1,5 @@
-"""
-TCP over gRPC: ``sesame.v1alpha1.RemoteControl/NetConn`` with Twisted on
-both ends.
+"""The NetConn implementation; :mod:`sesame.netconn` is its public face."""
 
-* :class:`NetConnServicer` runs on a remote: it answers ``NetConn`` calls by
-  dialling (with Twisted, behind an :class:`~sesame._allowlist.Allowlist`
-  that denies by default) and relaying bytes both ways.
-* :func:`connectNetConn` / :class:`NetConnClientEndpoint` give a Twisted
-  protocol a transport whose far end is a TCP connection made by the remote.
-
-The gRPC side lives on the bridge loop, the Twisted side on the reactor;
-:class:`~sesame._hop.Hop` moves batches between them.  Queued writes are
-coalesced into messages of up to :data:`MAX_MESSAGE` bytes.  Both
-directions have high/low water marks, so a slow reader at either end pauses
-the writer at the other and nothing buffers without bound.
-
-Wire behaviour (PROTOCOL.md §4): one ``dial`` first, one ``conn`` reply,
-then ``bytes`` both ways.  Half-close is real TCP half-close: the client's
-``loseWriteConnection`` half-closes the call, and the remote shuts down the
-write side of its target socket while relaying the answer until the target
-closes.  A target that half-closes its side is announced with an empty
-``NetConnResponse`` (a non-``bytes`` message means end-of-stream to every
-NetConn reader) and the call stays open for the client's remaining bytes.
-"""
 
 from __future__ import annotations
 
@@ -42,10 +20,9 @@ from twisted.python.failure import Failure
 from twisted.python.log import callWithLogger
 from zope.interface import implementer
 
-from sesame._allowlist import AddressError, Allowlist, ip_literal, parse_port, split_host_port
-from sesame._bridge import Bridge, get_bridge
-from sesame._calls import AioLoopCall, LoopCall, TunnelLoopCall
-from sesame._frames import (
+from sesame._wire import only_field, wrap_field
+from sesame.bridge import AioLoopCall, Bridge, Hop, LoopCall, TunnelLoopCall, get_bridge
+from sesame.core import (
     CANCELLED,
     DEADLINE_EXCEEDED,
     INVALID_ARGUMENT,
@@ -54,8 +31,13 @@ from sesame._frames import (
     UNAVAILABLE,
     Status,
 )
-from sesame._hop import Hop
-from sesame._wire import only_field, wrap_field
+from sesame.netconn._allowlist import (
+    AddressError,
+    Allowlist,
+    ip_literal,
+    parse_port,
+    split_host_port,
+)
 from sesame.type import netaddr_pb2
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -183,7 +165,7 @@ def tunnel_call_factory(channel: Any) -> CallFactory:
     """NetConn calls inside a tunnel (a :class:`~sesame.tunnel.TunnelChannel`)."""
 
     def make(method: str, metadata: Sequence[tuple[str, Any]]) -> LoopCall:
-        conn = channel._pick()
+        conn = channel.pick_connection()
         if conn is None:
             call = LoopCall()
             call.status = Status(UNAVAILABLE, "no tunnel available")
@@ -700,7 +682,7 @@ def connectNetConn(
         make = _shared_factories.get(target)
         if make is None:
             make = _shared_factories[target] = aio_call_factory(target, bridge=hop.bridge)
-    elif callable(target) and not hasattr(target, "_pick"):
+    elif callable(target) and not hasattr(target, "pick_connection"):
         make = target
     else:
         make = tunnel_call_factory(target)

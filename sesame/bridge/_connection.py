@@ -1,5 +1,5 @@
 """
-A live tunnel: a :class:`~sesame._core.TunnelCore` driven by one outer
+A live tunnel: a :class:`~sesame.core._machine.TunnelCore` driven by one outer
 ``grpc.aio`` bidi call, on the bridge loop.
 
 :class:`TunnelConnection` reads outer messages, feeds the core, dispatches
@@ -17,16 +17,18 @@ from typing import Any, Protocol
 
 import grpc
 
-from sesame import _core
-from sesame._bridge import Bridge
-from sesame._codec import Codec
-from sesame._core import Role, TunnelCore
-from sesame._frames import (
+from sesame import core as _core
+from sesame._wire import only_field, wrap_field
+from sesame.bridge._loop import Bridge
+from sesame.core import (
     CANCELLED,
     UNAVAILABLE,
+    Codec,
     Frame,
+    Role,
     Settings,
     Status,
+    TunnelCore,
 )
 
 log = logging.getLogger("sesame.tunnel")
@@ -102,6 +104,62 @@ class ServerOuter:
         return tuple(self.context.invocation_metadata() or ())
 
 
+# --- wrapping tunnel frames in Stream messages (field 3 in all four types) ------------
+
+
+def wrap_tunnel(frame: bytes) -> bytes:
+    """``StreamRequest{tunnel}`` / ``StreamResponse{tunnel}`` around encoded frame bytes."""
+    return wrap_field(0x1A, frame)
+
+
+def unwrap_tunnel(msg: bytes, cls: type) -> bytes | None:
+    """The frame bytes inside a Stream message, or None if it is not a tunnel frame."""
+    frame = only_field(msg, 0x1A)
+    if frame is not None:
+        return frame
+    pb = cls.FromString(msg)
+    if pb.WhichOneof("data") == "tunnel":
+        return pb.tunnel.SerializeToString()
+    return None
+
+
+class StreamOuter:
+    """Outer-stream adapter for a tunnel carried by a ``Stream`` call."""
+
+    def __init__(self, reader: Any, writer: Any, in_cls: type, peer: str,
+                 done_writing: Any = None, cancel: Any = None) -> None:
+        self._read = reader
+        self._write = writer
+        self._in_cls = in_cls
+        self._peer = peer
+        self._done_writing = done_writing
+        self._cancel = cancel
+
+    async def read(self) -> bytes | None:
+        msg = await self._read()
+        if msg is grpc.aio.EOF:
+            return None
+        frame = unwrap_tunnel(msg, self._in_cls)
+        return frame if frame is not None else b""  # b"" decodes as an invalid frame
+
+    async def write(self, data: bytes) -> None:
+        await self._write(wrap_tunnel(data))
+
+    async def done_writing(self) -> None:
+        if self._done_writing is not None:
+            await self._done_writing()
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def metadata(self) -> tuple:
+        return ()
+
+
 class StreamHandler(Protocol):
     """Receives the core's per-stream events (client call or served stream)."""
 
@@ -117,7 +175,7 @@ class TunnelConnection:
     One tunnel on the bridge loop.
 
     :param on_stream: server role only; called with (connection, event) for
-        each :class:`~sesame._core.StreamRequested` and must return the
+        each :class:`~sesame.core._machine.StreamRequested` and must return the
         stream's :class:`StreamHandler` (or refuse the stream itself and
         return ``None``).
     """
@@ -172,6 +230,12 @@ class TunnelConnection:
         self._writer_task = self.loop.create_task(self._writer())
         self._tasks.append(self.loop.create_task(self._reader()))
         self._tasks.append(self._writer_task)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of this tunnel: cancelled when the tunnel closes."""
+        task = self.loop.create_task(coro)
+        self._tasks.append(task)
+        return task
 
     async def run(self) -> Status:
         """Start (if needed) and wait until the tunnel is over."""

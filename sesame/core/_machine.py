@@ -2,7 +2,7 @@
 The tunnel state machine: gRPC calls multiplexed over one message stream.
 
 Sans-IO in the manner of h2's ``H2Connection``: codec-neutral frames
-(:mod:`sesame._frames`) go in through :meth:`TunnelCore.receive_frame`, API
+(:mod:`sesame.core._frames`) go in through :meth:`TunnelCore.receive_frame`, API
 calls change state, and two queues come out: frames to write
 (:meth:`TunnelCore.data_to_send`) and events for the adapter
 (:meth:`TunnelCore.take_events`).  There are no threads, sockets, clocks,
@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sesame._frames import (
+from sesame.core._frames import (
     CANCELLED,
     INTERNAL,
     INVALID_ARGUMENT,
@@ -87,7 +87,7 @@ class FlowPolicy:
     # fixed 65,535 (+ one 16,256 chunk), return credit at the protocol's
     # threshold: a peer that never learned our larger window would wait
     # for an update we were batching (see the window extension in
-    # sesame._service).
+    # sesame.tunnel._service).
     compat_threshold: int = 26214
     compat_outstanding: int = 65535 + 16256
 

@@ -19,7 +19,7 @@ suffixes), and turns an HTTP request into the method's request message:
 
 JSON goes through :mod:`google.protobuf.json_format` both ways.  The call
 itself is ``call(method, request, token)``, a coroutine run on the bridge
-loop (:meth:`sesame._bridge.Bridge.deferred`), so the reactor never blocks.
+loop (:meth:`sesame.bridge._loop.Bridge.deferred`), so the reactor never blocks.
 
 Errors are Google JSON error bodies,
 ``{"error": {"code": 404, "message": ..., "status": "NOT_FOUND", "details": [...]}}``,
@@ -324,7 +324,7 @@ class RestGateway(resource.Resource):
 
     :param call: ``call(method, request, token) -> coroutine`` of the response
         message; it raises an exception with a ``status()`` method returning a
-        ``google.rpc.Status`` (such as :class:`sesame.mgmt.ApiError`) to fail.
+        ``google.rpc.Status`` (such as :class:`sesame.hub.mgmt.ApiError`) to fail.
     :param token_of: the bearer token of a twisted.web request, or None.
     :param bridge: where ``call`` runs; the process-wide bridge by default.
     """
@@ -368,7 +368,7 @@ class RestGateway(resource.Resource):
         except Exception:
             log.exception("cannot build a %s request", binding.method.full_name)
             return self._fail(request, 500, "INTERNAL", "internal error")
-        from sesame._bridge import get_bridge
+        from sesame.bridge import get_bridge
 
         bridge = self._bridge or get_bridge()
         gone: list[bool] = [False]

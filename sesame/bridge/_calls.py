@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from sesame._frames import CANCELLED, UNAVAILABLE, Status, TunnelError
-from sesame._tunnel import TunnelConnection
+from sesame.bridge._connection import TunnelConnection
+from sesame.core import CANCELLED, UNAVAILABLE, Status, TunnelError
 
 MessageCallback = Callable[[bytes], None]
 EndCallback = Callable[[Status, tuple], None]

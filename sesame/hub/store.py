@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sesame import _names as N
+
 __all__ = [
     "DEFAULT_NAMESPACE",
     "ROUTE_KINDS",
@@ -66,7 +68,7 @@ __all__ = [
     "parse_token",
 ]
 
-DEFAULT_NAMESPACE = "default"
+DEFAULT_NAMESPACE = N.DEFAULT_NAMESPACE
 TokenKind = Literal["remote", "client", "admin"]
 TOKEN_KINDS: tuple[str, ...] = ("remote", "client", "admin")
 #: Front-door route kinds: a hub TCP listener, an HTTP virtual host, a TLS SNI name,
@@ -251,15 +253,19 @@ def server_description_problem(description: str) -> str | None:
     from twisted.internet import endpoints
 
     try:
-        args, _ = endpoints._parse(description)
+        args, _ = N.split_endpoint_description(description)
         kind = args[0] if args else ""
         if kind in ("tcp", "tcp6", "unix"):
             endpoints.serverFromString(None, description)  # builds the endpoint object only
-        elif kind not in endpoints._serverParsers and kind not in _server_plugin_prefixes():
+        elif kind not in _BUILTIN_SERVER_TYPES and kind not in _server_plugin_prefixes():
             return f"unknown endpoint type {kind!r}"
     except (ValueError, TypeError, IndexError) as exc:
         return str(exc) or type(exc).__name__
     return None
+
+
+#: Server endpoint types Twisted parses itself; the rest come from plugins.
+_BUILTIN_SERVER_TYPES = frozenset({"tcp", "unix", "ssl"})
 
 
 def _check_tcp_match(match: str) -> None:
@@ -964,7 +970,7 @@ class SQLiteStore(Store):
         if not isinstance(target, str) or not target.strip():
             raise InvalidArgument("target", "must be a non-empty string")
         _check_text("target", target)
-        from sesame._target import parse_target
+        from sesame.hub._target import parse_target
 
         try:
             parse_target(target)

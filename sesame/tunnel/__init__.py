@@ -14,10 +14,27 @@ joeycumines/sesame) and ``dialect="grpctunnel"`` (``grpctunnel.v1``,
 jhump/grpctunnel).
 """
 
-from sesame._bridge import Bridge, get_bridge
-from sesame._channel import TunnelChannel, encode_timeout
-from sesame._server import ServiceRegistry, TunnelServicerContext, parse_timeout
-from sesame._service import DIALECTS, ReverseTunnelServer, TunnelHost, open_tunnel
+from sesame.bridge import Bridge, get_bridge
+from sesame.tunnel._channel import TunnelChannel, encode_timeout
+
+# stream_factory and ext_*: for the layers above (remote agent, hub); not in __all__.
+from sesame.tunnel._server import (
+    ServiceRegistry,
+    TunnelServicerContext,
+    parse_timeout,
+    stream_factory,  # noqa: F401
+)
+
+# Used by the layers above (remote agent, hub); not part of the public __all__.
+from sesame.tunnel._service import (  # noqa: F401
+    DIALECTS,
+    ReverseTunnelServer,
+    TunnelHost,
+    ext_apply,
+    ext_metadata,
+    ext_parse,
+    open_tunnel,
+)
 
 __all__ = [
     "DIALECTS",

@@ -1,0 +1,52 @@
+"""
+What the entry points share: the one-line :class:`CLIError`, opening the hub's store
+from ``--data-dir``, and the default service registry a demo or agent serves.
+
+Below :mod:`sesame.cli`, :mod:`sesame.tap` and :mod:`sesame._routecli`, so none of them
+needs to import another (they used to, in a cycle).  Importing this module loads no
+grpc: ``sesame token list`` stays a small SQLite program.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sesame.hub.store import SQLiteStore
+    from sesame.tunnel import ServiceRegistry
+
+
+class CLIError(Exception):
+    """A one-line error for the user."""
+
+
+def open_store(data_dir: str) -> SQLiteStore:
+    """The hub's SQLite store in ``data_dir`` (``hub.db``).
+
+    :raises CLIError: when ``data_dir`` does not exist (the hub creates it on first start).
+    """
+    from sesame.hub.store import SQLiteStore
+
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise CLIError(f"--data-dir: {data_dir} does not exist (start the hub once, or create it)")
+    return SQLiteStore(path / "hub.db")
+
+
+def default_registry() -> ServiceRegistry:
+    """A :class:`~sesame.tunnel.ServiceRegistry` serving ``grpc.health.v1.Health`` (status
+    SERVING) and server reflection: what ``sesame demo`` and a bare tunnel host offer."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from sesame.tunnel import ServiceRegistry
+
+    reg = ServiceRegistry()
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, reg)
+    reflection.enable_server_reflection(
+        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), reg)
+    return reg

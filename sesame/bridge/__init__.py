@@ -1,0 +1,65 @@
+"""The bridge: every thread sesame starts lives here.
+
+One grpc.aio event loop (the reactor's own loop under Twisted's asyncio reactor, else one
+dedicated thread), the batched hand-off between it and the reactor (:class:`Hop`), the
+per-call adapters that move messages between grpc.aio calls and the reactor
+(:class:`LoopCall` and friends) and :class:`TunnelConnection`, which runs a
+:class:`~sesame.core.TunnelCore` over one outer gRPC stream.  Internal: the names below
+are the API of the layers above (``sesame.tunnel``, ``sesame.netconn``, the hub).
+"""
+
+from __future__ import annotations
+
+from sesame.bridge._calls import (
+    HIGH_WATER,
+    LOW_WATER,
+    AioLoopCall,
+    EndCallback,
+    LoopCall,
+    MessageCallback,
+    TunnelLoopCall,
+)
+from sesame.bridge._connection import (
+    ClientOuter,
+    OuterStream,
+    ServerOuter,
+    StreamHandler,
+    StreamOuter,
+    TunnelConnection,
+    unwrap_tunnel,
+    wrap_tunnel,
+)
+from sesame.bridge._hop import (
+    Hop,
+    ReactorInbox,
+)
+from sesame.bridge._loop import (
+    Bridge,
+    Inbox,
+    get_bridge,
+    to_deferred,
+)
+
+__all__ = [
+    "AioLoopCall",
+    "Bridge",
+    "ClientOuter",
+    "EndCallback",
+    "HIGH_WATER",
+    "Hop",
+    "Inbox",
+    "LOW_WATER",
+    "LoopCall",
+    "MessageCallback",
+    "OuterStream",
+    "ReactorInbox",
+    "ServerOuter",
+    "StreamHandler",
+    "StreamOuter",
+    "TunnelConnection",
+    "TunnelLoopCall",
+    "get_bridge",
+    "to_deferred",
+    "unwrap_tunnel",
+    "wrap_tunnel",
+]

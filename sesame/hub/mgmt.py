@@ -1,0 +1,754 @@
+"""
+The management API: ``sesame.v1alpha1.Sesame`` (remotes and endpoints,
+PROTOCOL.md §1.6 and §5.3) and sesame's own ``sesame.admin.v1alpha1.Admin``
+(namespaces, tokens, front-door routes), over the hub's store.
+
+One implementation, :class:`Management`, serves both faces: gRPC on the hub's
+port (:meth:`Management.grpc_handlers`, installed by the hub's handler) and
+JSON REST on the ``--http`` listener (:mod:`sesame.hub._rest`, which calls
+:meth:`Management.call`).  Everything runs on the bridge loop.
+
+Semantics follow the Google API design guide (AIPs 122, 131-135, 158, 193):
+
+* Resource names ``namespaces/{ns}``, ``namespaces/{ns}/remotes/{r}``,
+  ``namespaces/{ns}/remotes/{r}/endpoints/{e}``, ``tokens/{id}``,
+  ``routes/{id}``.  ``namespaces/-`` as a ListRemotes parent (or no parent,
+  which ``sesame remotes`` sends) lists every namespace.
+* Create takes ``parent`` and an optional ``resource_id`` (generated when
+  empty); ``ALREADY_EXISTS`` on conflict.  Output-only ``create_time`` in a
+  request is ignored; a ``name`` that disagrees with the request is refused.
+* Update applies ``update_mask`` (``*`` = every updatable field; no mask =
+  the fields set in the body); unknown paths are ``INVALID_ARGUMENT`` naming
+  ``update_mask``; output-only paths are ignored.
+* List pages with ``page_size`` (0: :data:`DEFAULT_PAGE_SIZE`, capped at
+  :data:`MAX_PAGE_SIZE`) and an opaque ``page_token`` bound to the other
+  request fields; a token that is not ours, or reused with different fields,
+  is ``INVALID_ARGUMENT`` naming ``page_token``.
+* Errors are ``google.rpc.Status`` with details: ``BadRequest`` field
+  violations for ``INVALID_ARGUMENT`` (and the conflicting field for
+  ``ALREADY_EXISTS``), ``ResourceInfo`` for ``NOT_FOUND`` / ``ALREADY_EXISTS``,
+  ``PreconditionFailure`` for ``FAILED_PRECONDITION``.
+
+Authorization (``authorization: Bearer <token>``, checked against the store
+on every call): no valid token is ``UNAUTHENTICATED``; reads of remotes and
+endpoints need a token that may list that remote (a client token sees the
+remotes its pattern matches, an admin token all); every write, and tokens and
+routes, need an admin token (``PERMISSION_DENIED`` otherwise); a client token
+may read its own namespace.  Token secrets appear only in the
+``CreateToken`` response, never in errors or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import inspect
+import json
+import logging
+import re
+import secrets
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from sesame import _names as N
+from sesame.admin.v1alpha1 import admin_pb2
+from sesame.hub.store import (
+    DEFAULT_NAMESPACE,
+    AlreadyExists,
+    EndpointRecord,
+    InvalidArgument,
+    NamespaceRecord,
+    NotFound,
+    RemoteRecord,
+    RouteRecord,
+    Store,
+    StoreError,
+    TokenInfo,
+)
+from sesame.v1alpha1 import sesame_pb2
+
+__all__ = [
+    "ADMIN",
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "SERVICES",
+    "SESAME",
+    "ApiError",
+    "Management",
+    "for_hub",
+]
+
+log = logging.getLogger("sesame.mgmt")
+
+SESAME: ServiceDescriptor = sesame_pb2.DESCRIPTOR.services_by_name["Sesame"]
+ADMIN: ServiceDescriptor = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+#: The services :class:`Management` implements (and the REST gateway exposes).
+SERVICES: tuple[ServiceDescriptor, ...] = (SESAME, ADMIN)
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+_UNAUTHENTICATED = "missing, invalid or revoked token"  # `sesame remotes` shows this verbatim
+_ID_RE = re.compile(r"[0-9a-f]{12}\Z")
+_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def method_path(method: MethodDescriptor) -> str:
+    """``/package.Service/Method``."""
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A failed management call: a gRPC code, a message and ``google.rpc`` details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *,
+                 violations: Sequence[tuple[str, str]] = (),
+                 resource: tuple[str, str] | None = None,
+                 precondition: tuple[str, str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = list(violations)  # (field, description)
+        self.resource = resource  # (resource_type, resource_name)
+        self.precondition = precondition  # (type, subject, description)
+
+    def status(self) -> status_pb2.Status:
+        st = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.violations:
+            br = error_details_pb2.BadRequest()
+            for field, description in self.violations:
+                br.field_violations.add(field=field, description=description)
+            st.details.add().Pack(br)
+        if self.resource:
+            rtype, rname = self.resource
+            info = error_details_pb2.ResourceInfo(resource_type=rtype, resource_name=rname)
+            st.details.add().Pack(info)
+        if self.precondition:
+            kind, subject, description = self.precondition
+            pf = error_details_pb2.PreconditionFailure()
+            pf.violations.add(type=kind, subject=subject, description=description)
+            st.details.add().Pack(pf)
+        return st
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.code.name}, {self.message!r})"
+
+
+def _invalid(field: str, description: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}",
+                    violations=[(field, description)])
+
+
+def _denied(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+_RESOURCE_TYPES = {
+    "namespace": "sesame.v1alpha1.Namespace",
+    "remote": "sesame.v1alpha1.Remote",
+    "endpoint": "sesame.v1alpha1.Endpoint",
+    "token": "sesame.admin.v1alpha1.Token",
+    "route": "sesame.admin.v1alpha1.Route",
+}
+
+
+def _from_store(exc: StoreError, fields: dict[str, str], names: dict[str, str]) -> ApiError:
+    """Map a store error to an :class:`ApiError`.
+
+    ``fields`` maps the store's argument names to request field paths;
+    ``names`` maps resource kinds (namespace, remote, ...) to the resource
+    names the request referred to.
+    """
+    if isinstance(exc, InvalidArgument):
+        return _invalid(fields.get(exc.field, exc.field), exc.reason)
+    if isinstance(exc, NotFound):
+        name = names.get(exc.field, str(exc.value))
+        return ApiError(grpc.StatusCode.NOT_FOUND, f"{name} not found",
+                        resource=(_RESOURCE_TYPES.get(exc.field, exc.field), name))
+    if isinstance(exc, AlreadyExists):
+        name = names.get(exc.field, str(exc.value))
+        field = fields.get(exc.field, exc.field)
+        return ApiError(grpc.StatusCode.ALREADY_EXISTS, f"{name} already exists",
+                        violations=[(field, f"{name} already exists")],
+                        resource=(_RESOURCE_TYPES.get(exc.field, exc.field), name))
+    return ApiError(grpc.StatusCode.INTERNAL, "store error")
+
+
+# --- names and pages ------------------------------------------------------------------
+
+
+def _ids(field: str, value: str, *collections: str) -> list[str]:
+    """``namespaces/a/remotes/b`` with collections (namespaces, remotes) → [a, b]."""
+    parts = value.split("/")
+    shape = "/".join(f"{c}/{{{c[:-1]}}}" for c in collections)
+    if not value:
+        raise _invalid(field, f"required: {shape}")
+    if len(parts) != 2 * len(collections) or parts[0::2] != list(collections):
+        raise _invalid(field, f"expected {shape}")
+    ids = parts[1::2]
+    for c, i in zip(collections, ids, strict=True):
+        if not N.valid_name(i):
+            raise _invalid(field, f"bad {c[:-1]} id in {shape}: 1-63 letters, digits, "
+                           "'.', '_' or '-', starting with a letter or digit")
+    return ids
+
+
+def _resource_id(field: str, value: str, prefix: str) -> str:
+    if not value:
+        return f"{prefix}-{secrets.token_hex(4)}"
+    if not N.valid_name(value):
+        raise _invalid(field, "must be 1-63 letters, digits, '.', '_' or '-', starting with a "
+                       "letter or digit")
+    return value
+
+
+def _fingerprint(request: Message) -> str:
+    """What a page token is bound to: the request minus its paging fields."""
+    rest = type(request)()
+    rest.CopyFrom(request)
+    rest.ClearField("page_size")
+    rest.ClearField("page_token")
+    return hashlib.sha256(rest.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def _page(request: Message, items: Iterable[Any], key: Callable[[Any], str]) -> tuple[list, str]:
+    """One page of ``items`` (sorted here by ``key``) and the next page's token."""
+    size = request.page_size
+    if size < 0:
+        raise _invalid("page_size", "must not be negative")
+    size = min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    fp = _fingerprint(request)
+    after = None
+    if request.page_token:
+        try:
+            pad = "=" * (-len(request.page_token) % 4)
+            got_fp, after = json.loads(base64.urlsafe_b64decode(request.page_token + pad))
+            if got_fp != fp or not isinstance(after, str):
+                raise ValueError
+        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+            raise _invalid("page_token", "not a page token of this list (or the other request "
+                           "fields changed)") from None
+    ordered = sorted(items, key=key)
+    rest = [i for i in ordered if after is None or key(i) > after]
+    page = rest[:size]
+    token = ""
+    if len(rest) > size:
+        raw = json.dumps([fp, key(page[-1])]).encode()
+        token = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return page, token
+
+
+def _mask(request: Message, body: Message, body_field: str, updatable: Sequence[str],
+          output_only: Sequence[str] = ("name", "create_time")) -> list[str]:
+    """The updatable fields an Update request changes."""
+    if request.HasField("update_mask") and request.update_mask.paths:
+        paths: list[str] = []
+        for p in request.update_mask.paths:
+            if p == "*":
+                paths.extend(updatable)
+            elif p in updatable:
+                paths.append(p)
+            elif p in output_only:
+                continue
+            else:
+                raise _invalid("update_mask", f"unknown or immutable field {p!r} of {body_field} "
+                               f"(updatable: {', '.join(updatable)})")
+        return list(dict.fromkeys(paths))
+    return [f.name for f, _ in body.ListFields() if f.name in updatable]
+
+
+def _ts(msg: Any, seconds: float) -> None:
+    msg.FromNanoseconds(int(seconds * 1e9))
+
+
+# --- resources as messages ------------------------------------------------------------
+
+
+def remote_pb(r: RemoteRecord) -> sesame_pb2.Remote:
+    pb = sesame_pb2.Remote(name=r.resource_name, display_name=r.display_name,
+                           description=r.description)
+    _ts(pb.create_time, r.create_time)
+    return pb
+
+
+def endpoint_pb(e: EndpointRecord) -> sesame_pb2.Endpoint:
+    pb = sesame_pb2.Endpoint(name=e.resource_name, display_name=e.display_name,
+                             description=e.description)
+    _ts(pb.create_time, e.create_time)
+    pb.spec.tunnel.SetInParent()  # the only kind of endpoint there is
+    return pb
+
+
+def namespace_pb(n: NamespaceRecord) -> admin_pb2.Namespace:
+    pb = admin_pb2.Namespace(name=n.resource_name)
+    _ts(pb.create_time, n.create_time)
+    return pb
+
+
+def token_pb(t: TokenInfo) -> admin_pb2.Token:
+    pb = admin_pb2.Token(name=f"tokens/{t.id}", kind=t.kind, namespace=t.namespace,
+                         remote=t.remote or "", pattern=t.pattern or "")
+    _ts(pb.create_time, t.create_time)
+    if t.revoke_time is not None:
+        _ts(pb.revoke_time, t.revoke_time)
+    return pb
+
+
+def route_pb(r: RouteRecord) -> admin_pb2.Route:
+    pb = admin_pb2.Route(name=f"routes/{r.id}", kind=r.kind, match=r.match, target=r.target)
+    _ts(pb.create_time, r.created)
+    return pb
+
+
+# --- the implementation ---------------------------------------------------------------
+
+
+def _snake(name: str) -> str:
+    return _SNAKE.sub("_", name).lower()
+
+
+class Management:
+    """The ``Sesame`` and ``Admin`` services over ``store``, for ``hub``.
+
+    :meth:`call` is the entry point of both faces; the per-method coroutines
+    (``create_remote``, ``list_tokens``, ...) take the request message and the
+    caller's :class:`TokenInfo` and return the response message or raise
+    :class:`ApiError`.
+    """
+
+    def __init__(self, hub: Any, store: Store) -> None:
+        self.hub = hub
+        self.store = store
+        self._impl: dict[str, Callable[[Message, TokenInfo], Coroutine[Any, Any, Message]]] = {}
+        for svc in SERVICES:
+            for m in svc.methods:
+                fn = getattr(self, _snake(m.name), None)
+                if fn is not None and not (m.client_streaming or m.server_streaming):
+                    self._impl[m.full_name] = fn
+
+    # --- entry points ---------------------------------------------------------------
+
+    def authenticate(self, token: str | None, what: str = "management API") -> TokenInfo:
+        """The live token ``token`` is; :class:`ApiError` UNAUTHENTICATED otherwise."""
+        info = self.store.verify(token) if token else None
+        if info is None:
+            self._auth_failure("client", f"{what}: {_UNAUTHENTICATED}")
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        return info
+
+    def _auth_failure(self, kind: str, message: str) -> None:
+        metrics = getattr(self.hub, "metrics", None)
+        if metrics is not None:
+            metrics.auth_failure(kind, message=message)
+
+    async def call(self, method: MethodDescriptor, request: Message, token: str | None) -> Message:
+        """(bridge loop) Authenticate ``token`` and run ``method``; raises :class:`ApiError`."""
+        info = self.authenticate(token, method.name)
+        return await self.dispatch(method, request, info)
+
+    async def dispatch(self, method: MethodDescriptor, request: Message, info: TokenInfo) -> Message:
+        fn = self._impl.get(method.full_name)
+        if fn is None:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                           f"{method.full_name} is not implemented by this hub")
+        try:
+            return await fn(request, info)
+        except ApiError as exc:
+            if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+                self._auth_failure(info.kind, f"{method.name}: {exc.message}")
+            raise
+        except StoreError as exc:  # one the method did not map itself
+            raise _from_store(exc, {}, {}) from None
+        except Exception:
+            log.exception("%s failed", method.full_name)
+            raise ApiError(grpc.StatusCode.INTERNAL, "internal error") from None
+
+    def grpc_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """``{'/sesame.v1alpha1.Sesame/GetRemote': handler, ...}`` for the unary methods."""
+        out: dict[str, grpc.RpcMethodHandler] = {}
+        for svc in SERVICES:
+            for m in svc.methods:
+                if m.client_streaming or m.server_streaming:
+                    continue  # Proxy: not served; grpc answers UNIMPLEMENTED
+                in_cls = message_factory.GetMessageClass(m.input_type)
+                out_cls = message_factory.GetMessageClass(m.output_type)
+                out[method_path(m)] = grpc.unary_unary_rpc_method_handler(
+                    self._grpc_unary(m), request_deserializer=in_cls.FromString,
+                    response_serializer=out_cls.SerializeToString)
+        return out
+
+    def _grpc_unary(self, method: MethodDescriptor) -> Callable[..., Any]:
+        live = method.full_name == "sesame.v1alpha1.Sesame.ListRemotes"
+
+        async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                info = self.authenticate(N.bearer(tuple(context.invocation_metadata() or ())),
+                                         method.name)
+                resp = await self.dispatch(method, request, info)
+            except ApiError as exc:
+                st = rpc_status.to_status(exc.status())
+                await context.abort(st.code, st.details, trailing_metadata=st.trailing_metadata)
+            if live:  # `sesame remotes` reads connected state from this header
+                md = json.dumps(self.hub.live_view(info, self._list_namespace(request)))
+                await context.send_initial_metadata(((N.MD_LIVE, md),))
+            return resp
+
+        return handle
+
+    # --- authorization ------------------------------------------------------------------
+
+    @staticmethod
+    def _require_admin(info: TokenInfo) -> None:
+        if info.kind != "admin":
+            raise _denied("this needs an admin token")
+
+    @staticmethod
+    def _require_list(info: TokenInfo, ns: str, remote: str) -> None:
+        if not info.may_list(remote, ns):
+            raise _denied(f"this token may not see {N.resource_name(ns, remote)}")
+
+    async def _routes_changed(self) -> None:
+        hook = getattr(self.hub, "on_routes_changed", None)
+        if hook is None:
+            return
+        try:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # the change is stored; the front doors catch up on restart
+            log.exception("on_routes_changed failed")
+
+    # --- Sesame: remotes ----------------------------------------------------------------
+
+    @staticmethod
+    def _list_namespace(request: Any) -> str | None:
+        if request.parent in ("", "namespaces/-"):
+            return None
+        return _ids("parent", request.parent, "namespaces")[0]
+
+    @staticmethod
+    def _remote_names(ns: str, remote: str) -> dict[str, str]:
+        return {"namespace": f"namespaces/{ns}", "remote": N.resource_name(ns, remote)}
+
+    async def create_remote(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        (ns,) = _ids("parent", req.parent, "namespaces")
+        rid = _resource_id("resource_id", req.resource_id, "remote")
+        if req.remote.name and req.remote.name != N.resource_name(ns, rid):
+            raise _invalid("remote.name", "output only: name the remote with resource_id")
+        try:
+            rec = self.store.create_remote(rid, namespace=ns, display_name=req.remote.display_name,
+                                           description=req.remote.description)
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "resource_id", "remote": "resource_id",
+                                    "namespace": "parent",
+                                    "display_name": "remote.display_name",
+                                    "description": "remote.description"},
+                              self._remote_names(ns, rid)) from None
+        return remote_pb(rec)
+
+    async def get_remote(self, req: Any, info: TokenInfo) -> Message:
+        ns, r = _ids("name", req.name, "namespaces", "remotes")
+        self._require_list(info, ns, r)
+        try:
+            return remote_pb(self.store.get_remote(r, ns))
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name"}, self._remote_names(ns, r)) from None
+
+    async def list_remotes(self, req: Any, info: TokenInfo) -> Message:
+        ns = self._list_namespace(req)
+        try:
+            records = self.store.list_remotes(ns)
+        except StoreError as exc:
+            raise _from_store(exc, {"namespace": "parent"},
+                              {"namespace": f"namespaces/{ns}"}) from None
+        visible = [r for r in records if info.may_list(r.name, r.namespace)]
+        page, token = _page(req, visible, lambda r: r.resource_name)
+        return sesame_pb2.ListRemotesResponse(remotes=[remote_pb(r) for r in page],
+                                              next_page_token=token)
+
+    async def update_remote(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        ns, r = _ids("name", req.name, "namespaces", "remotes")
+        if req.remote.name and req.remote.name != req.name:
+            raise _invalid("remote.name", "must be empty or equal to name")
+        paths = _mask(req, req.remote, "remote", ("display_name", "description"))
+        changes = {p: getattr(req.remote, p) for p in paths}
+        try:
+            return remote_pb(self.store.update_remote(r, ns, **changes))
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name", "display_name": "remote.display_name",
+                                    "description": "remote.description"},
+                              self._remote_names(ns, r)) from None
+
+    async def delete_remote(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        ns, r = _ids("name", req.name, "namespaces", "remotes")
+        try:
+            self.store.delete_remote(r, ns)
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name"}, self._remote_names(ns, r)) from None
+        return empty_pb2.Empty()
+
+    # --- Sesame: endpoints ----------------------------------------------------------------
+
+    @staticmethod
+    def _endpoint_names(ns: str, r: str, e: str = "") -> dict[str, str]:
+        names = {"namespace": f"namespaces/{ns}", "remote": N.resource_name(ns, r)}
+        if e:
+            names["endpoint"] = f"{N.resource_name(ns, r)}/endpoints/{e}"
+        return names
+
+    @staticmethod
+    def _check_spec(spec: Any, field: str) -> None:
+        if spec.WhichOneof("data") not in (None, "tunnel"):
+            raise _invalid(field, "only tunnel endpoints exist")
+
+    async def create_endpoint(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        ns, r = _ids("parent", req.parent, "namespaces", "remotes")
+        eid = _resource_id("resource_id", req.resource_id, "endpoint")
+        if req.endpoint.name and req.endpoint.name != f"{req.parent}/endpoints/{eid}":
+            raise _invalid("endpoint.name", "output only: name the endpoint with resource_id")
+        self._check_spec(req.endpoint.spec, "endpoint.spec")
+        try:
+            rec = self.store.create_endpoint(r, eid, namespace=ns,
+                                             display_name=req.endpoint.display_name,
+                                             description=req.endpoint.description)
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "resource_id", "endpoint": "resource_id",
+                                    "namespace": "parent",
+                                    "display_name": "endpoint.display_name",
+                                    "description": "endpoint.description"},
+                              self._endpoint_names(ns, r, eid)) from None
+        return endpoint_pb(rec)
+
+    async def get_endpoint(self, req: Any, info: TokenInfo) -> Message:
+        ns, r, e = _ids("name", req.name, "namespaces", "remotes", "endpoints")
+        self._require_list(info, ns, r)
+        try:
+            return endpoint_pb(self.store.get_endpoint(r, e, ns))
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name"}, self._endpoint_names(ns, r, e)) from None
+
+    async def list_endpoints(self, req: Any, info: TokenInfo) -> Message:
+        ns, r = _ids("parent", req.parent, "namespaces", "remotes")
+        self._require_list(info, ns, r)
+        try:
+            records = self.store.list_endpoints(r, ns)
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "parent"}, self._endpoint_names(ns, r)) from None
+        page, token = _page(req, records, lambda e: e.resource_name)
+        return sesame_pb2.ListEndpointsResponse(endpoints=[endpoint_pb(e) for e in page],
+                                                next_page_token=token)
+
+    async def update_endpoint(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        ns, r, e = _ids("name", req.name, "namespaces", "remotes", "endpoints")
+        if req.endpoint.name and req.endpoint.name != req.name:
+            raise _invalid("endpoint.name", "must be empty or equal to name")
+        paths = _mask(req, req.endpoint, "endpoint", ("display_name", "description", "spec"))
+        if "spec" in paths:
+            self._check_spec(req.endpoint.spec, "endpoint.spec")
+        changes = {p: getattr(req.endpoint, p) for p in paths if p != "spec"}
+        try:
+            return endpoint_pb(self.store.update_endpoint(r, e, ns, **changes))
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name", "display_name": "endpoint.display_name",
+                                    "description": "endpoint.description"},
+                              self._endpoint_names(ns, r, e)) from None
+
+    async def delete_endpoint(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        ns, r, e = _ids("name", req.name, "namespaces", "remotes", "endpoints")
+        try:
+            self.store.delete_endpoint(r, e, ns)
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name"}, self._endpoint_names(ns, r, e)) from None
+        return empty_pb2.Empty()
+
+    # --- Admin: namespaces ---------------------------------------------------------------
+
+    @staticmethod
+    def _may_read_namespace(info: TokenInfo, ns: str) -> bool:
+        return info.kind == "admin" or (info.kind == "client" and info.namespace == ns)
+
+    async def create_namespace(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        if not req.resource_id:
+            raise _invalid("resource_id", "required: the new namespace's id")
+        nid = _resource_id("resource_id", req.resource_id, "namespace")
+        if req.namespace.name and req.namespace.name != f"namespaces/{nid}":
+            raise _invalid("namespace.name", "output only: name the namespace with resource_id")
+        try:
+            return namespace_pb(self.store.create_namespace(nid))
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "resource_id", "namespace": "resource_id"},
+                              {"namespace": f"namespaces/{nid}"}) from None
+
+    async def get_namespace(self, req: Any, info: TokenInfo) -> Message:
+        (ns,) = _ids("name", req.name, "namespaces")
+        if not self._may_read_namespace(info, ns):
+            raise _denied(f"this token may not see namespaces/{ns}")
+        try:
+            return namespace_pb(self.store.get_namespace(ns))
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name"}, {"namespace": f"namespaces/{ns}"}) from None
+
+    async def list_namespaces(self, req: Any, info: TokenInfo) -> Message:
+        if info.kind not in ("admin", "client"):
+            raise _denied("this needs an admin or client token")
+        visible = [n for n in self.store.list_namespaces()
+                   if self._may_read_namespace(info, n.name)]
+        page, token = _page(req, visible, lambda n: n.name)
+        return admin_pb2.ListNamespacesResponse(namespaces=[namespace_pb(n) for n in page],
+                                                next_page_token=token)
+
+    async def delete_namespace(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        (ns,) = _ids("name", req.name, "namespaces")
+        name = f"namespaces/{ns}"
+        if ns == DEFAULT_NAMESPACE:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "the default namespace cannot be deleted",
+                           precondition=("DEFAULT", name, "the default namespace always exists"))
+        try:
+            self.store.get_namespace(ns)
+            if self.store.list_remotes(ns):
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{name} still has remotes; delete them first",
+                               precondition=("NOT_EMPTY", name, "the namespace has remotes"))
+            if any(t.namespace == ns for t in self.store.list_tokens(include_revoked=False)):
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{name} still has live tokens; revoke them first",
+                               precondition=("NOT_EMPTY", name, "the namespace has live tokens"))
+            self.store.delete_namespace(ns)
+        except StoreError as exc:
+            raise _from_store(exc, {"name": "name"}, {"namespace": name}) from None
+        return empty_pb2.Empty()
+
+    # --- Admin: tokens ------------------------------------------------------------------
+
+    @staticmethod
+    def _token_id(req: Any) -> str:
+        # Never echo the value: a confused caller may have put a whole secret token there.
+        parts = req.name.split("/")
+        if len(parts) != 2 or parts[0] != "tokens" or not _ID_RE.match(parts[1]):
+            raise _invalid("name", "expected tokens/{id} with a 12-hex-digit id")
+        return parts[1]
+
+    async def create_token(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        t = req.token
+        if not t.kind:
+            raise _invalid("token.kind", "required: remote, client or admin")
+        ns = t.namespace or DEFAULT_NAMESPACE
+        try:
+            token_id, secret = self.store.create_token(
+                t.kind, remote=t.remote or None, pattern=t.pattern or None, namespace=ns)
+            stored = self.store.get_token(token_id)
+        except StoreError as exc:
+            raise _from_store(exc, {"kind": "token.kind", "remote": "token.remote",
+                                    "pattern": "token.pattern", "namespace": "token.namespace"},
+                              {"namespace": f"namespaces/{ns}"}) from None
+        log.info("token %s (%s) created through the management API", token_id, t.kind)
+        return admin_pb2.CreateTokenResponse(token=token_pb(stored), secret=secret)
+
+    async def get_token(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        tid = self._token_id(req)
+        try:
+            return token_pb(self.store.get_token(tid))
+        except StoreError as exc:
+            raise _from_store(exc, {}, {"token": f"tokens/{tid}"}) from None
+
+    async def list_tokens(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        tokens = self.store.list_tokens(include_revoked=req.show_revoked)
+        page, token = _page(req, tokens, lambda t: t.id)
+        return admin_pb2.ListTokensResponse(tokens=[token_pb(t) for t in page],
+                                            next_page_token=token)
+
+    async def delete_token(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        tid = self._token_id(req)
+        try:
+            self.store.get_token(tid)
+            if self.store.revoke(tid):
+                log.info("token %s revoked through the management API", tid)
+            return token_pb(self.store.get_token(tid))
+        except StoreError as exc:
+            raise _from_store(exc, {}, {"token": f"tokens/{tid}"}) from None
+
+    # --- Admin: routes --------------------------------------------------------------------
+
+    @staticmethod
+    def _route_id(req: Any) -> str:
+        (rid,) = _ids("name", req.name, "routes")
+        return rid
+
+    async def create_route(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        r = req.route
+        for field in ("kind", "match", "target"):
+            if not getattr(r, field):
+                raise _invalid(f"route.{field}", "required")
+        try:
+            rec = self.store.create_route(r.kind, r.match, r.target)
+        except StoreError as exc:
+            raise _from_store(exc, {"kind": "route.kind", "match": "route.match",
+                                    "target": "route.target"},
+                              {"match": f"{r.kind} route for {r.match}"}) from None
+        log.info("route %s (%s %s -> %s) created", rec.id, rec.kind, rec.match, rec.target)
+        await self._routes_changed()
+        return route_pb(rec)
+
+    async def get_route(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        rid = self._route_id(req)
+        try:
+            return route_pb(self.store.get_route(rid))
+        except StoreError as exc:
+            raise _from_store(exc, {}, {"route": f"routes/{rid}"}) from None
+
+    async def list_routes(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        try:
+            routes = self.store.list_routes(req.kind or None)
+        except StoreError as exc:
+            raise _from_store(exc, {"kind": "kind"}, {}) from None
+        page, token = _page(req, routes, lambda r: r.id)
+        return admin_pb2.ListRoutesResponse(routes=[route_pb(r) for r in page],
+                                            next_page_token=token)
+
+    async def delete_route(self, req: Any, info: TokenInfo) -> Message:
+        self._require_admin(info)
+        rid = self._route_id(req)
+        try:
+            self.store.delete_route(rid)
+        except StoreError as exc:
+            raise _from_store(exc, {}, {"route": f"routes/{rid}"}) from None
+        log.info("route %s deleted", rid)
+        await self._routes_changed()
+        return empty_pb2.Empty()
+
+
+def for_hub(hub: Any) -> Management:
+    """The hub's :class:`Management` (one per hub, made on first use)."""
+    mgmt = getattr(hub, "_mgmt", None)
+    if mgmt is None or mgmt.store is not hub.store:
+        mgmt = Management(hub, hub.store)
+        hub._mgmt = mgmt
+    return mgmt
+
