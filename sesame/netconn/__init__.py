@@ -25,22 +25,20 @@ NetConn reader) and the call stays open for the client's remaining bytes.
 
 from __future__ import annotations
 
-# AddressError .. MAX_MESSAGE: also for the layers above (endpoints, the agent, twistd
-# options); not in __all__.
+from sesame.netconn._address import NetConnAddress, NetConnError
+
+# AddressError .. parse_port, HIGH_WATER, MAX_MESSAGE: also for the layers above
+# (endpoints, the agent, twistd options); not in __all__.
 from sesame.netconn._allowlist import AddressError, Allowlist, PatternError, parse_port  # noqa: F401
-from sesame.netconn._netconn import (  # noqa: F401
-    HIGH_WATER,
-    MAX_MESSAGE,
-    METHOD,
-    NetConnAddress,
+from sesame.netconn._client import (
     NetConnClientEndpoint,
-    NetConnError,
-    NetConnServicer,
-    NetConnTransport,
     aio_call_factory,
     connectNetConn,
     tunnel_call_factory,
 )
+from sesame.netconn._servicer import NetConnServicer
+from sesame.netconn._transport import NetConnTransport
+from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, METHOD  # noqa: F401
 
 __all__ = [
     "METHOD",
