@@ -57,12 +57,16 @@ class HubConfig:
     key: bytes | None = field(default=None, repr=False)
 
     def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS channel credentials for the hub (CA, and a client certificate when
+        ``cert``/``key`` are set), or None for a plain-text hub (``tls=false``)."""
         if not self.tls:
             return None
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                             certificate_chain=self.cert)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata that authenticates to the hub: ``authorization: Bearer
+        <token>``."""
         return ((N.MD_AUTH, f"Bearer {self.token}"),)
 
 
@@ -268,6 +272,17 @@ class SesameClientEndpoint:
 
 def client_from_kwargs(reactor: Any, kw: Mapping[str, str],
                        env: Mapping[str, str] | None = None) -> SesameClientEndpoint:
+    """Build a ``sesame:`` client endpoint from parsed endpoint-string keys.
+
+    ``kw`` holds the keys of ``sesame:remote=edge-1:host=127.0.0.1:port=22`` (dial a
+    host:port from the remote) or ``sesame:remote=edge-1:endpoint=web`` (connect to what
+    the remote serves as ``web``), plus the hub keys of :func:`hub_config`; ``env``
+    stands in for ``os.environ`` (``SESAME_HUB``, ``SESAME_TOKEN``, ...).  No I/O
+    happens here: the endpoint dials when ``connect`` is called.
+
+    :raises ValueError: naming the offending key, for an unknown key, a missing or
+        malformed one, or both ``endpoint=`` and ``host=``/``port=``.
+    """
     _check_keys(kw, CLIENT_KEYS, "client")
     remote = _remote(kw)
     endpoint = kw.get("endpoint")
@@ -396,6 +411,15 @@ class SesameServerEndpoint:
 
 def server_from_kwargs(reactor: Any, kw: Mapping[str, str],
                        env: Mapping[str, str] | None = None) -> SesameServerEndpoint:
+    """Build a ``sesame:`` server endpoint (``sesame:remote=edge-1:endpoint=web``) from
+    parsed endpoint-string keys: a Twisted server that listens *on* the remote.
+
+    ``kw`` and ``env`` are as for :func:`client_from_kwargs`; nothing connects until
+    ``listen`` is called.
+
+    :raises ValueError: naming the offending key (unknown key, no ``endpoint=``, an
+        invalid or reserved endpoint name, bad hub keys).
+    """
     _check_keys(kw, SERVER_KEYS, "server")
     remote = _remote(kw)
     endpoint = kw.get("endpoint")

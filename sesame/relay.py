@@ -23,6 +23,8 @@ log = Logger()
 
 
 def half_close(transport: Any) -> None:
+    """Half-close ``transport`` (``loseWriteConnection``: the peer reads EOF, reading
+    goes on) where it can; a transport that cannot half-close is closed outright."""
     if interfaces.IHalfCloseableDescriptor.providedBy(transport) or hasattr(
             transport, "loseWriteConnection"):
         transport.loseWriteConnection()

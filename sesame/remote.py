@@ -70,6 +70,8 @@ class FixedTargetServicer(NetConnServicer):
 
 
 def netconn_registry(servicer: NetConnServicer) -> ServiceRegistry:
+    """A :class:`~sesame.tunnel.ServiceRegistry` serving only ``servicer``: what an agent
+    offers the hub as its ``netconn`` endpoint."""
     reg = ServiceRegistry()
     servicer.add_to(reg)
     return reg
@@ -125,6 +127,7 @@ class RemoteSession:
 
     @property
     def resource(self) -> str:
+        """``namespaces/NS/remotes/NAME``, this remote's resource name."""
         return N.resource_name(self.namespace, self.name)
 
     def _md(self) -> tuple[tuple[str, str], ...]:
@@ -133,6 +136,9 @@ class RemoteSession:
     # --- lifecycle (any thread) ------------------------------------------------------
 
     def start(self) -> RemoteSession:
+        """Start registering (and re-registering, with backoff, whenever the control
+        stream ends) and return at once.  From any thread but the bridge loop's (it
+        waits for the loop); there, use :meth:`astart`.  Returns ``self``."""
         async def go() -> None:
             self.registered = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -141,10 +147,14 @@ class RemoteSession:
         return self
 
     async def astart(self) -> None:
+        """:meth:`start`, on the bridge loop."""
         self.registered = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def wait_registered(self, timeout: float | None = None) -> bool:
+        """Block until the hub has accepted the registration; False if ``timeout``
+        seconds pass first (see :attr:`last_error` and :attr:`fatal` for why).  Not on
+        the reactor thread or the bridge loop."""
         async def go() -> bool:
             try:
                 await asyncio.wait_for(self.registered.wait(), timeout)
@@ -155,6 +165,9 @@ class RemoteSession:
         return self.bridge.run(go())
 
     async def astop(self) -> None:
+        """On the bridge loop: stop re-registering, say goodbye to the hub (half-close
+        the control stream and wait briefly for the hub to unregister us, so nothing is
+        routed here any more), then close every tunnel and the channel."""
         self._stopping = True
         call, task = self._call, self._task
         if call is not None and task is not None and not task.done() and self.registered.is_set():
@@ -178,6 +191,7 @@ class RemoteSession:
             self._channel = None
 
     def stop(self) -> None:
+        """:meth:`astop` from another thread, waiting for it (at most 20 s)."""
         self.bridge.run(self.astop(), 20)
 
     # --- the control loop (bridge loop) ----------------------------------------------

@@ -473,6 +473,9 @@ class TunnelHostService(service.Service):
 
 
 def makeService(options: Options) -> service.IService:
+    """The ``twistd sesame`` service for parsed ``options``: a MultiService holding the
+    hub (``twistd sesame hub``), a remote agent (``remote``) or a bare tunnel host
+    (``host``).  Nothing listens or dials until the service starts."""
     top = service.MultiService()
     sub = options.subOptions
     if options.subCommand == "hub":

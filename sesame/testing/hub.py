@@ -330,6 +330,8 @@ class HubTestMixin:
     sesame_hub: HubFixture
 
     def setUp(self) -> defer.Deferred:
+        """Start :attr:`sesame_hub` (after any ``setUp`` of the other bases) and arrange
+        for it to stop at cleanup; trial waits on the returned Deferred."""
         base = getattr(super(), "setUp", None)
         d = defer.maybeDeferred(base) if base is not None else defer.succeed(None)
         self.sesame_hub = HubFixture()
