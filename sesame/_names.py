@@ -61,10 +61,35 @@ def resource_name(namespace: str, name: str) -> str:
     return f"namespaces/{namespace}/remotes/{name}"
 
 
+def parse_bearer(value: str, *, strict: bool = False) -> str | None:
+    """The token of an ``Authorization`` value ``Bearer <token>``, or None when the value
+    is not one.  Whitespace around the token is dropped either way.
+
+    The default is the HTTP rule (the twisted.web side): whitespace around the whole
+    value is ignored, the scheme matches in any case (``bearer``, ``BEARER``) and a
+    value with no token (``Bearer``, ``Bearer   ``) is None.
+
+    ``strict`` is the rule gRPC metadata has always had here (:func:`bearer`): the value
+    starts with exactly ``Bearer `` (that case, one space, nothing before it), and an
+    empty token is ``""`` (which no store verifies), not None.
+    """
+    if strict:
+        scheme, space, token = value.partition(" ")
+        return token.strip() if space and scheme == "Bearer" else None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def bearer(metadata: tuple) -> str | None:
+    """The token of the first ``authorization: Bearer <token>`` entry of gRPC call
+    metadata (:func:`parse_bearer`, ``strict``), or None; entries of another scheme, and
+    non-text values, are skipped."""
     for k, v in metadata or ():
-        if k == MD_AUTH and isinstance(v, str) and v.startswith("Bearer "):
-            return v[7:].strip()
+        if k == MD_AUTH and isinstance(v, str):
+            token = parse_bearer(v, strict=True)
+            if token is not None:
+                return token
     return None
 
 

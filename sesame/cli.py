@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from sesame._cliutil import CLIError, default_registry, open_store
@@ -303,20 +303,38 @@ def _log_warnings_to_stderr() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def _connect_endpoint(reactor: Any, description: str) -> Any:
+    """The client endpoint of a CONNECT_ENDPOINT argument (:class:`CLIError` if it is not one)."""
+    from twisted.internet import endpoints
+
+    try:
+        return endpoints.clientFromString(reactor, description)
+    except ValueError as exc:
+        raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
+
+
+def _react(main: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
+    """Run ``main(reactor)`` under ``task.react``, Twisted's warnings on stderr; the exit
+    status."""
+    from twisted.internet import defer, task
+
+    _log_warnings_to_stderr()
+    try:
+        task.react(lambda r: defer.ensureDeferred(main(r)))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def cmd_forward(args: argparse.Namespace) -> int:
-    from twisted.internet import defer, endpoints, reactor, task
+    from twisted.internet import defer, endpoints, reactor
 
     try:
         listen = endpoints.serverFromString(reactor, args.listen)
     except ValueError as exc:
         raise CLIError(f"LISTEN_ENDPOINT: {exc}") from None
-    try:
-        connect = endpoints.clientFromString(reactor, args.connect)
-    except ValueError as exc:
-        raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
+    connect = _connect_endpoint(reactor, args.connect)
     from sesame.relay import RelayFactory
-
-    _log_warnings_to_stderr()
 
     async def main(_reactor: Any) -> None:
         port = await listen.listen(RelayFactory(connect))
@@ -328,34 +346,21 @@ def cmd_forward(args: argparse.Namespace) -> int:
         print(f"forwarding {addr} -> {args.connect}", file=sys.stderr, flush=True)
         await defer.Deferred()  # until interrupted
 
-    try:
-        task.react(lambda r: defer.ensureDeferred(main(r)))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+    return _react(main)
 
 
 def cmd_stdio(args: argparse.Namespace) -> int:
-    from twisted.internet import defer, endpoints, reactor, stdio, task
+    from twisted.internet import reactor, stdio
 
-    try:
-        connect = endpoints.clientFromString(reactor, args.connect)
-    except ValueError as exc:
-        raise CLIError(f"CONNECT_ENDPOINT: {exc}") from None
+    connect = _connect_endpoint(reactor, args.connect)
     from sesame.relay import StdioRelay
-
-    _log_warnings_to_stderr()
 
     async def main(_reactor: Any) -> None:
         relay = StdioRelay(connect)
         stdio.StandardIO(relay)
         await relay.done
 
-    try:
-        task.react(lambda r: defer.ensureDeferred(main(r)))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+    return _react(main)
 
 
 # --- demo -----------------------------------------------------------------------------------
@@ -390,6 +395,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sesame`` command line: one subcommand per job (hub, remote, token, route,
+    remotes, forward, stdio, demo), each with ``func`` set to the function that runs it."""
     p = argparse.ArgumentParser(prog="sesame", description="Reach what sits behind NAT "
                                 "through a sesame hub.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -445,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sesame`` command with ``argv`` (default: ``sys.argv[1:]``) and return its
+    exit status: what the subcommand returns (0 on success); 2 with one line on stderr
+    (``sesame COMMAND: why``) for a :class:`CLIError` (bad arguments, unreachable hub,
+    refused token, ...) and for usage errors (argparse); 130 on Ctrl-C."""
     # grpc's C core logs connection teardown at INFO on stderr; a CLI user
     # wants our messages, not those.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -19,6 +19,7 @@ from sesame.bridge._calls import (
     MessageCallback,
     TunnelLoopCall,
 )
+from sesame.bridge._codes import grpc_code
 from sesame.bridge._connection import (
     ClientOuter,
     OuterStream,
@@ -31,12 +32,13 @@ from sesame.bridge._connection import (
 )
 from sesame.bridge._hop import (
     Hop,
-    ReactorInbox,
+    reactor_inbox,
 )
 from sesame.bridge._loop import (
     Bridge,
     Inbox,
     get_bridge,
+    loop_inbox,
     to_deferred,
 )
 
@@ -52,13 +54,15 @@ __all__ = [
     "LoopCall",
     "MessageCallback",
     "OuterStream",
-    "ReactorInbox",
     "ServerOuter",
     "StreamHandler",
     "StreamOuter",
     "TunnelConnection",
     "TunnelLoopCall",
     "get_bridge",
+    "grpc_code",
+    "loop_inbox",
+    "reactor_inbox",
     "to_deferred",
     "unwrap_tunnel",
     "wrap_tunnel",

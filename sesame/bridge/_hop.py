@@ -1,52 +1,36 @@
 """
 Hand-offs between the bridge loop and the Twisted reactor.
 
-:class:`ReactorInbox` is the mirror of :class:`sesame.bridge._loop.Inbox`: any
-thread posts callables, one ``callFromThread`` drains everything queued.
+:func:`reactor_inbox` is the mirror of the bridge's own
+(:func:`sesame.bridge._loop.loop_inbox`), the same :class:`~sesame.bridge._loop.Inbox`:
+any thread posts callables, one ``callFromThread`` drains everything queued.
 When the reactor *is* the bridge loop (Twisted's asyncio reactor) both
 directions collapse to scheduling on the same loop.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
 
-from sesame.bridge._loop import Bridge, get_bridge
+from sesame.bridge._loop import Bridge, Inbox, get_bridge
 
 log = Logger()
 
 
-class ReactorInbox:
-    __slots__ = ("_reactor", "_items", "_pending", "_lock")
+def reactor_inbox(reactor: Any) -> Inbox:
+    """The :class:`~sesame.bridge._loop.Inbox` into ``reactor``: woken with
+    ``callFromThread``, failures logged (``reactor hand-off failed``)."""
 
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._pending = False
-        self._lock = threading.Lock()
+    def wake(drain: Callable[[], None]) -> None:
+        reactor.callFromThread(drain)
 
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        with self._lock:
-            self._items.append((fn, args))
-            if self._pending:
-                return
-            self._pending = True
-        self._reactor.callFromThread(self._drain)
+    def failed(exc: BaseException) -> None:
+        log.failure("reactor hand-off failed")  # (the Failure of the exception being handled)
 
-    def _drain(self) -> None:
-        with self._lock:
-            self._pending = False
-            items, self._items = self._items, deque()
-        for fn, args in items:
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - one failure must not drop the rest
-                log.failure("reactor hand-off failed")
+    return Inbox(wake, failed)
 
 
 class Hop:
@@ -57,7 +41,7 @@ class Hop:
     def __init__(self, reactor: Any, bridge: Bridge) -> None:
         self.reactor = reactor
         self.bridge = bridge
-        self._to_reactor = ReactorInbox(reactor)
+        self._to_reactor = reactor_inbox(reactor)
 
     @classmethod
     def get(cls, reactor: Any = None, bridge: Bridge | None = None) -> Hop:

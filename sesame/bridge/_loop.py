@@ -36,26 +36,33 @@ _bridge: Bridge | None = None
 
 
 class Inbox:
-    """Batched hand-off of callables from any thread into one event loop."""
+    """Batched hand-off of callables from any thread to one other side (an event loop,
+    the reactor).
 
-    __slots__ = ("_loop", "_items", "_pending", "_lock")
+    ``wake(drain)`` asks the other side, from any thread, to call ``drain()`` soon; it
+    runs once per batch (a pending flag stops a second wake-up until the drain has
+    begun).  ``failed(exc)`` reports a callable that raised; the rest still run.
+    :func:`loop_inbox` and :func:`sesame.bridge._hop.reactor_inbox` make the two there are.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    __slots__ = ("_wake", "_failed", "_items", "_pending", "_lock")
+
+    def __init__(self, wake: Callable[[Callable[[], None]], None],
+                 failed: Callable[[BaseException], None]) -> None:
+        self._wake = wake
+        self._failed = failed
         self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._pending = False
         self._lock = threading.Lock()
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` for the other side (in order); never blocks on it."""
         with self._lock:
             self._items.append((fn, args))
             if self._pending:
                 return
             self._pending = True
-        try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # loop closed: the process is shutting down
-            pass
+        self._wake(self._drain)
 
     def _drain(self) -> None:
         # Clear the flag before draining so a post racing with us schedules
@@ -66,16 +73,24 @@ class Inbox:
         for fn, args in items:
             try:
                 fn(*args)
-            except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
-                self._loop.call_exception_handler(
-                    {"message": "sesame bridge callback failed", "exception": _exc()}
-                )
+            except Exception as exc:  # noqa: BLE001 - one bad callback must not stop the rest
+                self._failed(exc)
 
 
-def _exc() -> BaseException | None:
-    import sys
+def loop_inbox(loop: asyncio.AbstractEventLoop) -> Inbox:
+    """The :class:`Inbox` into ``loop``: woken with ``call_soon_threadsafe`` (nothing once
+    the loop is closed), failures go to the loop's exception handler."""
 
-    return sys.exc_info()[1]
+    def wake(drain: Callable[[], None]) -> None:
+        try:
+            loop.call_soon_threadsafe(drain)
+        except RuntimeError:  # loop closed: the process is shutting down
+            pass
+
+    def failed(exc: BaseException) -> None:
+        loop.call_exception_handler({"message": "sesame bridge callback failed", "exception": exc})
+
+    return Inbox(wake, failed)
 
 
 class Bridge:
@@ -96,7 +111,7 @@ class Bridge:
             self._thread.start()
             started.wait()
         self.loop = loop
-        self.inbox = Inbox(loop)
+        self.inbox = loop_inbox(loop)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_size = 16
 
@@ -105,6 +120,7 @@ class Bridge:
         return self._thread is not None
 
     def in_loop(self) -> bool:
+        """True when called on the bridge loop's own thread (inside its running loop)."""
         try:
             return asyncio.get_running_loop() is self.loop
         except RuntimeError:
@@ -134,6 +150,8 @@ class Bridge:
         return to_deferred(self.submit(coro))
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the bridge loop: now when already there, else through the
+        batched inbox (one wake-up drains every queued call, in order).  Never blocks."""
         if self.in_loop():
             fn(*args)
         else:
@@ -148,11 +166,17 @@ class Bridge:
         return self._pool
 
     def set_handler_pool_size(self, n: int) -> None:
+        """Size the pool of :meth:`handler_pool` (before its first use).
+
+        :raises RuntimeError: when the pool is already running.
+        """
         if self._pool is not None:
             raise RuntimeError("the handler pool is already running")
         self._pool_size = n
 
     def close(self) -> None:
+        """Shut the handler pool down and stop the loop thread, if this bridge started one
+        (a loop it was given is left to its owner)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None and self.loop.is_running():

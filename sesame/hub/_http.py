@@ -31,6 +31,7 @@ from typing import Any
 from twisted.web import http, resource, server
 
 from sesame import _names as N
+from sesame.hub._auth import ADMIN, Refused, authorize, bearer_token
 
 __all__ = ["MAX_BODY", "admin_root", "admin_site", "authenticate", "bearer_token",
            "check_http_endpoint", "listen_http"]
@@ -45,20 +46,9 @@ _TLS_TYPES = ("ssl", "tls")
 _LOCAL_TYPES = ("unix",)
 
 
-def bearer_token(request: Any) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
-    raw = request.getHeader(b"authorization")
-    if not raw:
-        return None
-    value = raw.decode("latin-1") if isinstance(raw, bytes) else raw
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
 def authenticate(request: Any, store: Any, *, admin: bool = False) -> Any:
-    """The live :class:`~sesame.hub.store.TokenInfo` of the request's bearer token.
+    """The live :class:`~sesame.hub.store.TokenInfo` of the request's bearer token
+    (:func:`sesame.hub._auth.authorize`).
 
     Raises :class:`sesame.hub.mgmt.ApiError` (UNAUTHENTICATED without a valid
     token; PERMISSION_DENIED when ``admin`` and the token is not an admin's).
@@ -68,13 +58,10 @@ def authenticate(request: Any, store: Any, *, admin: bool = False) -> Any:
 
     from sesame.hub.mgmt import ApiError
 
-    token = bearer_token(request)
-    info = store.verify(token) if token else None
-    if info is None:
-        raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
-    if admin and info.kind != "admin":
-        raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "this needs an admin token")
-    return info
+    try:
+        return authorize(store, bearer_token(request), ADMIN if admin else None)
+    except Refused as exc:
+        raise ApiError(grpc.StatusCode[exc.code], exc.message) from None
 
 
 def admin_root(hub: Any, store: Any = None, *, bridge: Any = None,

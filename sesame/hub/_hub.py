@@ -45,10 +45,12 @@ from sesame.bridge import (
     TunnelConnection,
     TunnelLoopCall,
     get_bridge,
+    grpc_code,
     unwrap_tunnel,
     wrap_tunnel,
 )
 from sesame.core import CANCELLED, OK, UNAVAILABLE, Role, SesameCodec, Status
+from sesame.hub._auth import Need, Refused, authorize, context_token
 from sesame.hub.metrics import HubMetrics, payload_len
 from sesame.hub.store import AlreadyExists, Store
 from sesame.netconn import METHOD as NETCONN_METHOD
@@ -58,7 +60,6 @@ from sesame.v1alpha1 import tunnel_pb2
 log = logging.getLogger("sesame.hub")
 
 STREAM_REQUEST_TIMEOUT = 15.0
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 # --- sessions ------------------------------------------------------------------------
@@ -112,11 +113,19 @@ class Hub:
 
     # --- auth ----------------------------------------------------------------------
 
-    def _token(self, context: Any) -> Any:
-        token = N.bearer(tuple(context.invocation_metadata() or ()))
-        if token is None:
-            return None
-        return self.store.verify(token)
+    async def _authorize(self, context: Any, who: str, what: str, need: Need | None = None,
+                         info: Any = None) -> Any:
+        """The call's live token meeting ``need`` (:func:`sesame.hub._auth.authorize`; only
+        ``need`` is checked when ``info``, the token, is known already).  A refusal is
+        counted as an auth failure of ``who`` (``remote`` or ``client``) in ``what`` (the
+        method) and aborts the call with its code and message."""
+        try:
+            if info is None:
+                return authorize(self.store, context_token(context), need)
+            return info if need is None else need.check(info)
+        except Refused as exc:
+            self.metrics.auth_failure(who, exc.remote, f"{what}: {exc.reason}")
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
 
     # --- registration ------------------------------------------------------------------
 
@@ -154,10 +163,7 @@ class Hub:
 
     async def tunnel(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         md = tuple(context.invocation_metadata() or ())
-        info = self._token(context)
-        if info is None:
-            self.metrics.auth_failure("remote", message="Tunnel: missing, invalid or revoked token")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        info = await self._authorize(context, "remote", "Tunnel")
         first = await context.read()
         if first is grpc.aio.EOF:
             return
@@ -169,10 +175,7 @@ class Hub:
             ns, name = N.parse_remote(req.connect.remote)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
-        if not info.may_register(name, ns):
-            self.metrics.auth_failure("remote", name, "Tunnel: token may not register this remote")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"this token may not register remote {N.resource_name(ns, name)}")
+        await self._authorize(context, "remote", "Tunnel", Need("register", ns, name), info)
         endpoints = {e.strip() for e in (N.md_get(md, N.MD_ENDPOINTS) or N.NETCONN_ENDPOINT).split(",")
                      if e.strip()}
         bad = [e for e in endpoints if not N.valid_name(e)]
@@ -228,15 +231,16 @@ class Hub:
 
     async def request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
-        info = self.store.verify(session.token)
-        if info is None or not info.may_register(session.remote, session.namespace):
+        try:
+            authorize(self.store, session.token, Need("register", session.namespace, session.remote))
+        except Refused:
             # The token this session registered with was revoked: end the session.
             log.warning("token of remote %s/%s was revoked; ending its session",
                         session.namespace, session.remote)
             self._unregister(session)
             session.ended.set()
             raise _HubError(UNAVAILABLE, f"remote {session.remote} is no longer authorized "
-                            "(its token was revoked)")
+                            "(its token was revoked)") from None
         # At most stream_buffer requests outstanding (the remote's own limit,
         # PROTOCOL.md 5.1); a burst beyond it waits for a slot instead of failing.
         if session.slots is None:
@@ -267,10 +271,7 @@ class Hub:
 
     async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         md = tuple(context.invocation_metadata() or ())
-        info = self._token(context)
-        if info is None:
-            self.metrics.auth_failure("remote", message="Stream: missing, invalid or revoked token")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        info = await self._authorize(context, "remote", "Stream")
         sid = N.md_get(md, N.MD_STREAM_ID)
         first = await context.read()
         if first is grpc.aio.EOF:
@@ -282,10 +283,7 @@ class Hub:
             ns, name = N.parse_remote(req.connect.remote)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
-        if not info.may_register(name, ns):
-            self.metrics.auth_failure("remote", name, "Stream: token may not serve this remote")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"this token may not serve remote {N.resource_name(ns, name)}")
+        await self._authorize(context, "remote", "Stream", Need("serve", ns, name), info)
         pending = None
         if sid and sid.isdigit():
             for s in self.sessions.values():
@@ -330,10 +328,7 @@ class Hub:
         first = await context.read()
         if first is grpc.aio.EOF:
             return
-        info = self._token(context)
-        if info is None:
-            self.metrics.auth_failure("client", message="NetConn: missing, invalid or revoked token")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token")
+        info = await self._authorize(context, "client", "NetConn")
         remote = N.md_get(md, N.MD_REMOTE)
         if not remote:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -342,10 +337,7 @@ class Hub:
             ns, name = N.parse_remote(remote)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_REMOTE}: {exc}")
-        if not info.may_reach(name, ns):
-            self.metrics.auth_failure("client", name, "NetConn: token may not reach this remote")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"this token may not reach remote {N.resource_name(ns, name)}")
+        await self._authorize(context, "client", "NetConn", Need("reach", ns, name), info)
         endpoint = N.md_get(md, N.MD_ENDPOINT) or N.NETCONN_ENDPOINT
         session = self.routes.get((ns, name, endpoint))
         if session is None:
@@ -355,7 +347,7 @@ class Hub:
         try:
             outer, done, peer_ext = await self.request_stream(session, endpoint)
         except _HubError as exc:
-            code = _CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE)
+            code = grpc_code(exc.code, grpc.StatusCode.UNAVAILABLE)
             self.metrics.dial_error(code.name, name, exc.message)
             await context.abort(code, exc.message)
         session.connections += 1
@@ -439,7 +431,7 @@ class Hub:
             await conn.aclose(grace=0)
         status = call.status
         if status is not None and status.code != OK:
-            code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+            code = grpc_code(status.code)
             self.metrics.dial_error(code.name, remote, status.message or "")
             await context.abort(code, status.message or f"connection through {remote} failed")
 

@@ -52,6 +52,8 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from twisted.web import resource, server
 
+from sesame.bridge import grpc_code
+
 __all__ = ["HTTP_STATUS", "Binding", "RestGateway", "bindings", "compile_template",
            "error_json", "http_rules"]
 
@@ -79,7 +81,6 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DATA_LOSS: 500,
 }
-_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _VERBS = ("get", "put", "post", "delete", "patch")
 
 
@@ -224,7 +225,7 @@ def bindings(services: Iterable[ServiceDescriptor]) -> list[Binding]:
 
 def error_json(st: status_pb2.Status) -> tuple[int, bytes]:
     """A ``google.rpc.Status`` → (HTTP status, Google JSON error body)."""
-    code = _BY_NUMBER.get(st.code, grpc.StatusCode.UNKNOWN)
+    code = grpc_code(st.code)
     http = HTTP_STATUS.get(code, 500)
     details = []
     for d in st.details:

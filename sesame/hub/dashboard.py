@@ -29,21 +29,11 @@ from typing import Any
 
 from twisted.web import resource
 
+from sesame.hub._auth import ADMIN, Refused, authorize, bearer_token
+
 __all__ = ["DashboardPage", "MetricsResource", "StateResource", "admin_auth", "mount", "state"]
 
 Auth = Callable[[Any], bool]
-
-
-def _bearer(request: Any) -> str | None:
-    value = request.getHeader(b"authorization")
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
 
 
 def admin_auth(store: Any, metrics: Any = None) -> Auth:
@@ -51,16 +41,17 @@ def admin_auth(store: Any, metrics: Any = None) -> Auth:
     Bearer``)?  A token that is present but wrong counts as an ``admin`` auth failure."""
 
     def check(request: Any) -> bool:
-        token = _bearer(request)
+        token = bearer_token(request)
         if token is None:
             return False
-        info = store.verify(token)
-        if info is not None and info.kind == "admin" and not info.revoked:
-            return True
-        if metrics is not None:
-            metrics.auth_failure("admin", message=f"{request.path.decode('latin-1', 'replace')}: "
-                                 "invalid or non-admin token")
-        return False
+        try:
+            authorize(store, token, ADMIN)
+        except Refused:
+            if metrics is not None:
+                metrics.auth_failure("admin", message=f"{request.path.decode('latin-1', 'replace')}: "
+                                     "invalid or non-admin token")
+            return False
+        return True
 
     return check
 

@@ -60,6 +60,7 @@ from grpc_status import rpc_status
 
 from sesame import _names as N
 from sesame.admin.v1alpha1 import admin_pb2
+from sesame.hub._auth import Refused, authorize, context_token
 from sesame.hub.store import (
     DEFAULT_NAMESPACE,
     AlreadyExists,
@@ -96,7 +97,6 @@ SERVICES: tuple[ServiceDescriptor, ...] = (SESAME, ADMIN)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
-_UNAUTHENTICATED = "missing, invalid or revoked token"  # `sesame remotes` shows this verbatim
 _ID_RE = re.compile(r"[0-9a-f]{12}\Z")
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -340,12 +340,13 @@ class Management:
     # --- entry points ---------------------------------------------------------------
 
     def authenticate(self, token: str | None, what: str = "management API") -> TokenInfo:
-        """The live token ``token`` is; :class:`ApiError` UNAUTHENTICATED otherwise."""
-        info = self.store.verify(token) if token else None
-        if info is None:
-            self._auth_failure("client", f"{what}: {_UNAUTHENTICATED}")
-            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
-        return info
+        """The live token ``token`` is (:func:`sesame.hub._auth.authorize`); :class:`ApiError`
+        UNAUTHENTICATED otherwise, counted as a ``client`` auth failure in ``what``."""
+        try:
+            return authorize(self.store, token)
+        except Refused as exc:
+            self._auth_failure("client", f"{what}: {exc.reason}")
+            raise ApiError(grpc.StatusCode[exc.code], exc.message) from None
 
     def _auth_failure(self, kind: str, message: str) -> None:
         metrics = getattr(self.hub, "metrics", None)
@@ -393,8 +394,7 @@ class Management:
 
         async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message:
             try:
-                info = self.authenticate(N.bearer(tuple(context.invocation_metadata() or ())),
-                                         method.name)
+                info = self.authenticate(context_token(context), method.name)
                 resp = await self.dispatch(method, request, info)
             except ApiError as exc:
                 st = rpc_status.to_status(exc.status())

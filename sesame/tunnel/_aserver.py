@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
-from collections import deque
 from typing import Any
 
 import grpc
@@ -20,16 +18,13 @@ import grpc
 from sesame.bridge import TunnelConnection
 from sesame.core import (
     CANCELLED,
-    DEADLINE_EXCEEDED,
-    INVALID_ARGUMENT,
     OK,
     UNKNOWN,
     Status,
     StreamRequested,
     TunnelError,
-    handler_status,
-    parse_timeout,
 )
+from sesame.tunnel._served import Abort, ServedCall, ServedContext
 
 
 def is_async_handler(handler: grpc.RpcMethodHandler) -> bool:
@@ -38,18 +33,10 @@ def is_async_handler(handler: grpc.RpcMethodHandler) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
 
 
-class _AbortError(Exception):
-    pass
-
-
-class AsyncTunnelContext:
+class AsyncTunnelContext(ServedContext):
     """The context an async servicer method gets for a tunnelled call."""
 
-    def __init__(self, stream: AsyncServedStream) -> None:
-        self._s = stream
-        self._code: grpc.StatusCode | None = None
-        self._details: str | None = None
-        self._trailers: tuple = ()
+    _s: AsyncServedStream
 
     async def read(self) -> Any:
         return await self._s.read()
@@ -62,49 +49,9 @@ class AsyncTunnelContext:
 
     async def abort(self, code: grpc.StatusCode, details: str = "",
                     trailing_metadata: Any = ()) -> None:
-        if code == grpc.StatusCode.OK:
-            code = grpc.StatusCode.UNKNOWN
-        self._code, self._details = code, details
         if trailing_metadata:
             self._trailers = tuple(trailing_metadata)
-        raise _AbortError(details)
-
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        self._trailers = tuple(trailing_metadata)
-
-    def trailing_metadata(self) -> tuple:
-        return self._trailers
-
-    def invocation_metadata(self) -> tuple:
-        return self._s.metadata
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str | None:
-        return self._details
-
-    def peer(self) -> str:
-        return self._s.conn.outer.peer()
-
-    def peer_identities(self) -> None:
-        return None
-
-    def peer_identity_key(self) -> None:
-        return None
-
-    def auth_context(self) -> dict:
-        return {}
-
-    def time_remaining(self) -> float | None:
-        d = self._s.deadline
-        return None if d is None else max(d - time.monotonic(), 0.0)
+        self._abort(code, details)
 
     def done(self) -> bool:
         return self._s.ended
@@ -115,83 +62,31 @@ class AsyncTunnelContext:
     def add_done_callback(self, cb: Any) -> None:
         self._s.done_callbacks.append(cb)
 
-    def set_compression(self, compression: Any) -> None:
-        pass
 
-    def disable_next_message_compression(self) -> None:
-        pass
-
-    def final_status(self) -> tuple[Status, tuple]:
-        code = self._code.value[0] if self._code is not None else OK
-        return handler_status(code, self._details, self._trailers)
-
-
-class AsyncServedStream:
+class AsyncServedStream(ServedCall):
     """One tunnelled call handled by an async servicer method (a StreamHandler)."""
+
+    earliest_timeout = False  # the last grpc-timeout counts (split_timeout)
 
     def __init__(self, conn: TunnelConnection, ev: StreamRequested,
                  handler: grpc.RpcMethodHandler) -> None:
-        self.conn = conn
+        super().__init__(conn, ev, handler)
         self.loop = conn.loop
-        self.sid = ev.stream_id
-        self.method = ev.method
-        self.handler = handler
-        self.deadline: float | None = None
-        md = []
-        for k, v in ev.headers:
-            if k == "grpc-timeout" and isinstance(v, str):
-                t = parse_timeout(v)
-                if t is not None:
-                    self.deadline = time.monotonic() + t
-            else:
-                md.append((k, v))
-        self.metadata = tuple(md)
-        self.requests: deque[tuple[bytes, int]] = deque()
-        self.requests_done = False
-        self.ended = False
-        self.end_status: Status | None = None
         self.done_callbacks: list[Any] = []
         self._read_wake: asyncio.Future[None] | None = None
         self._write_wake: asyncio.Future[None] | None = None
-        self._got_request = False
         self.task: asyncio.Task[None] | None = None
-        self.timer = None
-        if self.deadline is not None:
-            self.timer = self.loop.call_later(max(self.deadline - time.monotonic(), 0),
-                                              self._expire)
-        if handler.request_streaming:
-            self._start()
+        self._begin()
 
     # --- StreamHandler (loop) -------------------------------------------------------
 
-    def _expire(self) -> None:
-        self.timer = None
-        self.conn.cancel(self.sid, Status(DEADLINE_EXCEEDED, "Deadline Exceeded"))
-
-    def on_headers(self, headers: tuple) -> None:  # pragma: no cover - client-side event
-        pass
-
-    def on_message(self, data: bytes, cost: int) -> None:
-        if not self.handler.request_streaming:
-            if self._got_request:
-                self.conn.close_stream(self.sid, Status(
-                    INVALID_ARGUMENT,
-                    f"Already received request for non-client-stream method {self.method}"))
-                return
-            self._got_request = True
-            self.conn.consumed(self.sid, cost)
-            self.requests.append((data, 0))
-            return
+    def _queue(self, data: bytes, cost: int) -> None:
         self.requests.append((data, cost))
         self._wake_read()
 
-    def on_requests_ended(self) -> None:
+    def _requests_ended(self) -> None:
         self.requests_done = True
         self._wake_read()
-        if not self.handler.request_streaming and self.task is None:
-            if not self._got_request:
-                self.requests.append((b"", 0))
-            self._start()
 
     def on_writable(self) -> None:
         w = self._write_wake
@@ -199,9 +94,7 @@ class AsyncServedStream:
             w.set_result(None)
 
     def on_end(self, status: Status, trailers: tuple, local: bool) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         self.ended = True
         self.end_status = status
         self._wake_read()
@@ -229,15 +122,14 @@ class AsyncServedStream:
                 data, cost = self.requests.popleft()
                 if cost:
                     self.conn.consumed(self.sid, cost)
-                de = self.handler.request_deserializer
-                return de(data) if de else data
+                return self._deserialize(data)
             if self.requests_done or self.ended:
                 return grpc.aio.EOF
             self._read_wake = self.loop.create_future()
             await self._read_wake
             self._read_wake = None
 
-    async def _request_iter(self) -> Any:
+    async def request_iterator(self) -> Any:
         while True:
             msg = await self.read()
             if msg is grpc.aio.EOF:
@@ -247,8 +139,7 @@ class AsyncServedStream:
     async def write(self, message: Any) -> None:
         if self.ended:
             raise asyncio.CancelledError()
-        ser = self.handler.response_serializer
-        data = ser(message) if ser else message
+        data = self._serialize(message)
         core = self.conn.core
         try:
             self.conn.send_message(self.sid, data)
@@ -260,25 +151,17 @@ class AsyncServedStream:
             self._write_wake = None
 
     def send_headers(self, headers: tuple) -> None:
-        if self.conn.core.is_live(self.sid):
-            try:
-                self.conn.send_headers(self.sid, headers)
-            except TunnelError:
-                pass
+        self._send_headers_now(headers)  # sent twice: ignored
 
     def _start(self) -> None:
+        self.started = True
         self.task = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
         ctx = AsyncTunnelContext(self)
         h = self.handler
         try:
-            if h.request_streaming:
-                arg: Any = self._request_iter()
-            else:
-                data, _ = self.requests.popleft()
-                de = h.request_deserializer
-                arg = de(data) if de else data
+            arg = self._argument()
             fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
             if inspect.isasyncgenfunction(fn):
                 async for resp in fn(arg, ctx):
@@ -290,7 +173,7 @@ class AsyncServedStream:
                 elif resp is not None and h.response_streaming:
                     pass  # reader/writer style handlers return None
             status, trailers = ctx.final_status()
-        except _AbortError:
+        except Abort:
             status, trailers = ctx.final_status()
         except asyncio.CancelledError:
             if self.ended:

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from sesame.bridge import Bridge, TunnelConnection
+from sesame.bridge import Bridge, TunnelConnection, grpc_code
 from sesame.core import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -32,14 +32,9 @@ from sesame.core import (
     status_to_proto,
 )
 
-_CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 SEND_LIMIT = 256 * 1024  # bytes handed to the loop but not yet queued in the core
 _call_ids = itertools.count(1)
-
-
-def status_code(code: int) -> grpc.StatusCode:
-    return _CODES.get(code, grpc.StatusCode.UNKNOWN)
 
 
 def encode_timeout(seconds: float) -> str:
@@ -285,7 +280,7 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
     def code(self) -> grpc.StatusCode:
         self._wait(lambda: self._status is not None)
         assert self._status is not None
-        return status_code(self._status.code)
+        return grpc_code(self._status.code)
 
     def details(self) -> str:
         self._wait(lambda: self._status is not None)
@@ -366,7 +361,7 @@ class _ClientCall(grpc.RpcError, grpc.Call, grpc.Future):
             return f"<tunnel call {self._method} active>"
         return (
             f"<_TunnelRpcError of RPC that terminated with:\n"
-            f"\tstatus = {status_code(st.code)}\n\tdetails = \"{st.message}\"\n>"
+            f"\tstatus = {grpc_code(st.code)}\n\tdetails = \"{st.message}\"\n>"
         )
 
     __repr__ = __str__
@@ -556,4 +551,4 @@ class TunnelChannel(grpc.Channel):
         self.close()
 
 
-__all__ = ["TunnelChannel", "encode_timeout", "status_code"]
+__all__ = ["TunnelChannel", "encode_timeout"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -22,19 +20,17 @@ import grpc
 from sesame.bridge import TunnelConnection
 from sesame.core import (
     CANCELLED,
-    DEADLINE_EXCEEDED,
-    INVALID_ARGUMENT,
     OK,
     UNIMPLEMENTED,
     UNKNOWN,
     Status,
     StreamRequested,
     TunnelError,
-    handler_status,
     parse_timeout,
 )
 from sesame.tunnel._aserver import AsyncServedStream, is_async_handler
-from sesame.tunnel._channel import SEND_LIMIT, status_code
+from sesame.tunnel._channel import SEND_LIMIT
+from sesame.tunnel._served import Abort, ServedCall, ServedContext
 
 log = logging.getLogger("sesame.server")
 
@@ -93,26 +89,14 @@ class ServiceRegistry:
         return sorted(names)
 
 
-class _Abort(Exception):
-    pass
-
-
-class TunnelServicerContext(grpc.ServicerContext):
+class TunnelServicerContext(ServedContext, grpc.ServicerContext):
     """The ``context`` a servicer method receives for a tunnelled call."""
 
-    def __init__(self, stream: _ServedStream) -> None:
-        self._s = stream
-        self._code: grpc.StatusCode | None = None
-        self._details: str | None = None
-        self._trailers: tuple = ()
+    _s: _ServedStream
 
     # RpcContext
     def is_active(self) -> bool:
         return not self._s.ended
-
-    def time_remaining(self) -> float | None:
-        d = self._s.deadline
-        return None if d is None else max(d - time.monotonic(), 0.0)
 
     def cancel(self) -> None:
         self._s.cancel_from_handler()
@@ -121,141 +105,42 @@ class TunnelServicerContext(grpc.ServicerContext):
         return self._s.add_callback(callback)
 
     # ServicerContext
-    def invocation_metadata(self) -> tuple:
-        return self._s.metadata
-
-    def peer(self) -> str:
-        return self._s.conn.outer.peer()
-
-    def peer_identities(self) -> None:
-        return None
-
-    def peer_identity_key(self) -> None:
-        return None
-
-    def auth_context(self) -> dict:
-        return {}
-
-    def set_compression(self, compression: Any) -> None:
-        pass
-
-    def disable_next_message_compression(self) -> None:
-        pass
-
     def send_initial_metadata(self, initial_metadata: Any) -> None:
         self._s.send_headers(tuple(initial_metadata))
 
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        self._trailers = tuple(trailing_metadata)
-
-    def trailing_metadata(self) -> tuple:
-        return self._trailers
-
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        if code == grpc.StatusCode.OK:
-            code = grpc.StatusCode.UNKNOWN
-        self._code = code
-        self._details = details
-        raise _Abort(details)
+        self._abort(code, details)
 
     def abort_with_status(self, status: grpc.Status) -> None:
         self._trailers = (*self._trailers, *(status.trailing_metadata or ()))
         self.abort(status.code, status.details)
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
 
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str | None:
-        return self._details
-
-    def final_status(self) -> tuple[Status, tuple]:
-        code = self._code.value[0] if self._code is not None else OK
-        return handler_status(code, self._details, self._trailers)
-
-
-class _ServedStream:
+class _ServedStream(ServedCall):
     """One served call: loop-side events in, handler thread out."""
 
     def __init__(
         self, conn: TunnelConnection, ev: StreamRequested, handler: grpc.RpcMethodHandler
     ) -> None:
-        self.conn = conn
+        super().__init__(conn, ev, handler)
         self.bridge = conn.bridge
-        self.sid = ev.stream_id
-        self.method = ev.method
-        self.handler = handler
-        self.deadline: float | None = None
-        md = []
-        for k, v in ev.headers:
-            if k == "grpc-timeout":
-                t = parse_timeout(v) if isinstance(v, str) else None
-                if t is not None:
-                    d = time.monotonic() + t
-                    self.deadline = d if self.deadline is None else min(self.deadline, d)
-            else:
-                md.append((k, v))
-        self.metadata = tuple(md)
         self.cond = threading.Condition()
-        self.requests: deque[tuple[bytes, int]] = deque()
-        self.requests_done = False
-        self.ended = False
-        self.end_status: Status | None = None
         self.callbacks: list[Callable[[], Any]] = []
         self.paused = False
         self.unsent = 0
-        self.started = False
-        self.got_request = False
-        self.timer = None
-        if self.deadline is not None:
-            self.timer = conn.loop.call_later(
-                max(self.deadline - time.monotonic(), 0), self._expire
-            )
-        if handler.request_streaming:
-            self._start()
+        self._begin()
 
     # --- loop side ------------------------------------------------------------
 
-    def _expire(self) -> None:
-        self.timer = None
-        self.conn.cancel(self.sid, Status(DEADLINE_EXCEEDED, "Deadline Exceeded"))
-
-    def on_headers(self, headers: tuple) -> None:  # pragma: no cover - client-side event
-        pass
-
-    def on_message(self, data: bytes, cost: int) -> None:
-        if not self.handler.request_streaming:
-            if self.got_request:
-                self.conn.close_stream(
-                    self.sid,
-                    Status(INVALID_ARGUMENT,
-                           f"Already received request for non-client-stream method {self.method}"),
-                )
-                return
-            self.got_request = True
-            self.conn.consumed(self.sid, cost)
-            with self.cond:
-                self.requests.append((data, 0))
-            return
+    def _queue(self, data: bytes, cost: int) -> None:
         with self.cond:
             self.requests.append((data, cost))
             self.cond.notify_all()
 
-    def on_requests_ended(self) -> None:
+    def _requests_ended(self) -> None:
         with self.cond:
             self.requests_done = True
             self.cond.notify_all()
-        if not self.handler.request_streaming and not self.started:
-            if not self.got_request:
-                # A peer that never sends empty messages (grpctunnel-py) means
-                # "the default message" here.
-                self.requests.append((b"", 0))
-            self._start()
 
     def on_writable(self) -> None:
         with self.cond:
@@ -263,9 +148,7 @@ class _ServedStream:
             self.cond.notify_all()
 
     def on_end(self, status: Status, trailers: tuple, local: bool) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         with self.cond:
             self.ended = True
             self.end_status = status
@@ -297,11 +180,8 @@ class _ServedStream:
             self.cond.notify_all()
 
     def _loop_headers(self, headers: tuple) -> None:
-        if self.conn.core.is_live(self.sid):
-            try:
-                self.conn.send_headers(self.sid, headers)
-            except TunnelError:
-                log.warning("initial metadata sent twice on %s", self.method)
+        if not self._send_headers_now(headers):
+            log.warning("initial metadata sent twice on %s", self.method)
 
     def _loop_finish(self, status: Status, trailers: tuple) -> None:
         self.conn.close_stream(self.sid, status, trailers)
@@ -332,7 +212,6 @@ class _ServedStream:
         return True
 
     def request_iterator(self) -> Iterator[Any]:
-        de = self.handler.request_deserializer
         while True:
             with self.cond:
                 while not self.requests and not self.requests_done and not self.ended:
@@ -345,36 +224,30 @@ class _ServedStream:
                     return
             # once per message, even at cost 0: the core counts unread messages
             self.bridge.post(self.conn.consumed, self.sid, cost)
-            yield de(data) if de else data
+            yield self._deserialize(data)
 
     def _run(self) -> None:
         ctx = TunnelServicerContext(self)
         h = self.handler
-        ser = h.response_serializer
         try:
             if self.ended:
                 return
-            if h.request_streaming:
-                arg: Any = self.request_iterator()
-            else:
-                data, _ = self.requests.popleft()
-                de = h.request_deserializer
-                arg = de(data) if de else data
+            arg = self._argument()
             if h.unary_unary is not None:
                 resp = h.unary_unary(arg, ctx)
                 if ctx.code() is None or ctx.code() == grpc.StatusCode.OK:
-                    self.send(ser(resp) if ser else resp)
+                    self.send(self._serialize(resp))
             elif h.stream_unary is not None:
                 resp = h.stream_unary(arg, ctx)
                 if ctx.code() is None or ctx.code() == grpc.StatusCode.OK:
-                    self.send(ser(resp) if ser else resp)
+                    self.send(self._serialize(resp))
             else:
                 fn = h.unary_stream if h.unary_stream is not None else h.stream_stream
                 for resp in fn(arg, ctx):
-                    if not self.send(ser(resp) if ser else resp):
+                    if not self.send(self._serialize(resp)):
                         break
             status, trailers = ctx.final_status()
-        except _Abort:
+        except Abort:
             status, trailers = ctx.final_status()
         except Exception as exc:
             if self.ended:
@@ -418,4 +291,4 @@ def stream_factory(
     return on_stream
 
 
-__all__ = ["ServiceRegistry", "TunnelServicerContext", "parse_timeout", "status_code"]
+__all__ = ["ServiceRegistry", "TunnelServicerContext", "parse_timeout"]

@@ -16,7 +16,14 @@ from typing import Any
 
 import grpc
 
-from sesame.bridge import Bridge, ClientOuter, ServerOuter, TunnelConnection, get_bridge
+from sesame.bridge import (
+    Bridge,
+    ClientOuter,
+    ServerOuter,
+    TunnelConnection,
+    get_bridge,
+    grpc_code,
+)
 from sesame.core import (
     CANCELLED,
     CODECS,
@@ -29,7 +36,7 @@ from sesame.core import (
     SesameCodec,
     Status,
 )
-from sesame.tunnel._channel import TunnelChannel, status_code
+from sesame.tunnel._channel import TunnelChannel
 from sesame.tunnel._server import ServiceRegistry, stream_factory
 
 log = logging.getLogger("sesame.service")
@@ -51,6 +58,18 @@ def _paths(codec: type[Codec]) -> tuple[str, str]:
 
 def _negotiated(md: Sequence[tuple[str, Any]]) -> bool:
     return any(k == NEGOTIATE_KEY and v == "on" for k, v in md or ())
+
+
+async def _accept(context: grpc.aio.ServicerContext, codec: type[Codec]) -> tuple[tuple, bool]:
+    """Answer the headers of a tunnel call this host takes (either direction):
+    ``NEGOTIATE_KEY: on`` to a grpctunnel peer that asked for flow-control negotiation,
+    else our window/chunk extensions.  Returns the call's metadata and whether it
+    negotiated."""
+    md = tuple(context.invocation_metadata() or ())
+    negotiated = codec is GrpcTunnelCodec and _negotiated(md)
+    await context.send_initial_metadata(
+        ((NEGOTIATE_KEY, "on"),) if negotiated else ext_metadata(codec))
+    return md, negotiated
 
 
 # A sesame-Python extension to sesame.type, carried in outer-call metadata
@@ -143,6 +162,9 @@ class TunnelHost:
     # --- grpc plumbing ----------------------------------------------------------
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
+        """A ``grpc.GenericRpcHandler`` answering the forward and reverse tunnel methods of
+        every dialect this host speaks, to add to a ``grpc.aio`` server of your own
+        (:meth:`start` makes a server with it)."""
         handlers: dict[str, grpc.RpcMethodHandler] = {}
         for codec in self._dialects:
             fwd, rev = _paths(codec)
@@ -158,10 +180,7 @@ class TunnelHost:
         async def handler(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
             if self.services.empty:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "forward tunnels not supported")
-            md = tuple(context.invocation_metadata() or ())
-            negotiated = codec is GrpcTunnelCodec and _negotiated(md)
-            await context.send_initial_metadata(
-                ((NEGOTIATE_KEY, "on"),) if negotiated else ext_metadata(codec))
+            md, negotiated = await _accept(context, codec)
             conn = TunnelConnection(
                 self.bridge, codec(Role.SERVER), ServerOuter(context), Role.SERVER,
                 on_stream=stream_factory(self.services), send_settings=negotiated,
@@ -177,10 +196,7 @@ class TunnelHost:
         async def handler(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
             if not self.allow_reverse:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "reverse tunnels not supported")
-            md = tuple(context.invocation_metadata() or ())
-            negotiated = codec is GrpcTunnelCodec and _negotiated(md)
-            await context.send_initial_metadata(
-                ((NEGOTIATE_KEY, "on"),) if negotiated else ext_metadata(codec))
+            md, negotiated = await _accept(context, codec)
             conn = TunnelConnection(
                 self.bridge, codec(Role.CLIENT), ServerOuter(context), Role.CLIENT,
                 expect_settings=negotiated,
@@ -224,7 +240,7 @@ class TunnelHost:
             self._conns.discard(conn)
         if conn.eof or status.code in (OK, CANCELLED):
             return
-        context.set_code(status_code(status.code))
+        context.set_code(grpc_code(status.code))
         context.set_details(status.message)
 
     # --- reverse channels ---------------------------------------------------------
@@ -246,11 +262,14 @@ class TunnelHost:
             return self._cond.wait_for(lambda: len(self._reverse.get(key, ())) >= count, timeout)
 
     def reverse_count(self, key: Any = None) -> int:
+        """How many reverse tunnels are open under ``key`` (the default key: peers that
+        sent none)."""
         with self._cond:
             return len(self._reverse.get(key, ()))
 
     @property
     def connections(self) -> int:
+        """How many tunnels (forward and reverse) are open on this host."""
         return len(self._conns)
 
     # --- a server of our own ------------------------------------------------------
@@ -428,6 +447,13 @@ class ReverseTunnelServer:
         self._outer: _OuterChannel | None = None
 
     def start(self, timeout: float | None = 10.0) -> ReverseTunnelServer:
+        """Dial :attr:`target` and open the reverse tunnel; blocks until the tunnel is
+        open (at most ``timeout`` seconds) and returns ``self``.  Not on the reactor
+        thread or the bridge loop.
+
+        :raises grpc.RpcError: when the host refuses or cannot be reached.
+        :raises TimeoutError: when ``timeout`` passes first.
+        """
         credentials, options, metadata = self._args
         self.connection, self._outer = self.bridge.run(
             _connect(self.bridge, self.target, credentials, options, metadata, self.dialect,
@@ -437,6 +463,10 @@ class ReverseTunnelServer:
         return self
 
     def wait_closed(self, timeout: float | None = None) -> Status:
+        """Block until the tunnel ends and return its final status (OK for a clean end).
+
+        :raises TimeoutError: when ``timeout`` passes first.
+        """
         assert self.connection is not None, "start() first"
         conn = self.connection
 
@@ -446,6 +476,8 @@ class ReverseTunnelServer:
         return self.bridge.run(go(), timeout)
 
     def stop(self, grace: float | None = 5.0) -> None:
+        """Drain the tunnel (calls in flight get ``grace`` seconds to finish), then close
+        it and the outer channel; blocks until done.  Safe to call before :meth:`start`."""
         conn, outer = self.connection, self._outer
         if conn is None:
             return
