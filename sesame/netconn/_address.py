@@ -13,6 +13,7 @@ import grpc
 from twisted.internet import error, interfaces
 from zope.interface import implementer
 
+from sesame.bridge import grpc_code
 from sesame.core import Status
 from sesame.netconn._allowlist import AddressError, split_host_port
 from sesame.type import netaddr_pb2
@@ -84,8 +85,5 @@ class NetConnError(error.ConnectError):
         return f"{self.code.name}: {self.details}"
 
 
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
 def _status_error(status: Status) -> NetConnError:
-    return NetConnError(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message)
+    return NetConnError(grpc_code(status.code), status.message)

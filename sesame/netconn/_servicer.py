@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 from twisted.python.failure import Failure
 
-from sesame.bridge import Bridge, Hop
+from sesame.bridge import Bridge, Hop, grpc_code
 from sesame.core import OK, Status
-from sesame.netconn._address import _CODES, _netaddr
+from sesame.netconn._address import _netaddr
 from sesame.netconn._allowlist import Allowlist
 from sesame.netconn._dialer import DEFAULT_DIAL_TIMEOUT, _check_dial, _dial, _dial_status
 from sesame.netconn._relay import _ServerRelay, _TargetProtocol, _UpProducer
@@ -102,7 +102,7 @@ class NetConnServicer:
                                 "the first NetConn request must be a dial")
         status, host, port = self._check(req.dial)
         if status is not None:
-            await context.abort(_CODES[status.code], status.message)
+            await context.abort(grpc_code(status.code), status.message)
         timeout = self.default_timeout
         if req.dial.HasField("timeout"):
             t = req.dial.timeout.seconds + req.dial.timeout.nanos / 1e9
@@ -128,7 +128,7 @@ class NetConnServicer:
             raise
         if isinstance(proto, Failure):
             st = _dial_status(proto, f"{host}:{port}", timeout)
-            await context.abort(_CODES[st.code], st.message)
+            await context.abort(grpc_code(st.code), st.message)
         transport = proto.transport
         relay.transport = transport
         hop.to_reactor(transport.registerProducer, _UpProducer(relay), True)
@@ -147,7 +147,7 @@ class NetConnServicer:
             if relay._target_gone is None:
                 hop.to_reactor(transport.abortConnection)
         if status.code != OK:
-            await context.abort(_CODES[status.code], status.message)
+            await context.abort(grpc_code(status.code), status.message)
 
     def _check(self, dial: Any) -> tuple[Status | None, str, int]:
         return _check_dial(self.allow, dial)
