@@ -37,15 +37,32 @@ log = logging.getLogger("sesame.tunnel")
 class OuterStream(Protocol):
     """What a tunnel needs from the outer gRPC call, whichever side holds it."""
 
-    async def read(self) -> bytes | None: ...  # None at end of stream
-    async def write(self, data: bytes) -> None: ...
-    async def done_writing(self) -> None: ...
-    def cancel(self) -> None: ...
-    def peer(self) -> str: ...
-    def metadata(self) -> tuple[tuple[str, Any], ...]: ...
+    async def read(self) -> bytes | None:
+        """The next tunnel frame's bytes; None at the end of the stream."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send one encoded tunnel frame (waits while grpc's flow control says so)."""
+        ...
+
+    async def done_writing(self) -> None:
+        """Half-close: no more frames from this side."""
+        ...
+
+    def cancel(self) -> None:
+        """Cancel the outer call (both directions end at once)."""
+        ...
+
+    def peer(self) -> str:
+        """The far end of the outer call, as grpc names it (``ipv4:127.0.0.1:5000``)."""
+        ...
+
+    def metadata(self) -> tuple[tuple[str, Any], ...]:
+        """The far end's metadata of the outer call (its headers), once known."""
+        ...
 
 
-class ClientOuter:
+class ClientOuter(OuterStream):
     """The network-client end: a ``grpc.aio`` StreamStreamCall."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall, target: str) -> None:
@@ -75,7 +92,7 @@ class ClientOuter:
         return self._md
 
 
-class ServerOuter:
+class ServerOuter(OuterStream):
     """The network-server end: a ``grpc.aio`` ServicerContext."""
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
@@ -123,7 +140,7 @@ def unwrap_tunnel(msg: bytes, cls: type) -> bytes | None:
     return None
 
 
-class StreamOuter:
+class StreamOuter(OuterStream):
     """Outer-stream adapter for a tunnel carried by a ``Stream`` call."""
 
     def __init__(self, reader: Any, writer: Any, in_cls: type, peer: str,

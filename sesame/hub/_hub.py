@@ -93,6 +93,7 @@ class Session:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send(self, msg: tunnel_pb2.TunnelResponse) -> None:
+        """Write ``msg`` on this session's control stream (one writer at a time)."""
         async with self.write_lock:
             await self.context.write(msg.SerializeToString())
 
@@ -130,6 +131,7 @@ class Hub:
     # --- registration ------------------------------------------------------------------
 
     def connected(self) -> list[Session]:
+        """The sessions of remotes registered right now."""
         return [s for s in self.sessions.values() if not s.closed]
 
     def _register(self, session: Session) -> None:
@@ -162,6 +164,11 @@ class Hub:
         session.pending.clear()
 
     async def tunnel(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """``TunnelService/Tunnel``: a remote's control stream.  Checks its token, registers
+        it under ``connect.remote`` with the endpoints it offers (newest session wins an
+        endpoint) and sends it stream requests until either side ends the call; then
+        unregisters it.  Refusals end the call with UNAUTHENTICATED, PERMISSION_DENIED or
+        INVALID_ARGUMENT."""
         md = tuple(context.invocation_metadata() or ())
         info = await self._authorize(context, "remote", "Tunnel")
         first = await context.read()
@@ -270,6 +277,9 @@ class Hub:
             session.pending.pop(k, None)
 
     async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """``TunnelService/Stream``: a remote answering one of our stream requests (by
+        ``sesame-stream-id``) with the tunnel that carries one connection; it is handed to
+        whoever asked (:meth:`request_stream`).  Same refusals as :meth:`tunnel`."""
         md = tuple(context.invocation_metadata() or ())
         info = await self._authorize(context, "remote", "Stream")
         sid = N.md_get(md, N.MD_STREAM_ID)
@@ -322,6 +332,11 @@ class Hub:
     # --- clients -----------------------------------------------------------------------
 
     async def netconn(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """``RemoteControl/NetConn`` on the hub: a client's connection to a remote (named by
+        ``sesame-remote``, endpoint ``sesame-endpoint``, default ``netconn``), relayed
+        through a Stream tunnel from that remote.  UNAUTHENTICATED / PERMISSION_DENIED for
+        the token, INVALID_ARGUMENT for the metadata, UNAVAILABLE when the remote or its
+        endpoint is not connected; a failed dial on the remote keeps the remote's status."""
         md = tuple(context.invocation_metadata() or ())
         # Take the client's dial before any refusal: a client write racing our early status
         # makes grpc.aio report INTERNAL instead of it (grpc/grpc#36066).
@@ -475,10 +490,15 @@ class Hub:
     # --- serving -------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:
+        """The hub's methods (TunnelService, NetConn, the management API) as one generic
+        handler, for a ``grpc.aio`` server of your own (:meth:`start` makes one)."""
         return _HubHandler(self)
 
     async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None,
                     options: Sequence[tuple[str, Any]] = ()) -> int:
+        """On the bridge loop: serve the hub on ``host:port`` (TLS with ``credentials``,
+        plain text when None; extra grpc server ``options``) with health and reflection;
+        the bound port (useful with port 0)."""
         opts = [
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
@@ -504,6 +524,7 @@ class Hub:
         return bound
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop the server: calls in flight get ``grace`` seconds, then are cancelled."""
         if self.server is not None:
             await self.server.stop(grace)
 

@@ -490,6 +490,8 @@ class TunnelChannel(grpc.Channel):
             self._calls.discard(call)
 
     def pick_connection(self) -> TunnelConnection | None:
+        """The open tunnel the next call goes on (the channel's pick function), or None
+        when the channel is closed or no tunnel is open."""
         if self._closed:
             return None
         conn = self._pick_fn()

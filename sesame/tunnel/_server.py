@@ -53,11 +53,18 @@ class ServiceRegistry:
         self._services: set[str] = set()
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        """Add handlers asked for every method not registered by name (``grpc.Server``'s
+        method of the same name; generated code and grpc's health/reflection use it)."""
         self._generic.extend(generic_rpc_handlers)
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
+        """Register ``method_handlers`` (method name → handler) of ``service_name``; what
+        the generated ``add_FooServicer_to_server`` calls.
+
+        :raises ValueError: when a method path is registered already.
+        """
         self._services.add(service_name)
         for name, handler in method_handlers.items():
             path = f"/{service_name}/{name}"
@@ -66,6 +73,8 @@ class ServiceRegistry:
             self._methods[path] = handler
 
     def lookup(self, method: str, metadata: tuple = ()) -> grpc.RpcMethodHandler | None:
+        """The handler of the full method path ``method`` (``/pkg.Service/Method``): a
+        registered one first, then the generic handlers in order; None when nobody serves it."""
         handler = self._methods.get(method)
         if handler is not None:
             return handler
@@ -81,6 +90,8 @@ class ServiceRegistry:
         return not self._methods and not self._generic
 
     def service_names(self) -> list[str]:
+        """Every service name registered (sorted), including generic handlers that name
+        theirs: what reflection and ``sesame remotes`` show."""
         names = set(self._services)
         for g in self._generic:
             name = getattr(g, "service_name", None)
