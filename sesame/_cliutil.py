@@ -10,7 +10,7 @@ grpc: ``sesame token list`` stays a small SQLite program.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from sesame.hub.store import SQLiteStore
@@ -50,3 +50,45 @@ def default_registry() -> ServiceRegistry:
         (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), reg)
     return reg
+
+
+def stop_reactor(reactor: Any) -> None:
+    """``reactor.stop()``, unless the reactor is stopping already (then nothing: a second
+    stop is not an error worth a traceback)."""
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def quiet_repeated_stop_signals(reactor: Any) -> None:
+    """Make a second SIGTERM or SIGINT during shutdown a log line instead of a
+    ``ReactorNotRunning`` traceback.
+
+    Twisted's handlers call ``reactor.stop()`` for every signal; the second one, while
+    the hub drains, raises.  Call this once the reactor runs (its handlers are installed
+    then); handlers that are not Twisted's (or none) are left alone.
+    """
+    import signal
+
+    from twisted.logger import Logger
+
+    log = Logger(namespace="sesame")
+    stopping: list[bool] = []
+    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+        if getattr(previous, "__self__", None) is not reactor:
+            continue
+
+        def handler(num: int, frame: Any, previous: Any = previous) -> None:
+            if stopping:
+                log.info("{signal} again: already shutting down",
+                         signal=signal.Signals(num).name)
+                return
+            stopping.append(True)  # before the reactor gets to it: signals can come in pairs
+            previous(num, frame)
+
+        signal.signal(number, handler)

@@ -132,6 +132,54 @@ def grpc_address(listen: str) -> tuple[str, int]:
     return host.replace("\\:", ":"), int(port_text)
 
 
+def hub_address(text: str) -> tuple[str, int]:
+    """Where to dial a hub → (host, port).
+
+    Takes ``HOST:PORT``, ``[IPV6]:PORT`` and Twisted's client spelling ``tcp:HOST:PORT``
+    / ``tcp:host=HOST:port=PORT`` (``tcp6:`` too; colons of an IPv6 host escaped there,
+    ``tcp6:host=\\:\\:1:port=7443``).  TLS is not part of the address: it comes from
+    ``--ca`` / ``tls=``.
+
+    :raises ValueError: saying which form is expected, for anything else (a port that is
+        not ASCII digits 1-65535, no host, ``ssl:``/``tls:``/``unix:`` descriptions, or
+        options such as ``timeout=``).
+    """
+    expected = "expected HOST:PORT, [IPV6]:PORT or tcp:HOST:PORT (tcp:host=HOST:port=PORT)"
+    stripped = text.strip()
+    kind = stripped.split(":", 1)[0]
+    if kind in ("tcp", "tcp6"):
+        args, kwargs = split_endpoint_description(stripped)
+        positional = args[1:]
+        unknown = sorted(set(kwargs) - {"host", "port", "interface"})
+        if unknown:
+            raise ValueError(f"{text!r}: unsupported option {unknown[0]!r}; {expected}")
+        if "interface" in kwargs:  # the listen spelling, tcp:PORT:interface=HOST, as before
+            kwargs.setdefault("host", kwargs.pop("interface"))
+        host = kwargs["host"] if "host" in kwargs else (positional.pop(0) if positional else "")
+        port_text = kwargs["port"] if "port" in kwargs else (positional.pop(0) if positional else "")
+        if positional:
+            raise ValueError(f"{text!r}: too many parts; {expected}")
+    elif kind in ("ssl", "tls", "unix", "sesame"):
+        raise ValueError(f"{text!r}: a hub is dialled over TCP (TLS comes from --ca / tls=); "
+                         f"{expected}")
+    elif stripped.startswith("["):
+        end = stripped.find("]")
+        if end < 0 or stripped[end + 1:end + 2] != ":":
+            raise ValueError(f"{text!r}: {expected}")
+        host, port_text = stripped[1:end], stripped[end + 2:]
+    else:
+        host, sep, port_text = stripped.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r}: {expected}")
+    if not host:
+        raise ValueError(f"{text!r}: no host; {expected}")
+    if not port_text:
+        raise ValueError(f"{text!r}: no port; {expected}")
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number in 1-65535")
+    return host, int(port_text)
+
+
 def is_loopback(host: str) -> bool:
     h = host.strip("[]")
     return h in ("localhost", "::1") or h.startswith("127.")

@@ -20,7 +20,13 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from sesame._cliutil import CLIError, default_registry, open_store
+from sesame._cliutil import (
+    CLIError,
+    default_registry,
+    open_store,
+    quiet_repeated_stop_signals,
+    stop_reactor,
+)
 
 DEFAULT_DATA_DIR = "./.sesame"
 
@@ -81,7 +87,7 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
 
     def down(f: Any) -> None:  # replaces the service's own log-and-stop
         failed.append(f.value)
-        reactor.stop()
+        stop_reactor(reactor)
 
     svc.on_start_failure = down
 
@@ -90,7 +96,7 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
             svc.startService()
         except Exception as exc:  # noqa: BLE001
             failed.append(exc)
-            reactor.stop()
+            stop_reactor(reactor)
             return
 
         def up(_: object) -> None:
@@ -112,12 +118,13 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
         elif s.fatal:
             watch.stop()
             failed.append(CLIError(f"hub {s.target} refused remote {options['name']}: {s.fatal}"))
-            reactor.stop()
+            stop_reactor(reactor)
 
     from twisted.internet.task import LoopingCall
 
     watch = LoopingCall(refused)
     reactor.callWhenRunning(start)
+    reactor.callWhenRunning(quiet_repeated_stop_signals, reactor)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: svc.running and svc.stopService())
     reactor.run()
     if failed:

@@ -76,12 +76,11 @@ def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> H
     hub = kw.get("hub") or env.get("SESAME_HUB")
     if not hub:
         raise ValueError("hub: no hub address (give hub=HOST\\:PORT or set SESAME_HUB)")
+    hub_key = "hub" if kw.get("hub") else "SESAME_HUB"
     try:
-        host, port = N.grpc_address(hub)
+        host, port = N.hub_address(hub)
     except ValueError as exc:
-        raise ValueError(f"hub: {exc}") from None
-    if port == 0:
-        raise ValueError(f"hub: {hub!r} needs a port")
+        raise ValueError(f"{hub_key}: {exc}") from None
     token = kw.get("token")
     token_file = kw.get("tokenFile")
     key = "token" if token else "tokenFile"

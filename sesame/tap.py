@@ -160,7 +160,7 @@ class RemoteOptions(usage.Options):
         "Reconnects with backoff when the hub goes away."
     )
     optParameters = [
-        ["hub", None, None, "The hub's HOST:PORT (env SESAME_HUB)."],
+        ["hub", None, None, "The hub to dial: HOST:PORT or tcp:HOST:PORT (env SESAME_HUB)."],
         ["name", "n", None, "Remote name to register, or namespaces/NS/remotes/NAME."],
         ["token-file", None, None, "File holding this remote's token (env SESAME_TOKEN_FILE; "
                                    "or SESAME_TOKEN holds the token itself)."],
@@ -249,8 +249,10 @@ def _start_failed(svc: service.Service, what: str) -> Any:
         if reactor.running:
             import atexit
 
+            from sesame._cliutil import stop_reactor
+
             atexit.register(_exit_failed)
-            reactor.stop()
+            stop_reactor(reactor)
 
     return failed
 
@@ -476,6 +478,11 @@ def makeService(options: Options) -> service.IService:
     """The ``twistd sesame`` service for parsed ``options``: a MultiService holding the
     hub (``twistd sesame hub``), a remote agent (``remote``) or a bare tunnel host
     (``host``).  Nothing listens or dials until the service starts."""
+    from twisted.internet import reactor
+
+    from sesame._cliutil import quiet_repeated_stop_signals
+
+    reactor.callWhenRunning(quiet_repeated_stop_signals, reactor)
     top = service.MultiService()
     sub = options.subOptions
     if options.subCommand == "hub":

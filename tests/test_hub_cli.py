@@ -95,18 +95,53 @@ def test_twistd_hub_and_remote_carry_a_forward(procs: Procs, target: TargetServe
     assert r.returncode == 0, r.stderr
     tok.write_text(r.stdout)
     remote = procs.start("twistd-remote", [
-        exe, "-n", "--pidfile=", "sesame", "remote", "--hub", f"127.0.0.1:{port}",
+        # --hub in Twisted's client spelling, as --listen takes Twisted's server one
+        exe, "-n", "--pidfile=", "sesame", "remote", "--hub", f"tcp:127.0.0.1:{port}",
         "--name", "edge-1", "--token-file", str(tok), "--ca", str(data / "ca.pem"),
         "--allow", f"127.0.0.1:{target.port}"], cwd=tmp_path)
     remote.wait_line(REGISTERED, stream="out")
     client = sesame("token", "create", "--data-dir", str(data), "--client").stdout.strip()
-    env = child_env(SESAME_HUB=f"127.0.0.1:{port}", SESAME_CA=str(data / "ca.pem"),
+    env = child_env(SESAME_HUB=f"tcp:host=127.0.0.1:port={port}", SESAME_CA=str(data / "ca.pem"),
                     SESAME_TOKEN=client)
     _, fport = start_forward(procs, f"sesame:remote=edge-1:host=127.0.0.1:port={target.port}",
                              env)
     echo_once(fport)
     assert target.connections == 1
     hub.wait_line(r"remote default/edge-1 connected", stream="out")
+
+
+@pytest.mark.parametrize("how", [["twistd", "-n", "--pidfile="], ["cli"]])
+def test_sigterm_twice_shuts_down_without_a_traceback(procs: Procs, tmp_path: Path,
+                                                      how: list[str]) -> None:
+    """systemd, a shell's kill and a process-group kill can each send SIGTERM; Twisted's
+    handler stopped the reactor once per signal and the second stop was a
+    ReactorNotRunning traceback.  A registered remote keeps the hub draining (its control
+    stream gets the stop's grace period) while the second signal arrives."""
+    import signal as _signal
+
+    data, port_file = tmp_path / "data", tmp_path / "hub.port"
+    args = ["hub", "--listen", "tcp:0:interface=127.0.0.1", "--port-file", str(port_file),
+            "--data-dir", str(data)]
+    argv = ([_twistd(), *how[1:], "sesame", *args] if how[0] == "twistd"
+            else [PY, "-m", "sesame", *args])
+    hub = procs.start("hub", argv, cwd=tmp_path)
+    port = _read_port(port_file, hub)
+    tok = tmp_path / "edge-1.token"
+    tok.write_text(sesame("token", "create", "--data-dir", str(data), "--remote", "edge-1").stdout)
+    remote = procs.start("remote", [PY, "-m", "sesame", "remote", "--hub", f"127.0.0.1:{port}",
+                                    "--name", "edge-1", "--token-file", str(tok),
+                                    "--ca", str(data / "ca.pem")], cwd=tmp_path)
+    remote.wait_line(REGISTERED)
+    stream = "out" if how[0] == "twistd" else "err"
+    mark = hub.mark(stream)
+    hub.popen.send_signal(_signal.SIGTERM)
+    hub.wait_line(r"Received SIGTERM, shutting down", stream=stream, start=mark)
+    hub.popen.send_signal(_signal.SIGTERM)
+    hub.wait_line(r"SIGTERM again: already shutting down", stream=stream, start=mark)
+    # twistd ends by re-raising the signal that stopped it; `sesame hub` exits 0
+    assert hub.wait_exit() in ((-_signal.SIGTERM,) if how[0] == "twistd" else (0,))
+    text = hub.out.text() + hub.err.text()
+    assert "Traceback" not in text and "ReactorNotRunning" not in text, hub.describe()
 
 
 def test_twistd_hub_that_cannot_listen_exits_with_one_line(tmp_path: Path) -> None:
