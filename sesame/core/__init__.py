@@ -7,7 +7,10 @@ sweeps.  It is internal: the names below are the API the layers above use, with 
 compatibility promise to users.
 
 * ``_frames`` — the frame and status types both dialects decode to;
-* ``_machine`` — :class:`TunnelCore`, the stream table and flow control of one tunnel;
+* ``_machine`` — :class:`TunnelCore`, the stream table of one tunnel, each stream's life a
+  :class:`StreamState` moved by :class:`StreamInput` through one transition table;
+* ``_window`` — :class:`FlowWindow`, one stream's flow-control credit, and the
+  :class:`FlowPolicy` rules it counts by;
 * ``_codec`` — :class:`SesameCodec` (``sesame.type``) and :class:`GrpcTunnelCodec`
   (``grpctunnel.v1``), frames to protobuf bytes and back.
 """
@@ -83,11 +86,14 @@ from sesame.core._machine import (
     Role,
     SettingsReceived,
     StreamEnded,
+    StreamInput,
     StreamRequested,
+    StreamState,
     StreamWritable,
     TunnelCore,
     TunnelTerminated,
 )
+from sesame.core._window import FlowControlError, FlowWindow
 
 __all__ = [
     "CODECS",
@@ -103,7 +109,9 @@ __all__ = [
     "Drained",
     "Event",
     "FAILED_PRECONDITION",
+    "FlowControlError",
     "FlowPolicy",
+    "FlowWindow",
     "Frame",
     "GRPCTUNNEL_FLOW",
     "GRPCTUNNEL_REV0",
@@ -143,7 +151,9 @@ __all__ = [
     "Status",
     "StreamClosedError",
     "StreamEnded",
+    "StreamInput",
     "StreamRequested",
+    "StreamState",
     "StreamWritable",
     "TunnelClosedError",
     "TunnelCore",

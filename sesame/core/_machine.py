@@ -12,14 +12,30 @@ One core serves either role of PROTOCOL.md: the *tunnel client* starts
 streams (``open_stream``), the *tunnel server* answers them.  Both wire
 dialects share it; they differ only in a :class:`FlowPolicy` and a few id
 rules (``strict_ids``).
+
+Each stream's lifecycle is one :class:`StreamState`, moved by
+:class:`StreamInput`\\ s through a single table written as data,
+:data:`_TRANSITIONS` ``(state, input) -> (effect, next state)``, as h2's
+``H2StreamStateMachine`` does.  The table is the whole of the rules: who may
+send what when (response headers once, nothing after half-close, a refusal
+only before any answer), which late frames are ignored, which streams stay in
+the stream table after they ended (a server close queued behind data).  A
+pair that is absent is a protocol error, reported as the situation calls for:
+an API call raises a :class:`LocalProtocolError` and leaves the stream as it
+was; a frame from the peer ends the stream and tells the peer (a stream fault).
+Tunnel-wide rules (stream ids, settings, draining) stay in plain code around
+the table.  The credit arithmetic is apart too, in
+:class:`~sesame.core._window.FlowWindow`: the table says *whether* a data frame
+is expected, the window *how much* may flow.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from sesame.core._frames import (
     CANCELLED,
@@ -47,6 +63,14 @@ from sesame.core._frames import (
     TunnelClosedError,
     WindowUpdate,
 )
+from sesame.core._window import (
+    GRPCTUNNEL_FLOW,
+    GRPCTUNNEL_REV0,
+    SESAME_FLOW,
+    FlowControlError,
+    FlowPolicy,
+    FlowWindow,
+)
 
 MAX_UINT32 = 2**32 - 1
 MAX_STREAM_ID = 2**64 - 1  # sesame.type: uint64 ids
@@ -63,44 +87,6 @@ MAX_SEND_MESSAGE = 2**31 - 1  # EncodedMessage.size is an int32
 class Role(enum.Enum):
     CLIENT = "client"  # starts streams, sends requests
     SERVER = "server"  # runs handlers, sends responses
-
-
-@dataclass(frozen=True, slots=True)
-class FlowPolicy:
-    """
-    Per-stream flow control, one direction's rules for both directions.
-
-    ``sesame.type`` counts frames (each costs at least ``min_cost``) and lets
-    a sender go while its credit is positive; ``grpctunnel.v1`` revision 1
-    counts bytes exactly and never lets a chunk exceed the credit.
-    """
-
-    name: str
-    enabled: bool = True
-    send_window: int = 65535  # credit we start with, per stream
-    recv_window: int = 65535  # credit the peer starts with, per stream
-    update_threshold: int = 26214  # return credit once this much was consumed
-    min_cost: int = 258
-    max_chunk: int = 16256
-    byte_exact: bool = False  # chunks never exceed the remaining credit
-    # Until a stream's sender shows it holds more credit than the protocol's
-    # fixed 65,535 (+ one 16,256 chunk), return credit at the protocol's
-    # threshold: a peer that never learned our larger window would wait
-    # for an update we were batching (see the window extension in
-    # sesame.tunnel._service).
-    compat_threshold: int = 26214
-    compat_outstanding: int = 65535 + 16256
-
-    def cost(self, n: int) -> int:
-        return n if n > self.min_cost else self.min_cost
-
-
-SESAME_FLOW = FlowPolicy("sesame.type")
-GRPCTUNNEL_FLOW = FlowPolicy(
-    "grpctunnel.v1/1", send_window=65536, recv_window=65536, update_threshold=1,
-    min_cost=0, max_chunk=16384, byte_exact=True,
-)
-GRPCTUNNEL_REV0 = FlowPolicy("grpctunnel.v1/0", enabled=False, min_cost=0, max_chunk=16384)
 
 
 # --- events -------------------------------------------------------------------
@@ -194,6 +180,121 @@ Event = (
 # --- per-stream state ---------------------------------------------------------
 
 
+class StreamState(enum.Enum):
+    """
+    Where one stream is in its life; a stream only ever takes its role's states.
+
+    In both roles ``HEADERS`` means the response headers have passed (client:
+    received; server: sent or queued) and ``HALF_CLOSED`` means the request
+    side is over (client: ``half_close`` sent; server: received).  A stream is
+    *live* (its API calls are allowed) in every state but
+    :attr:`SERVER_CLOSING` and :attr:`CLOSED`; :class:`StreamEnded` is emitted
+    on the way into either.
+    """
+
+    # Identity hash: the table is looked up on every frame, and Enum's own
+    # __hash__ hashes the member's name in Python code.
+    __hash__ = object.__hash__
+
+    #: Created, nothing sent or received yet (only inside a call).
+    IDLE = "idle"
+    #: Client: ``new_stream`` sent; requests may go, no response headers yet.
+    CLIENT_OPEN = "client open"
+    #: Client: the response headers arrived; requests may still go.
+    CLIENT_OPEN_HEADERS = "client open, headers received"
+    #: Client: ``half_close`` sent (queued); no response headers yet.
+    CLIENT_HALF_CLOSED = "client half-closed"
+    #: Client: ``half_close`` sent and the response headers arrived.
+    CLIENT_HALF_CLOSED_HEADERS = "client half-closed, headers received"
+    #: Server: stream accepted; nothing answered; requests may come.
+    SERVER_OPEN = "server open"
+    #: Server: response headers sent (or queued); requests may come.
+    SERVER_OPEN_HEADERS = "server open, headers sent"
+    #: Server: the client half-closed; nothing answered yet.
+    SERVER_HALF_CLOSED = "server half-closed"
+    #: Server: the client half-closed; response headers sent.
+    SERVER_HALF_CLOSED_HEADERS = "server half-closed, headers sent"
+    #: Server: ended locally, its ``close_stream`` still queued behind data
+    #: that waits for credit; only ``window_update`` and ``cancel`` matter.
+    SERVER_CLOSING = "server closing"
+    #: Over and out of the stream table.
+    CLOSED = "closed"
+
+
+class StreamInput(enum.Enum):
+    """
+    Everything that can happen to a stream: an API call of this side
+    (``SEND_*``, ``REFUSE``, ``CANCEL``), a frame from the peer (``RECV_*``),
+    or a step of the core itself (``FAULT``, ``CLOSE_SENT``, ``TERMINATE``).
+    """
+
+    __hash__ = object.__hash__  # see StreamState
+
+    SEND_NEW_STREAM = "open_stream"
+    SEND_HEADERS = "send_headers"
+    SEND_MESSAGE = "send_message"
+    SEND_HALF_CLOSE = "half_close"
+    SEND_CLOSE = "close_stream"
+    REFUSE = "refuse_stream"
+    CANCEL = "cancel"
+    RECV_NEW_STREAM = "new_stream frame"
+    RECV_HEADERS = "header frame"
+    RECV_MESSAGE = "message frame"  # the first (or only) chunk, with the size
+    RECV_MESSAGE_DATA = "message_data frame"  # a continuation chunk
+    RECV_HALF_CLOSE = "half_close frame"
+    RECV_CANCEL = "cancel frame"
+    RECV_CLOSE = "close_stream frame"
+    RECV_WINDOW_UPDATE = "window_update frame"
+    RECV_SETTINGS = "settings frame"  # addressed to a live stream: never legal
+    #: The peer broke the rules on this stream: end it and tell the peer.
+    FAULT = "stream fault"
+    #: Server: the queued ``close_stream`` left.
+    CLOSE_SENT = "close_stream sent"
+    #: The tunnel is over.
+    TERMINATE = "tunnel terminated"
+
+
+_S = StreamState
+_I = StreamInput
+
+#: States in which a stream has ended (no API calls; StreamEnded was emitted).
+_ENDED = frozenset({_S.SERVER_CLOSING, _S.CLOSED})
+#: Server states after the client's half-close.
+_REQUESTS_ENDED = frozenset({_S.SERVER_HALF_CLOSED, _S.SERVER_HALF_CLOSED_HEADERS})
+#: Inputs that are frames from the peer: an absent pair is a stream fault.
+_PEER_INPUTS = frozenset({
+    _I.RECV_NEW_STREAM, _I.RECV_HEADERS, _I.RECV_MESSAGE, _I.RECV_MESSAGE_DATA,
+    _I.RECV_HALF_CLOSE, _I.RECV_CANCEL, _I.RECV_CLOSE, _I.RECV_WINDOW_UPDATE,
+    _I.RECV_SETTINGS,
+})
+#: API calls that an absent pair refuses, with the error they raise.  (The
+#: other calls check the role first, which leaves no absent pair to reach.)
+_REFUSALS: dict[StreamInput, tuple[type[LocalProtocolError], str]] = {
+    _I.SEND_MESSAGE: (StreamClosedError, "stream closed for sending"),
+    _I.SEND_HEADERS: (LocalProtocolError, "headers already sent"),
+    _I.REFUSE: (LocalProtocolError, "stream already answered"),
+}
+_FRAME_INPUTS: dict[type, StreamInput] = {
+    NewStream: _I.RECV_NEW_STREAM,
+    Headers: _I.RECV_HEADERS,
+    Message: _I.RECV_MESSAGE,
+    MessageData: _I.RECV_MESSAGE_DATA,
+    HalfClose: _I.RECV_HALF_CLOSE,
+    Cancel: _I.RECV_CANCEL,
+    CloseStream: _I.RECV_CLOSE,
+    WindowUpdate: _I.RECV_WINDOW_UPDATE,
+    Settings: _I.RECV_SETTINGS,
+}
+
+
+def _frame_input(frame: Frame) -> StreamInput:
+    """The input a frame of a subclass of the frame types is (exact types: a dict hit)."""
+    for cls, inp in _FRAME_INPUTS.items():
+        if isinstance(frame, cls):
+            return inp
+    raise TypeError(f"not a tunnel frame: {frame!r}")
+
+
 class _OutMessage:
     __slots__ = ("view", "offset", "started")
 
@@ -203,29 +304,21 @@ class _OutMessage:
         self.started = False
 
 
-@dataclass(slots=True)
 class _Stream:
-    stream_id: int
-    policy: FlowPolicy
-    # sending
-    credit: int = 0
-    queue: deque = field(default_factory=deque)  # Frame | _OutMessage
-    queued_bytes: int = 0
-    blocked: bool = False  # queued bytes above low water since last Writable
-    headers_sent: bool = False
-    local_closed: bool = False  # client: half-closed; server: close queued
-    # receiving
-    granted: int = 0  # credit ever given to the peer (initial + updates)
-    big_sender: bool = False  # the peer proved a window beyond the default
-    taken: int = 0  # flow cost received
-    pending_credit: int = 0
-    unconsumed: int = 0  # MessageReceived events the app has not consumed yet
-    deferred: int = 0  # cost of reassembly frames held back while it lags
-    remote_closed: bool = False  # server: half_close seen
-    headers_received: bool = False
-    asm: bytearray | None = None
-    asm_size: int = 0
-    ended: bool = False
+    """One row of the stream table: state, window, send queue, reassembly."""
+
+    __slots__ = ("stream_id", "policy", "state", "window", "queue", "queued_bytes", "asm",
+                 "asm_size")
+
+    def __init__(self, stream_id: int, policy: FlowPolicy, window: FlowWindow) -> None:
+        self.stream_id = stream_id
+        self.policy = policy
+        self.state = StreamState.IDLE
+        self.window = window
+        self.queue: deque[Frame | _OutMessage] = deque()
+        self.queued_bytes = 0  # message bytes in the queue
+        self.asm: bytearray | None = None  # the message being reassembled
+        self.asm_size = 0
 
 
 def _split_method(method: str) -> tuple[str, str] | None:
@@ -269,7 +362,7 @@ class TunnelCore:
         max_stream_id: int | None = None,
     ) -> None:
         self.role = role
-        self.policy = policy
+        self.policy = policy  # the adapter may swap it after settings arrive
         self.strict_ids = strict_ids
         self.max_receive_message = max_receive_message
         self.max_send_message = max_send_message
@@ -277,7 +370,13 @@ class TunnelCore:
         self._streams: dict[int, _Stream] = {}
         self._out: list[Frame] = []
         self._events: list[Event] = []
-        self._blocked: set[int] = set()  # streams waiting for credit
+        # Streams whose backlog went above send_low_water since their last
+        # StreamWritable (only a backlog the caller could observe counts).
+        self._backlogged: set[int] = set()
+        # What the peer's messages are called, and the code of their faults.
+        server = role is Role.SERVER
+        self._peer_kind = "request" if server else "response"
+        self._peer_code = INVALID_ARGUMENT if server else INTERNAL
         if max_stream_id is None:
             max_stream_id = MAX_STRICT_STREAM_ID if strict_ids else MAX_STREAM_ID
         self.max_stream_id = max_stream_id
@@ -301,35 +400,53 @@ class TunnelCore:
 
     @property
     def open_streams(self) -> int:
-        return sum(1 for s in self._streams.values() if not s.ended)
+        """How many streams are live (not yet ended)."""
+        return sum(1 for s in self._streams.values() if s.state not in _ENDED)
 
     def stream_ids(self) -> list[int]:
-        return [sid for sid, s in self._streams.items() if not s.ended]
+        """The ids of the live streams, oldest first."""
+        return [sid for sid, s in self._streams.items() if s.state not in _ENDED]
 
     def is_live(self, stream_id: int) -> bool:
+        """Whether ``stream_id`` names a stream that has not ended."""
         s = self._streams.get(stream_id)
-        return s is not None and not s.ended
+        return s is not None and s.state not in _ENDED
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """
+        The state of a stream in the table.
+
+        :param stream_id: any id.
+        :returns: its :class:`StreamState`, or None once it left the table (or
+            if it never was in it).
+        """
+        s = self._streams.get(stream_id)
+        return s.state if s is not None else None
 
     def queued_bytes(self, stream_id: int) -> int:
+        """Message bytes queued on the stream, waiting for credit (0 if unknown)."""
         s = self._streams.get(stream_id)
         return s.queued_bytes if s is not None else 0
 
     def send_credit(self, stream_id: int) -> int:
+        """Credit this side holds for sending on the stream (0 if unknown)."""
         s = self._streams.get(stream_id)
-        return s.credit if s is not None else 0
+        return s.window.credit if s is not None else 0
 
     def receive_window(self, stream_id: int) -> int:
         """Credit the peer still has for sending to us on this stream."""
         s = self._streams.get(stream_id)
-        return s.granted - s.taken if s is not None else 0
+        return s.window.available if s is not None else 0
 
     # --- output ---------------------------------------------------------------
 
     def data_to_send(self) -> list[Frame]:
+        """Take the frames queued for the peer, oldest first."""
         out, self._out = self._out, []
         return out
 
     def take_events(self) -> list[Event]:
+        """Take the events for the adapter, oldest first."""
         ev, self._events = self._events, []
         return ev
 
@@ -353,18 +470,22 @@ class TunnelCore:
         if self.policy.name.startswith("grpctunnel"):
             frame.initial_window = self.policy.recv_window
             frame.revision = 1 if self.policy.enabled else 0
-        self._out.append(frame)
-        s.headers_sent = True
+        self._process(s, _I.SEND_NEW_STREAM, frame)
         return sid
 
     def half_close(self, stream_id: int) -> None:
+        """
+        Client: no more requests; ``half_close`` follows the queued messages.
+
+        A second call does nothing.
+
+        :raises StreamClosedError: the stream has ended.
+        :raises LocalProtocolError: called on the tunnel server.
+        """
         s = self._live(stream_id)
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the tunnel client half-closes")
-        if s.local_closed:
-            return
-        s.local_closed = True
-        self._enqueue(s, HalfClose(stream_id))
+        self._process(s, _I.SEND_HALF_CLOSE)
 
     def cancel(self, stream_id: int, status: Status | None = None) -> None:
         """
@@ -376,28 +497,24 @@ class TunnelCore:
         Unknown or finished streams are ignored: cancel races are normal.
         """
         s = self._streams.get(stream_id)
-        if s is None or s.ended:
+        if s is None:
             return
-        status = status or Status(CANCELLED, "cancelled")
-        self._drop_queue(s)
-        if self.role is Role.CLIENT:
-            self._out.append(Cancel(stream_id))
-        else:
-            self._send_close_now(s, status)
-        self._end(s, status, (), local=True)
+        self._process(s, _I.CANCEL, status or Status(CANCELLED, "cancelled"))
 
     # --- local API: server role -----------------------------------------------
 
     def send_headers(self, stream_id: int, headers: Metadata = ()) -> None:
+        """
+        Server: queue the response headers (at most once, before any message).
+
+        :raises LocalProtocolError: headers already sent, or called on the
+            tunnel client.
+        :raises StreamClosedError: the stream has ended.
+        """
         s = self._live(stream_id)
         if self.role is not Role.SERVER:
             raise LocalProtocolError("only the tunnel server sends response headers")
-        if s.headers_sent:
-            raise LocalProtocolError("headers already sent")
-        if s.local_closed:
-            raise StreamClosedError("stream already closed")
-        s.headers_sent = True
-        self._enqueue(s, Headers(stream_id, tuple(headers)))
+        self._process(s, _I.SEND_HEADERS, headers)
 
     def close_stream(
         self, stream_id: int, status: Status = STATUS_OK, trailers: Metadata = ()
@@ -406,41 +523,29 @@ class TunnelCore:
         s = self._live(stream_id)
         if self.role is not Role.SERVER:
             raise LocalProtocolError("only the tunnel server closes streams")
-        if not s.headers_sent:
-            s.headers_sent = True
-            self._enqueue(s, Headers(stream_id, ()))
-        s.local_closed = True
-        # End first (event + no more sends), then let the queue carry the
-        # close frame out behind any data still waiting for credit.
-        self._end(s, status, tuple(trailers), local=True, keep=True)
-        self._enqueue(s, CloseStream(stream_id, status, tuple(trailers)))
+        self._process(s, _I.SEND_CLOSE, (status, tuple(trailers)))
 
     def refuse_stream(self, stream_id: int, status: Status) -> None:
         """Server: turn a just-requested stream away: status only, no header."""
         s = self._live(stream_id)
-        if s.headers_sent or s.queue:
-            raise LocalProtocolError("stream already answered")
-        s.headers_sent = True
-        s.local_closed = True
-        self._out.append(CloseStream(stream_id, status))
-        self._end(s, status, (), local=True)
+        self._process(s, _I.REFUSE, status)
 
     # --- local API: both roles ------------------------------------------------
 
     def send_message(self, stream_id: int, data: bytes) -> None:
         """Queue one whole serialized message; it leaves as credit allows."""
         s = self._live(stream_id)
-        if s.local_closed:
-            raise StreamClosedError("stream closed for sending")
+        step = _TRANSITIONS.get((s.state, _I.SEND_MESSAGE))
+        if step is None:
+            raise self._refusal(s, _I.SEND_MESSAGE)
         if len(data) > self.max_send_message:
             raise LocalProtocolError(
                 f"message of {len(data)} bytes exceeds the limit of {self.max_send_message}",
                 RESOURCE_EXHAUSTED,
             )
-        if self.role is Role.SERVER and not s.headers_sent:
-            s.headers_sent = True
-            self._enqueue(s, Headers(stream_id, ()))
-        self._enqueue(s, _OutMessage(data))
+        effect, s.state = step
+        if effect is not None:
+            effect(self, s, _OutMessage(data))
 
     def consumed(self, stream_id: int, cost: int) -> None:
         """
@@ -448,35 +553,9 @@ class TunnelCore:
         credit it back, plus any reassembly credit held back meanwhile.
         """
         s = self._streams.get(stream_id)
-        if s is None or s.ended or not s.policy.enabled:
+        if s is None or s.state in _ENDED or not s.policy.enabled:
             return
-        if cost > 0 and s.unconsumed > 0:  # zero-cost messages were never counted
-            s.unconsumed -= 1
-        if s.unconsumed == 0 and s.deferred:
-            cost += s.deferred
-            s.deferred = 0
-        self._return_credit(s, cost)
-
-    def _return_credit(self, s: _Stream, cost: int) -> None:
-        if cost <= 0:
-            return
-        stream_id = s.stream_id
-        s.pending_credit += cost
-        pol = s.policy
-        threshold = pol.update_threshold
-        if not s.big_sender and threshold > pol.compat_threshold:
-            threshold = pol.compat_threshold
-        if s.pending_credit >= threshold:
-            if self.role is Role.SERVER and s.remote_closed and s.policy.byte_exact:
-                s.pending_credit = 0
-                return
-            n = s.pending_credit
-            s.pending_credit = 0
-            s.granted += n
-            while n > 0:
-                piece = min(n, MAX_UINT32)
-                self._out.append(WindowUpdate(stream_id, piece))
-                n -= piece
+        self._return_credit(s, s.window.message_consumed(cost))
 
     def start_drain(self) -> None:
         """Refuse new streams; let existing ones finish (then :class:`Drained`)."""
@@ -490,12 +569,10 @@ class TunnelCore:
         if self.terminated is not None:
             return
         self.terminated = status
-        self._blocked.clear()
         for s in list(self._streams.values()):
-            if not s.ended:
-                s.queue.clear()
-                self._end(s, status, (), local=False)
+            self._process(s, _I.TERMINATE, status)
         self._streams.clear()
+        self._backlogged.clear()
         self._events.append(TunnelTerminated(status, by_peer))
 
     # --- input ----------------------------------------------------------------
@@ -511,6 +588,7 @@ class TunnelCore:
         return self.take_events()
 
     def receive_frames(self, frames: Iterable[Frame]) -> list[Event]:
+        """Feed several frames (stopping if one ends the tunnel); returns the events."""
         for f in frames:
             if self.terminated is not None:
                 break
@@ -519,6 +597,194 @@ class TunnelCore:
             except _Fatal as exc:
                 self.terminate(exc.status, by_peer=False)
         return self.take_events()
+
+    # --- the state table --------------------------------------------------------
+
+    def _process(self, s: _Stream, inp: StreamInput, arg: Any = None) -> None:
+        """
+        Move ``s`` by ``inp``: take the next state from the table, then run the
+        effect with ``arg`` (the frame, data or status the input carries).  An
+        effect may move the stream on again (a fault ends it).
+        """
+        step = _TRANSITIONS.get((s.state, inp))
+        if step is None:
+            self._no_transition(s, inp, arg)
+            return
+        effect, s.state = step
+        if effect is not None:
+            effect(self, s, arg)
+
+    def _no_transition(self, s: _Stream, inp: StreamInput, arg: Any) -> None:
+        """An absent pair: an API call raises; a peer frame faults the stream."""
+        if inp not in _PEER_INPUTS:
+            raise self._refusal(s, inp)
+        if inp is _I.RECV_SETTINGS:
+            self._fault(s, INTERNAL, "settings frame sent to a stream")
+        elif self.role is Role.SERVER:
+            self._fault(s, INVALID_ARGUMENT, f"unexpected {type(arg).__name__} frame from client")
+        else:
+            self._fault(s, INTERNAL, f"unexpected {type(arg).__name__} frame from server")
+
+    @staticmethod
+    def _refusal(s: _Stream, inp: StreamInput) -> LocalProtocolError:
+        refusal = _REFUSALS.get(inp)
+        if refusal is not None:
+            error, message = refusal
+            return error(message)
+        return LocalProtocolError(  # the core's own inputs: a bug in the table
+            f"stream {s.stream_id}: no transition for {inp.name} in state {s.state.name}"
+        )
+
+    def _fault(self, s: _Stream, code: int, message: str) -> None:
+        """A peer fault confined to one stream: end it, tell the peer."""
+        self._process(s, _I.FAULT, Status(code, message))
+
+    # --- transition effects: (core, stream, the input's argument) -------------
+
+    def _fx_send_new_stream(self, s: _Stream, frame: NewStream) -> None:
+        self._out.append(frame)
+
+    def _fx_stream_requested(self, s: _Stream, frame: NewStream) -> None:
+        method = frame.method if frame.method.startswith("/") else "/" + frame.method
+        self._events.append(StreamRequested(s.stream_id, method, tuple(frame.headers)))
+
+    def _fx_queue_headers(self, s: _Stream, headers: Metadata) -> None:
+        self._enqueue(s, Headers(s.stream_id, tuple(headers)))
+
+    # (SEND_MESSAGE with headers out: the effect is _enqueue itself.)
+
+    def _fx_queue_headers_and_message(self, s: _Stream, message: _OutMessage) -> None:
+        self._enqueue(s, Headers(s.stream_id, ()))
+        self._enqueue(s, message)
+
+    def _fx_queue_half_close(self, s: _Stream, _: None) -> None:
+        self._enqueue(s, HalfClose(s.stream_id))
+
+    def _fx_queue_close(self, s: _Stream, arg: tuple[Status, Metadata]) -> None:
+        status, trailers = arg
+        # End first (event + no more sends), then let the queue carry the
+        # close frame out behind any data still waiting for credit.
+        self._end(s, status, trailers, local=True)
+        self._enqueue(s, CloseStream(s.stream_id, status, trailers))
+
+    def _fx_queue_headers_and_close(self, s: _Stream, arg: tuple[Status, Metadata]) -> None:
+        self._enqueue(s, Headers(s.stream_id, ()))
+        self._fx_queue_close(s, arg)
+
+    def _fx_refuse(self, s: _Stream, status: Status) -> None:
+        self._out.append(CloseStream(s.stream_id, status))
+        self._end(s, status, (), local=True)
+
+    def _fx_reset_by_cancel(self, s: _Stream, status: Status) -> None:
+        """Client, local cancel or fault: ``cancel`` goes out at once."""
+        self._drop_queue(s)
+        self._out.append(Cancel(s.stream_id))
+        self._end(s, status, (), local=True)
+
+    def _fx_reset_by_close(self, s: _Stream, status: Status) -> None:
+        """Server, local cancel or fault: ``close_stream`` bypasses the queue."""
+        self._close_now(s, status, header=False, local=True)
+
+    def _fx_reset_by_header_close(self, s: _Stream, status: Status) -> None:
+        """As :meth:`_fx_reset_by_close`, before any header went out."""
+        self._close_now(s, status, header=True, local=True)
+
+    def _fx_peer_cancel_close(self, s: _Stream, _: Cancel) -> None:
+        self._close_now(s, Status(CANCELLED, "cancelled by client"), header=False, local=False)
+
+    def _fx_peer_cancel_header_close(self, s: _Stream, _: Cancel) -> None:
+        self._close_now(s, Status(CANCELLED, "cancelled by client"), header=True, local=False)
+
+    def _fx_peer_closed(self, s: _Stream, frame: CloseStream) -> None:
+        self._drop_queue(s)
+        self._end(s, frame.status, tuple(frame.trailers), local=False)
+
+    def _fx_headers_received(self, s: _Stream, frame: Headers) -> None:
+        self._events.append(HeadersReceived(s.stream_id, tuple(frame.headers)))
+
+    def _fx_requests_ended(self, s: _Stream, _: HalfClose) -> None:
+        if s.asm is not None:
+            self._fault(s, INVALID_ARGUMENT, "half-close in the middle of a request message")
+            return
+        self._events.append(RequestsEnded(s.stream_id))
+
+    def _fx_credit(self, s: _Stream, frame: WindowUpdate) -> None:
+        if s.window.add_credit(frame.increment) and s.queue:
+            self._flush(s)
+
+    def _fx_forget_closing(self, s: _Stream, _: Cancel) -> None:
+        # Our close is still queued behind data; a cancel means the client
+        # stopped listening, so nothing more will be credited.
+        self._drop_queue(s)
+        self._forget(s)
+
+    def _fx_terminated(self, s: _Stream, status: Status) -> None:
+        s.queue.clear()
+        self._end(s, status, (), local=False)
+
+    def _fx_message(self, s: _Stream, frame: Message) -> None:
+        data = frame.data
+        n = len(data)
+        w = s.window
+        try:
+            cost = w.receive(n)
+        except FlowControlError as exc:
+            self._fault(s, exc.code, str(exc))
+            return
+        peer = self._peer_kind
+        if s.asm is not None:
+            self._fault(s, self._peer_code, f"received redundant {peer} message envelope")
+            return
+        size = frame.size
+        if size < 0 or n > size:
+            self._fault(
+                s, self._peer_code,
+                f"received more data than indicated by {peer} message envelope",
+            )
+            return
+        if size > self.max_receive_message:
+            self._fault(
+                s,
+                RESOURCE_EXHAUSTED,
+                f"{peer} message of {size} bytes exceeds the limit of "
+                f"{self.max_receive_message}",
+            )
+            return
+        if n == size:
+            w.message_delivered(cost)
+            self._events.append(MessageReceived(s.stream_id, bytes(data), cost))
+            return
+        s.asm = bytearray(data)
+        s.asm_size = size
+        self._return_credit(s, w.fragment_received(cost))
+
+    def _fx_message_data(self, s: _Stream, frame: MessageData) -> None:
+        data = frame.data
+        w = s.window
+        try:
+            cost = w.receive(len(data))
+        except FlowControlError as exc:
+            self._fault(s, exc.code, str(exc))
+            return
+        asm = s.asm
+        if asm is None:
+            self._fault(
+                s, self._peer_code, f"never received envelope for {self._peer_kind} message"
+            )
+            return
+        if len(asm) + len(data) > s.asm_size:
+            self._fault(
+                s, self._peer_code,
+                f"received more data than indicated by {self._peer_kind} message envelope",
+            )
+            return
+        asm += data
+        if len(asm) == s.asm_size:
+            s.asm = None
+            w.message_delivered(cost)
+            self._events.append(MessageReceived(s.stream_id, bytes(asm), cost))
+        else:
+            self._return_credit(s, w.fragment_received(cost))
 
     # --- internals: receive ---------------------------------------------------
 
@@ -530,27 +796,23 @@ class TunnelCore:
             self.peer_settings = SettingsReceived(tuple(frame.revisions), frame.initial_window)
             self._events.append(self.peer_settings)
             return
-        if isinstance(frame, Invalid):
-            raise _Fatal(INVALID_ARGUMENT, f"invalid frame: {frame.reason}")
+        inp = _FRAME_INPUTS.get(type(frame))
+        if inp is None:
+            if isinstance(frame, Invalid):
+                raise _Fatal(INVALID_ARGUMENT, f"invalid frame: {frame.reason}")
+            inp = _frame_input(frame)
         sid = frame.stream_id
-        if isinstance(frame, Settings):
+        if inp is _I.RECV_SETTINGS:
             s = self._streams.get(sid)
-            if s is not None and not s.ended:
-                self._protocol_fault(s, INTERNAL, "settings frame sent to a stream")
+            if s is not None and s.state not in _ENDED:
+                self._process(s, inp, frame)  # no pair: settings never go to a stream
                 return
             if sid > 0 and self._late_frame(sid):
                 return
             raise _Fatal(INTERNAL, "unexpected settings frame")
         if sid <= 0 and not (self.strict_ids and sid == 0):
             raise _Fatal(INVALID_ARGUMENT, f"invalid frame: stream id {sid}")
-        if self.role is Role.SERVER:
-            self._receive_as_server(frame)
-        else:
-            self._receive_as_client(frame)
-
-    def _receive_as_server(self, frame: Frame) -> None:
-        sid = frame.stream_id
-        if isinstance(frame, NewStream):
+        if inp is _I.RECV_NEW_STREAM and self.role is Role.SERVER:
             self._accept_new_stream(frame)
             return
         s = self._streams.get(sid)
@@ -558,38 +820,14 @@ class TunnelCore:
             if self._late_frame(sid):
                 return  # late frame of a finished or refused stream
             raise _Fatal(UNKNOWN, f"received frame for stream ID {sid}: stream never created")
-        if isinstance(frame, WindowUpdate):
-            self._credit(s, frame.increment)
+        # _process, inlined: this runs for every frame
+        step = _TRANSITIONS.get((s.state, inp))
+        if step is None:
+            self._no_transition(s, inp, frame)
             return
-        if s.ended:
-            # Our close is still queued behind data; a cancel means the
-            # client stopped listening, so nothing more will be credited.
-            if isinstance(frame, Cancel):
-                self._drop_queue(s)
-                self._forget(s)
-            return
-        if isinstance(frame, (Message, MessageData)):
-            if s.remote_closed:
-                return
-            self._data(s, frame)
-        elif isinstance(frame, HalfClose):
-            if not s.remote_closed:
-                if s.asm is not None:
-                    self._protocol_fault(
-                        s, INVALID_ARGUMENT, "half-close in the middle of a request message"
-                    )
-                    return
-                s.remote_closed = True
-                self._events.append(RequestsEnded(sid))
-        elif isinstance(frame, Cancel):
-            status = Status(CANCELLED, "cancelled by client")
-            self._drop_queue(s)
-            self._send_close_now(s, status)
-            self._end(s, status, (), local=False)
-        else:
-            self._protocol_fault(
-                s, INVALID_ARGUMENT, f"unexpected {type(frame).__name__} frame from client"
-            )
+        effect, s.state = step
+        if effect is not None:
+            effect(self, s, frame)
 
     def _late_frame(self, sid: int) -> bool:
         """A frame for no live stream: True if ``sid`` was used (ignore it)."""
@@ -600,7 +838,7 @@ class TunnelCore:
     def _accept_new_stream(self, frame: NewStream) -> None:
         sid = frame.stream_id
         existing = self._streams.get(sid)
-        if existing is not None and not existing.ended:
+        if existing is not None and existing.state not in _ENDED:
             raise _Fatal(UNKNOWN, f"cannot create stream ID {sid}: already exists")
         if self.strict_ids and sid <= self._last_seen:
             raise _Fatal(UNKNOWN, f"cannot create stream ID {sid}: that ID has already been used")
@@ -641,140 +879,36 @@ class TunnelCore:
                 )
             )
             return
-        s = self._new_stream(sid, policy)
+        credit = None
         if frame.initial_window is not None and policy.enabled and policy.byte_exact:
-            s.credit = frame.initial_window
-        method = frame.method if frame.method.startswith("/") else "/" + frame.method
-        self._events.append(StreamRequested(sid, method, tuple(frame.headers)))
+            credit = frame.initial_window
+        s = self._new_stream(sid, policy, credit)
+        self._process(s, _I.RECV_NEW_STREAM, frame)
 
-    def _receive_as_client(self, frame: Frame) -> None:
-        sid = frame.stream_id
-        s = self._streams.get(sid)
-        if s is None:
-            if self._late_frame(sid):
-                return
-            raise _Fatal(UNKNOWN, f"received frame for stream ID {sid}: stream never created")
-        if isinstance(frame, WindowUpdate):
-            self._credit(s, frame.increment)
-            return
-        if s.ended:
-            return
-        if isinstance(frame, Headers):
-            if not s.headers_received:
-                s.headers_received = True
-                self._events.append(HeadersReceived(sid, tuple(frame.headers)))
-        elif isinstance(frame, (Message, MessageData)):
-            self._data(s, frame)
-        elif isinstance(frame, CloseStream):
-            self._drop_queue(s)
-            self._end(s, frame.status, tuple(frame.trailers), local=False)
-        else:
-            self._protocol_fault(
-                s, INTERNAL, f"unexpected {type(frame).__name__} frame from server"
-            )
+    def _return_credit(self, s: _Stream, cost: int) -> None:
+        # A grpctunnel.v1 client sends nothing after half-close: its credit
+        # would be wasted (sesame.type peers are credited all the same).
+        discard = s.policy.byte_exact and s.state in _REQUESTS_ENDED
+        n = s.window.release(cost, discard=discard)
+        while n > 0:
+            piece = min(n, MAX_UINT32)
+            self._out.append(WindowUpdate(s.stream_id, piece))
+            n -= piece
 
-    def _data(self, s: _Stream, frame: Message | MessageData) -> None:
-        data = frame.data
-        n = len(data)
-        pol = s.policy
-        cost = pol.cost(n)
-        if pol.enabled:
-            avail = s.granted - s.taken
-            # sesame.type: a sender may go while its credit is positive, so
-            # a frame is legal iff credit remained before it (at most 255
-            # frames / ~80 KiB outstanding).  grpctunnel.v1: bytes, exactly.
-            if (n > avail) if pol.byte_exact else (avail <= 0):
-                self._protocol_fault(s, RESOURCE_EXHAUSTED, "flow control window exceeded")
-                return
-            s.taken += cost
-            if not s.big_sender and (
-                s.taken - (s.granted - pol.recv_window) > pol.compat_outstanding
-            ):
-                s.big_sender = True
-        peer = "request" if self.role is Role.SERVER else "response"
-        code = INVALID_ARGUMENT if self.role is Role.SERVER else INTERNAL
-        if isinstance(frame, Message):
-            if s.asm is not None:
-                self._protocol_fault(s, code, f"received redundant {peer} message envelope")
-                return
-            size = frame.size
-            if size < 0 or n > size:
-                self._protocol_fault(
-                    s, code, f"received more data than indicated by {peer} message envelope"
-                )
-                return
-            if size > self.max_receive_message:
-                self._protocol_fault(
-                    s,
-                    RESOURCE_EXHAUSTED,
-                    f"{peer} message of {size} bytes exceeds the limit of "
-                    f"{self.max_receive_message}",
-                )
-                return
-            if n == size:
-                if cost:  # zero-cost messages need (and usually get) no consumed()
-                    s.unconsumed += 1
-                self._events.append(MessageReceived(s.stream_id, bytes(data), cost))
-                return
-            s.asm = bytearray(data)
-            s.asm_size = size
-            self._reassembly_credit(s, cost)
-            return
-        if s.asm is None:
-            self._protocol_fault(s, code, f"never received envelope for {peer} message")
-            return
-        if len(s.asm) + n > s.asm_size:
-            self._protocol_fault(
-                s, code, f"received more data than indicated by {peer} message envelope"
-            )
-            return
-        s.asm += data
-        if len(s.asm) == s.asm_size:
-            msg, s.asm = bytes(s.asm), None
-            if cost:
-                s.unconsumed += 1
-            self._events.append(MessageReceived(s.stream_id, msg, cost))
-        else:
-            self._reassembly_credit(s, cost)
-
-    def _reassembly_credit(self, s: _Stream, cost: int) -> None:
-        """
-        Credit a frame of an unfinished message.
-
-        While the application keeps up (every delivered message consumed),
-        such frames are credited at once: they sit in the reassembly buffer
-        (bounded by max_receive_message), and a message larger than the
-        window could never finish otherwise.  While it lags, their credit is
-        held until it catches up, so unread messages cannot pile up beyond
-        one window (a slow reader pauses the sender).
-        """
-        if s.unconsumed:
-            s.deferred += cost
-        else:
-            self._return_credit(s, cost)
-
-    def _protocol_fault(self, s: _Stream, code: int, message: str) -> None:
-        """A peer fault confined to one stream: end it, tell the peer."""
-        status = Status(code, message)
+    def _close_now(self, s: _Stream, status: Status, *, header: bool, local: bool) -> None:
+        """Server: drop the queue, [header and] close_stream now, end the stream."""
         self._drop_queue(s)
-        if self.role is Role.SERVER:
-            self._send_close_now(s, status)
-        else:
-            self._out.append(Cancel(s.stream_id))
-        self._end(s, status, (), local=True)
-
-    def _send_close_now(self, s: _Stream, status: Status) -> None:
-        """Server: header (if none went out yet) and close_stream, bypassing the queue."""
-        if not s.headers_sent:
-            s.headers_sent = True
+        if header:
             self._out.append(Headers(s.stream_id, ()))
-        s.local_closed = True
         self._out.append(CloseStream(s.stream_id, status))
+        self._end(s, status, (), local=local)
 
     # --- internals: send ------------------------------------------------------
 
-    def _new_stream(self, sid: int, policy: FlowPolicy) -> _Stream:
-        s = _Stream(sid, policy, credit=policy.send_window, granted=policy.recv_window)
+    def _new_stream(
+        self, sid: int, policy: FlowPolicy, send_credit: int | None = None
+    ) -> _Stream:
+        s = _Stream(sid, policy, FlowWindow(policy, send_credit))
         self._streams[sid] = s
         return s
 
@@ -782,7 +916,7 @@ class TunnelCore:
         if self.terminated is not None:
             raise TunnelClosedError(f"tunnel closed: {self.terminated.message}")
         s = self._streams.get(stream_id)
-        if s is None or s.ended:
+        if s is None or s.state in _ENDED:
             raise StreamClosedError(f"stream {stream_id} is not open")
         return s
 
@@ -798,12 +932,13 @@ class TunnelCore:
             self._flush(s)
         # Only a backlog the caller can observe (after this call) is worth a
         # StreamWritable later; one that drained at once is not.
-        if s.queued_bytes > self.send_low_water and not s.ended:
-            s.blocked = True
+        if s.queued_bytes > self.send_low_water and s.state not in _ENDED:
+            self._backlogged.add(s.stream_id)
 
     def _flush(self, s: _Stream) -> None:
         q = s.queue
-        pol = s.policy
+        w = s.window
+        max_chunk = s.policy.max_chunk
         out = self._out
         while q:
             item = q[0]
@@ -811,22 +946,18 @@ class TunnelCore:
                 q.popleft()
                 out.append(item)
                 if isinstance(item, CloseStream):
-                    self._forget(s)
+                    self._process(s, _I.CLOSE_SENT)
                     return
                 continue
             view = item.view
             total = len(view)
             while True:
                 remaining = total - item.offset
-                n = remaining if remaining < pol.max_chunk else pol.max_chunk
-                if pol.enabled:
-                    if s.credit <= 0 and not (pol.byte_exact and total == 0):
-                        self._blocked.add(s.stream_id)
+                n = w.charge(remaining if remaining < max_chunk else max_chunk, total)
+                if n < 0:  # out of credit: wait for a window update
+                    if self._backlogged:
                         self._maybe_writable(s)
-                        return
-                    if pol.byte_exact and n > s.credit:
-                        n = s.credit if s.credit > 0 else 0
-                    s.credit -= pol.cost(n)
+                    return
                 chunk = bytes(view[item.offset:item.offset + n])
                 if not item.started:
                     item.started = True
@@ -838,41 +969,35 @@ class TunnelCore:
                 if item.offset >= total:
                     break
             q.popleft()
-        self._blocked.discard(s.stream_id)
-        self._maybe_writable(s)
+        if self._backlogged:
+            self._maybe_writable(s)
 
     def _maybe_writable(self, s: _Stream) -> None:
-        if s.blocked and s.queued_bytes <= self.send_low_water and not s.ended:
-            s.blocked = False
-            self._events.append(StreamWritable(s.stream_id))
-
-    def _credit(self, s: _Stream, n: int) -> None:
-        if not s.policy.enabled or n <= 0:
-            return
-        s.credit += n
-        if s.queue and s.credit > 0:
-            self._flush(s)
+        sid = s.stream_id
+        if (
+            sid in self._backlogged and s.queued_bytes <= self.send_low_water
+            and s.state not in _ENDED
+        ):
+            self._backlogged.discard(sid)
+            self._events.append(StreamWritable(sid))
 
     def _drop_queue(self, s: _Stream) -> None:
         s.queue.clear()
         s.queued_bytes = 0
-        self._blocked.discard(s.stream_id)
 
-    def _end(
-        self, s: _Stream, status: Status, trailers: Metadata, *, local: bool, keep: bool = False
-    ) -> None:
-        if s.ended:
-            return
-        s.ended = True
+    def _end(self, s: _Stream, status: Status, trailers: Metadata, *, local: bool) -> None:
+        """Emit the stream's one StreamEnded; leave the table if the state says CLOSED."""
         s.asm = None
         self._events.append(StreamEnded(s.stream_id, status, trailers, local))
-        if not keep:
+        if s.state is _S.CLOSED:
             self._forget(s)
 
-    def _forget(self, s: _Stream) -> None:
+    def _forget(self, s: _Stream, _: object = None) -> None:
+        """Take ``s`` out of the stream table (also the effect of ``CLOSE_SENT``)."""
         self._streams.pop(s.stream_id, None)
-        self._blocked.discard(s.stream_id)
-        self._check_drained()
+        self._backlogged.discard(s.stream_id)
+        if self.draining:
+            self._check_drained()
 
     def _check_drained(self) -> None:
         if (
@@ -902,6 +1027,238 @@ class TunnelCore:
             nxt += 1
 
 
+# --- the transition table -------------------------------------------------------
+
+_T = TunnelCore
+_Effect = Callable[[TunnelCore, _Stream, Any], None]
+
+#: ``(state, input) -> (effect, next state)``, the rules of a stream's life.
+#: The next state is set first, then the effect runs (it may move the stream on
+#: again: a bad data frame faults it).  An absent pair is a protocol error (see
+#: ``TunnelCore._no_transition``): API calls raise, peer frames fault the stream.
+#: ``None`` as effect means the input is accepted and ignored.
+_TRANSITIONS: dict[tuple[StreamState, StreamInput], tuple[_Effect | None, StreamState]] = {
+    # A new stream leaves IDLE within the call that made it.
+    (_S.IDLE, _I.SEND_NEW_STREAM):
+        (_T._fx_send_new_stream, _S.CLIENT_OPEN),
+    (_S.IDLE, _I.RECV_NEW_STREAM):
+        (_T._fx_stream_requested, _S.SERVER_OPEN),
+
+    # CLIENT_OPEN.  Absent: refuse_stream ("already answered"; the other
+    # server calls stop at the role check) and the frames only a server gets
+    # (new_stream, half_close, cancel) or nobody does (settings): stream faults.
+    (_S.CLIENT_OPEN, _I.SEND_MESSAGE):
+        (_T._enqueue, _S.CLIENT_OPEN),
+    (_S.CLIENT_OPEN, _I.SEND_HALF_CLOSE):
+        (_T._fx_queue_half_close, _S.CLIENT_HALF_CLOSED),
+    (_S.CLIENT_OPEN, _I.CANCEL):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_OPEN, _I.RECV_HEADERS):
+        (_T._fx_headers_received, _S.CLIENT_OPEN_HEADERS),
+    (_S.CLIENT_OPEN, _I.RECV_MESSAGE):
+        (_T._fx_message, _S.CLIENT_OPEN),
+    (_S.CLIENT_OPEN, _I.RECV_MESSAGE_DATA):
+        (_T._fx_message_data, _S.CLIENT_OPEN),
+    (_S.CLIENT_OPEN, _I.RECV_CLOSE):
+        (_T._fx_peer_closed, _S.CLOSED),
+    (_S.CLIENT_OPEN, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.CLIENT_OPEN),
+    (_S.CLIENT_OPEN, _I.FAULT):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_OPEN, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # CLIENT_OPEN_HEADERS: as CLIENT_OPEN; a second header is ignored.
+    (_S.CLIENT_OPEN_HEADERS, _I.SEND_MESSAGE):
+        (_T._enqueue, _S.CLIENT_OPEN_HEADERS),
+    (_S.CLIENT_OPEN_HEADERS, _I.SEND_HALF_CLOSE):
+        (_T._fx_queue_half_close, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_OPEN_HEADERS, _I.CANCEL):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_OPEN_HEADERS, _I.RECV_HEADERS):
+        (None, _S.CLIENT_OPEN_HEADERS),
+    (_S.CLIENT_OPEN_HEADERS, _I.RECV_MESSAGE):
+        (_T._fx_message, _S.CLIENT_OPEN_HEADERS),
+    (_S.CLIENT_OPEN_HEADERS, _I.RECV_MESSAGE_DATA):
+        (_T._fx_message_data, _S.CLIENT_OPEN_HEADERS),
+    (_S.CLIENT_OPEN_HEADERS, _I.RECV_CLOSE):
+        (_T._fx_peer_closed, _S.CLOSED),
+    (_S.CLIENT_OPEN_HEADERS, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.CLIENT_OPEN_HEADERS),
+    (_S.CLIENT_OPEN_HEADERS, _I.FAULT):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_OPEN_HEADERS, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # CLIENT_HALF_CLOSED: no more messages (StreamClosedError); half_close again
+    # does nothing.
+    (_S.CLIENT_HALF_CLOSED, _I.SEND_HALF_CLOSE):
+        (None, _S.CLIENT_HALF_CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.CANCEL):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.RECV_HEADERS):
+        (_T._fx_headers_received, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_HALF_CLOSED, _I.RECV_MESSAGE):
+        (_T._fx_message, _S.CLIENT_HALF_CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.RECV_MESSAGE_DATA):
+        (_T._fx_message_data, _S.CLIENT_HALF_CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.RECV_CLOSE):
+        (_T._fx_peer_closed, _S.CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.CLIENT_HALF_CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.FAULT):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_HALF_CLOSED, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # CLIENT_HALF_CLOSED_HEADERS
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.SEND_HALF_CLOSE):
+        (None, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.CANCEL):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.RECV_HEADERS):
+        (None, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.RECV_MESSAGE):
+        (_T._fx_message, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.RECV_MESSAGE_DATA):
+        (_T._fx_message_data, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.RECV_CLOSE):
+        (_T._fx_peer_closed, _S.CLOSED),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.CLIENT_HALF_CLOSED_HEADERS),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.FAULT):
+        (_T._fx_reset_by_cancel, _S.CLOSED),
+    (_S.CLIENT_HALF_CLOSED_HEADERS, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # SERVER_OPEN: nothing answered yet, so a message or a close sends an empty
+    # header first and a refusal is still possible.  Absent: header and
+    # close_stream frames from the client (stream fault), settings.
+    (_S.SERVER_OPEN, _I.SEND_HEADERS):
+        (_T._fx_queue_headers, _S.SERVER_OPEN_HEADERS),
+    (_S.SERVER_OPEN, _I.SEND_MESSAGE):
+        (_T._fx_queue_headers_and_message, _S.SERVER_OPEN_HEADERS),
+    (_S.SERVER_OPEN, _I.SEND_CLOSE):
+        (_T._fx_queue_headers_and_close, _S.SERVER_CLOSING),
+    (_S.SERVER_OPEN, _I.REFUSE):
+        (_T._fx_refuse, _S.CLOSED),
+    (_S.SERVER_OPEN, _I.CANCEL):
+        (_T._fx_reset_by_header_close, _S.CLOSED),
+    (_S.SERVER_OPEN, _I.RECV_MESSAGE):
+        (_T._fx_message, _S.SERVER_OPEN),
+    (_S.SERVER_OPEN, _I.RECV_MESSAGE_DATA):
+        (_T._fx_message_data, _S.SERVER_OPEN),
+    (_S.SERVER_OPEN, _I.RECV_HALF_CLOSE):
+        (_T._fx_requests_ended, _S.SERVER_HALF_CLOSED),
+    (_S.SERVER_OPEN, _I.RECV_CANCEL):
+        (_T._fx_peer_cancel_header_close, _S.CLOSED),
+    (_S.SERVER_OPEN, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.SERVER_OPEN),
+    (_S.SERVER_OPEN, _I.FAULT):
+        (_T._fx_reset_by_header_close, _S.CLOSED),
+    (_S.SERVER_OPEN, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # SERVER_OPEN_HEADERS: headers went out, so no second send_headers and no
+    # refusal (LocalProtocolError).
+    (_S.SERVER_OPEN_HEADERS, _I.SEND_MESSAGE):
+        (_T._enqueue, _S.SERVER_OPEN_HEADERS),
+    (_S.SERVER_OPEN_HEADERS, _I.SEND_CLOSE):
+        (_T._fx_queue_close, _S.SERVER_CLOSING),
+    (_S.SERVER_OPEN_HEADERS, _I.CANCEL):
+        (_T._fx_reset_by_close, _S.CLOSED),
+    (_S.SERVER_OPEN_HEADERS, _I.RECV_MESSAGE):
+        (_T._fx_message, _S.SERVER_OPEN_HEADERS),
+    (_S.SERVER_OPEN_HEADERS, _I.RECV_MESSAGE_DATA):
+        (_T._fx_message_data, _S.SERVER_OPEN_HEADERS),
+    (_S.SERVER_OPEN_HEADERS, _I.RECV_HALF_CLOSE):
+        (_T._fx_requests_ended, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_OPEN_HEADERS, _I.RECV_CANCEL):
+        (_T._fx_peer_cancel_close, _S.CLOSED),
+    (_S.SERVER_OPEN_HEADERS, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.SERVER_OPEN_HEADERS),
+    (_S.SERVER_OPEN_HEADERS, _I.FAULT):
+        (_T._fx_reset_by_close, _S.CLOSED),
+    (_S.SERVER_OPEN_HEADERS, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # SERVER_HALF_CLOSED: the client is done; its late data and half-closes are
+    # ignored (credit is not returned, see _return_credit).
+    (_S.SERVER_HALF_CLOSED, _I.SEND_HEADERS):
+        (_T._fx_queue_headers, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED, _I.SEND_MESSAGE):
+        (_T._fx_queue_headers_and_message, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED, _I.SEND_CLOSE):
+        (_T._fx_queue_headers_and_close, _S.SERVER_CLOSING),
+    (_S.SERVER_HALF_CLOSED, _I.REFUSE):
+        (_T._fx_refuse, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.CANCEL):
+        (_T._fx_reset_by_header_close, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.RECV_MESSAGE):
+        (None, _S.SERVER_HALF_CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.RECV_MESSAGE_DATA):
+        (None, _S.SERVER_HALF_CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.RECV_HALF_CLOSE):
+        (None, _S.SERVER_HALF_CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.RECV_CANCEL):
+        (_T._fx_peer_cancel_header_close, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.SERVER_HALF_CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.FAULT):
+        (_T._fx_reset_by_header_close, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # SERVER_HALF_CLOSED_HEADERS
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.SEND_MESSAGE):
+        (_T._enqueue, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.SEND_CLOSE):
+        (_T._fx_queue_close, _S.SERVER_CLOSING),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.CANCEL):
+        (_T._fx_reset_by_close, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.RECV_MESSAGE):
+        (None, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.RECV_MESSAGE_DATA):
+        (None, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.RECV_HALF_CLOSE):
+        (None, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.RECV_CANCEL):
+        (_T._fx_peer_cancel_close, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.SERVER_HALF_CLOSED_HEADERS),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.FAULT):
+        (_T._fx_reset_by_close, _S.CLOSED),
+    (_S.SERVER_HALF_CLOSED_HEADERS, _I.TERMINATE):
+        (_T._fx_terminated, _S.CLOSED),
+
+    # SERVER_CLOSING: ended (StreamEnded was emitted, API calls say "not open");
+    # the close waits for credit, so window updates still count, and a cancel
+    # means nobody will send more: forget the stream.  Everything else is late.
+    (_S.SERVER_CLOSING, _I.CANCEL):
+        (None, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.RECV_HEADERS):
+        (None, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.RECV_MESSAGE):
+        (None, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.RECV_MESSAGE_DATA):
+        (None, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.RECV_HALF_CLOSE):
+        (None, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.RECV_CLOSE):
+        (None, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.RECV_CANCEL):
+        (_T._fx_forget_closing, _S.CLOSED),
+    (_S.SERVER_CLOSING, _I.RECV_WINDOW_UPDATE):
+        (_T._fx_credit, _S.SERVER_CLOSING),
+    (_S.SERVER_CLOSING, _I.CLOSE_SENT):
+        (_T._forget, _S.CLOSED),
+    (_S.SERVER_CLOSING, _I.TERMINATE):
+        (None, _S.CLOSED),
+
+    # CLOSED: nothing; the stream is out of the table.
+}
+
+
 class _Fatal(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -922,7 +1279,9 @@ __all__ = [
     "Role",
     "SettingsReceived",
     "StreamEnded",
+    "StreamInput",
     "StreamRequested",
+    "StreamState",
     "StreamWritable",
     "TunnelCore",
     "TunnelTerminated",
