@@ -26,6 +26,7 @@ older one; other endpoints stay where they are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -52,7 +53,7 @@ from sesame.bridge import (
 from sesame.core import CANCELLED, OK, UNAVAILABLE, Role, SesameCodec, Status
 from sesame.hub._auth import Need, Refused, authorize, context_token
 from sesame.hub.metrics import HubMetrics, payload_len
-from sesame.hub.store import AlreadyExists, Store
+from sesame.hub.store import AlreadyExists, Store, parse_token
 from sesame.netconn import METHOD as NETCONN_METHOD
 from sesame.tunnel import ext_apply, ext_metadata, ext_parse
 from sesame.v1alpha1 import tunnel_pb2
@@ -60,6 +61,18 @@ from sesame.v1alpha1 import tunnel_pb2
 log = logging.getLogger("sesame.hub")
 
 STREAM_REQUEST_TIMEOUT = 15.0
+#: A NetConn call must send its dial within this many seconds (DEADLINE_EXCEEDED).
+DIAL_TIMEOUT = 10.0
+#: NetConn calls accepted but not yet dialled: at most this many per client connection
+#: (grpc peer) and in all (RESOURCE_EXHAUSTED beyond).
+MAX_PENDING_DIALS_PER_PEER = 256
+MAX_PENDING_DIALS = 4096
+#: A refused call may still be sending its first message: wait this long for it before
+#: the status, or a client write racing an early status surfaces as INTERNAL.
+REFUSAL_DRAIN = 1.0
+#: How often the hub asks the store which tokens were revoked (their sessions and
+#: connections end at once).
+REVOCATION_POLL = 0.25
 
 
 # --- sessions ------------------------------------------------------------------------
@@ -71,7 +84,7 @@ class _PendingStream:
     future: asyncio.Future
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sessions go in sets (the token holders)
 class Session:
     """One live control stream of a remote."""
 
@@ -85,12 +98,15 @@ class Session:
     stream_buffer: int = 16
     pending: dict[int, _PendingStream] = field(default_factory=dict)
     slots: asyncio.Semaphore | None = None
-    next_id: itertools.count = field(default_factory=lambda: itertools.count(1))
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connections: int = 0
     closed: bool = False
     token: str = field(default="", repr=False)  # re-checked before every stream request
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def revoke(self) -> None:
+        """Its token was revoked: the control stream ends with UNAUTHENTICATED."""
+        self.ended.set()
 
     async def send(self, msg: tunnel_pb2.TunnelResponse) -> None:
         """Write ``msg`` on this session's control stream (one writer at a time)."""
@@ -106,6 +122,17 @@ class Hub:
         self.bridge = bridge or get_bridge()
         self._ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
+        # Stream request ids are unique hub-wide (two sessions of one remote, e.g. an
+        # agent and a twistd server with the same token, each get their own), and the
+        # Stream call finds its request in O(1).
+        self._stream_ids = itertools.count(1)
+        self._pending: dict[int, tuple[Session, _PendingStream]] = {}
+        # token id -> what holds it: sessions, Stream calls and client NetConn calls,
+        # each with a revoke() that ends it (see _watch_revocations)
+        self._holders: dict[str, set[Any]] = {}
+        self._pending_dials = 0
+        self._pending_dials_by_peer: dict[str, int] = {}
+        self._watcher: asyncio.Task[None] | None = None
         # (namespace, remote, endpoint) -> the session serving it
         self.routes: dict[tuple[str, str, str], Session] = {}
         self.server: grpc.aio.Server | None = None
@@ -115,18 +142,79 @@ class Hub:
     # --- auth ----------------------------------------------------------------------
 
     async def _authorize(self, context: Any, who: str, what: str, need: Need | None = None,
-                         info: Any = None) -> Any:
+                         info: Any = None, *, drain: bool = True) -> Any:
         """The call's live token meeting ``need`` (:func:`sesame.hub._auth.authorize`; only
         ``need`` is checked when ``info``, the token, is known already).  A refusal is
         counted as an auth failure of ``who`` (``remote`` or ``client``) in ``what`` (the
-        method) and aborts the call with its code and message."""
+        method) and aborts the call with its code and message (:meth:`_refuse`; ``drain``
+        false once the call's first message has been read)."""
         try:
             if info is None:
                 return authorize(self.store, context_token(context), need)
             return info if need is None else need.check(info)
         except Refused as exc:
             self.metrics.auth_failure(who, exc.remote, f"{what}: {exc.reason}")
-            await context.abort(grpc.StatusCode[exc.code], exc.message)
+            await self._refuse(context, grpc.StatusCode[exc.code], exc.message, drain=drain)
+
+    async def _refuse(self, context: Any, code: grpc.StatusCode, message: str, *,
+                      drain: bool = True) -> None:
+        """Abort with ``code``.  With ``drain`` (a call that may not have sent its first
+        message yet) take that message first, waiting at most :data:`REFUSAL_DRAIN`: a
+        client write racing an early status can surface as INTERNAL instead of it."""
+        if drain:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(context.read(), REFUSAL_DRAIN)
+        await context.abort(code, message)
+
+    # --- revocation ----------------------------------------------------------------------
+
+    def _hold(self, token: str | None, holder: Any) -> str | None:
+        """Note that ``holder`` (with a ``revoke()``) lives on ``token``; its token id."""
+        parsed = parse_token(token or "")
+        if parsed is None:
+            return None
+        self._holders.setdefault(parsed[0], set()).add(holder)
+        return parsed[0]
+
+    def _release(self, token_id: str | None, holder: Any) -> None:
+        held = self._holders.get(token_id or "")
+        if held is not None:
+            held.discard(holder)
+            if not held:
+                del self._holders[token_id]
+
+    def revoked(self, token_ids: Sequence[str]) -> int:
+        """End every session, Stream and client connection that lives on one of
+        ``token_ids`` (revoked tokens); how many ended."""
+        ended = 0
+        for token_id in token_ids:
+            for holder in list(self._holders.pop(token_id, ())):
+                holder.revoke()
+                ended += 1
+        return ended
+
+    async def _watch_revocations(self) -> None:
+        """Twice a second or more: ask the store for tokens revoked since the last look
+        (only when it changed) and end what lives on them (:meth:`revoked`)."""
+        marker: object = None
+        since = time.time()
+        while True:
+            await asyncio.sleep(REVOCATION_POLL)
+            if not self._holders:
+                continue
+            try:
+                now_marker = self.store.change_marker()
+                if now_marker == marker:
+                    continue
+                marker = now_marker
+                now = time.time()
+                # a margin for a revoking process whose commit lands a little late
+                ids = self.store.revoked_since(since - 5.0)
+                since = now
+                if ids and self.revoked(ids):
+                    log.info("ended what lived on %d revoked token(s)", len(ids))
+            except Exception:
+                log.exception("checking the store for revoked tokens failed")
 
     # --- registration ------------------------------------------------------------------
 
@@ -157,6 +245,8 @@ class Hub:
             key = (session.namespace, session.remote, ep)
             if self.routes.get(key) is session:
                 del self.routes[key]
+        for k in session.pending:
+            self._pending.pop(k, None)
         for p in session.pending.values():
             if not p.future.done():
                 p.future.set_exception(_HubError(UNAVAILABLE, f"remote {session.remote} went away"))
@@ -182,7 +272,8 @@ class Hub:
             ns, name = N.parse_remote(req.connect.remote)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
-        await self._authorize(context, "remote", "Tunnel", Need("register", ns, name), info)
+        await self._authorize(context, "remote", "Tunnel", Need("register", ns, name), info,
+                              drain=False)
         endpoints = {e.strip() for e in (N.md_get(md, N.MD_ENDPOINTS) or N.NETCONN_ENDPOINT).split(",")
                      if e.strip()}
         bad = [e for e in endpoints if not N.valid_name(e)]
@@ -192,6 +283,7 @@ class Hub:
                           stream_buffer=max(req.connect.stream_buffer, 1),
                           token=N.bearer(md) or "")
         self._register(session)
+        token_id = self._hold(session.token, session)
         log.info("remote %s/%s connected from %s offering %s", ns, name, session.peer,
                  ",".join(sorted(endpoints)))
         ended = asyncio.ensure_future(session.ended.wait())
@@ -220,6 +312,7 @@ class Hub:
                     p.future.exception()
         finally:
             ended.cancel()
+            self._release(token_id, session)
             self._unregister(session)
             log.info("remote %s/%s disconnected", ns, name)
 
@@ -264,9 +357,10 @@ class Hub:
             session.slots.release()
 
     async def _ask_for_stream(self, session: Session, endpoint: str) -> Any:
-        k = next(session.next_id)
+        k = next(self._stream_ids)
         fut = asyncio.get_running_loop().create_future()
-        session.pending[k] = _PendingStream(endpoint, fut)
+        pending = session.pending[k] = _PendingStream(endpoint, fut)
+        self._pending[k] = (session, pending)
         try:
             await session.send(tunnel_pb2.TunnelResponse(id=k, stream={"endpoint": endpoint}))
             return await asyncio.wait_for(fut, STREAM_REQUEST_TIMEOUT)
@@ -275,6 +369,7 @@ class Hub:
                             f"{STREAM_REQUEST_TIMEOUT:g}s") from None
         finally:
             session.pending.pop(k, None)
+            self._pending.pop(k, None)
 
     async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         """``TunnelService/Stream``: a remote answering one of our stream requests (by
@@ -293,13 +388,16 @@ class Hub:
             ns, name = N.parse_remote(req.connect.remote)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
-        await self._authorize(context, "remote", "Stream", Need("serve", ns, name), info)
+        await self._authorize(context, "remote", "Stream", Need("serve", ns, name), info,
+                              drain=False)
         pending = None
-        if sid and sid.isdigit():
-            for s in self.sessions.values():
-                if s.namespace == ns and s.remote == name and int(sid) in s.pending:
-                    pending = s.pending.pop(int(sid))
-                    break
+        if sid and sid.isascii() and sid.isdigit() and len(sid) <= 20:
+            entry = self._pending.get(int(sid))
+            # the request of a session of this very remote (another remote's token may
+            # not answer it)
+            if entry is not None and (entry[0].namespace, entry[0].remote) == (ns, name):
+                del self._pending[int(sid)]
+                pending = entry[0].pending.pop(int(sid))
         if pending is None or pending.future.done():
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no outstanding stream request {sid!r} for remote {name}")
@@ -327,7 +425,12 @@ class Hub:
         outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer(),
                             done_writing=end_call, cancel=finish)
         pending.future.set_result((outer, done, ext_parse(md)))
-        await done  # the connection using this stream is over
+        holder = _Revocable(finish)
+        token_id = self._hold(context_token(context), holder)
+        try:
+            await done  # the connection using this stream is over
+        finally:
+            self._release(token_id, holder)
 
     # --- clients -----------------------------------------------------------------------
 
@@ -338,22 +441,22 @@ class Hub:
         the token, INVALID_ARGUMENT for the metadata, UNAVAILABLE when the remote or its
         endpoint is not connected; a failed dial on the remote keeps the remote's status."""
         md = tuple(context.invocation_metadata() or ())
-        # Take the client's dial before any refusal: a client write racing our early status
-        # makes grpc.aio report INTERNAL instead of it (grpc/grpc#36066).
-        first = await context.read()
-        if first is grpc.aio.EOF:
-            return
+        # Everything the metadata can settle is settled before reading anything: a call
+        # without a live token costs nothing beyond REFUSAL_DRAIN.
         info = await self._authorize(context, "client", "NetConn")
         remote = N.md_get(md, N.MD_REMOTE)
         if not remote:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"name the remote in the {N.MD_REMOTE} metadata")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"name the remote in the {N.MD_REMOTE} metadata")
         try:
             ns, name = N.parse_remote(remote)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_REMOTE}: {exc}")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_REMOTE}: {exc}")
         await self._authorize(context, "client", "NetConn", Need("reach", ns, name), info)
         endpoint = N.md_get(md, N.MD_ENDPOINT) or N.NETCONN_ENDPOINT
+        first = await self._read_dial(context)
+        if first is None:
+            return
         session = self.routes.get((ns, name, endpoint))
         if session is None:
             why = self.unrouted(ns, name, endpoint)
@@ -366,25 +469,63 @@ class Hub:
             self.metrics.dial_error(code.name, name, exc.message)
             await context.abort(code, exc.message)
         session.connections += 1
+        client = _Revocable()
+        token_id = self._hold(context_token(context), client)
         try:
-            await self._relay(context, outer, name, first, peer_ext, namespace=ns)
+            await self._relay(context, outer, name, first, peer_ext, namespace=ns,
+                              revocable=client)
         finally:
+            self._release(token_id, client)
             session.connections -= 1
             if not done.done():
                 done.set_result(None)
 
+    async def _read_dial(self, context: Any) -> bytes | None:
+        """The first message of a NetConn call (its dial), within :data:`DIAL_TIMEOUT`;
+        None when the client half-closed without one.  Calls waiting here are bounded
+        per client connection and in all (RESOURCE_EXHAUSTED beyond)."""
+        peer = context.peer()
+        waiting = self._pending_dials_by_peer.get(peer, 0)
+        if waiting >= MAX_PENDING_DIALS_PER_PEER or self._pending_dials >= MAX_PENDING_DIALS:
+            self.metrics.dial_error("RESOURCE_EXHAUSTED", "", "too many calls waiting to dial")
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many NetConn calls waiting for their dial "
+                               f"({waiting} on this connection, {self._pending_dials} in all)")
+        self._pending_dials += 1
+        self._pending_dials_by_peer[peer] = waiting + 1
+        try:
+            first = await asyncio.wait_for(context.read(), DIAL_TIMEOUT)
+        except TimeoutError:
+            first = None
+            timed_out = True
+        else:
+            timed_out = False
+        finally:
+            self._pending_dials -= 1
+            left = self._pending_dials_by_peer[peer] - 1
+            if left:
+                self._pending_dials_by_peer[peer] = left
+            else:
+                del self._pending_dials_by_peer[peer]
+        if timed_out:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no dial within {DIAL_TIMEOUT:g}s of the call's start")
+        return None if first is grpc.aio.EOF else first
+
     async def _relay(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
                      peer_ext: tuple[int, int] | None = None, *, namespace: str = N.DEFAULT_NAMESPACE,
-                     route: str = "") -> None:
+                     route: str = "", revocable: _Revocable | None = None) -> None:
         """Carry one client NetConn call through a fresh Stream tunnel."""
         stats = self.metrics.open_connection(namespace, remote, route)
         try:
-            await self._relay_counted(context, outer, remote, first, peer_ext, stats)
+            await self._relay_counted(context, outer, remote, first, peer_ext, stats,
+                                      revocable or _Revocable())
         finally:
             stats.close()
 
     async def _relay_counted(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
-                             peer_ext: tuple[int, int] | None, stats: Any) -> None:
+                             peer_ext: tuple[int, int] | None, stats: Any,
+                             revocable: _Revocable) -> None:
         conn = self.stream_tunnel(outer, peer_ext)
         call = TunnelLoopCall(conn, NETCONN_METHOD, ())
         loop = asyncio.get_running_loop()
@@ -409,6 +550,7 @@ class Hub:
         call.on_message = on_message
         call.on_end = lambda status, trailers: kick(wake)
         call.on_writable = lambda: kick(writable)
+        revocable.on_revoke = lambda: kick(wake)
 
         async def up() -> None:
             call.send(first)  # the dial, read before the checks in netconn()
@@ -436,6 +578,9 @@ class Hub:
                     continue
                 if call.status is not None:
                     break
+                if revocable.revoked:
+                    call.cancel(Status(CANCELLED, "the client's token was revoked"))
+                    break
                 wake[0] = loop.create_future()
                 await wake[0]
         except asyncio.CancelledError:
@@ -444,6 +589,8 @@ class Hub:
         finally:
             up_task.cancel()
             await conn.aclose(grace=0)
+        if revocable.revoked:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this client's token was revoked")
         status = call.status
         if status is not None and status.code != OK:
             code = grpc_code(status.code)
@@ -521,12 +668,36 @@ class Hub:
         await server.start()
         self.server = server
         self.port = bound
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_revocations())
         return bound
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop the server: calls in flight get ``grace`` seconds, then are cancelled."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self.server is not None:
             await self.server.stop(grace)
+
+
+class _Revocable:
+    """A Stream or client call living on a token: :meth:`revoke` ends it (it runs
+    ``end`` and tells whoever waits through ``on_revoke``)."""
+
+    __slots__ = ("end", "on_revoke", "revoked")
+
+    def __init__(self, end: Any = None) -> None:
+        self.end = end
+        self.on_revoke: Any = None
+        self.revoked = False
+
+    def revoke(self) -> None:
+        self.revoked = True
+        if self.end is not None:
+            self.end()
+        if self.on_revoke is not None:
+            self.on_revoke()
 
 
 class _HubError(Exception):

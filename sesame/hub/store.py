@@ -74,7 +74,7 @@ TOKEN_KINDS: tuple[str, ...] = ("remote", "client", "admin")
 #: Front-door route kinds: a hub TCP listener, an HTTP virtual host, a TLS SNI name,
 #: a gRPC authority (or ``sesame-remote`` metadata value).
 ROUTE_KINDS: tuple[str, ...] = ("tcp", "http", "sni", "grpc")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TOKEN_PREFIX = "ses"
 _ID_HEX = 12
@@ -349,6 +349,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_tokens(self, include_revoked: bool = True) -> list[TokenInfo]: ...
 
+    def revoked_since(self, when: float) -> list[str]:
+        """Ids of the tokens revoked at ``when`` (store clock, seconds) or later.
+
+        The hub asks this several times a second to end the sessions and connections of revoked
+        tokens; a backend should answer from an index (this default reads every token).
+        """
+        return [t.id for t in self.list_tokens() if t.revoke_time is not None
+                and t.revoke_time >= when]
+
+    def change_marker(self) -> object:
+        """Something that differs after any change to the store, by this process or
+        another: the hub skips :meth:`revoked_since` while it stays equal.  The default
+        (a new object each call) means "always look"."""
+        return object()
+
+
     # namespaces
     @abc.abstractmethod
     def create_namespace(self, name: str, exist_ok: bool = False) -> NamespaceRecord: ...
@@ -504,7 +520,11 @@ CREATE TABLE routes (
 """
 
 #: ``_MIGRATIONS[n]`` takes a database from version ``n`` to ``n + 1``.
-_MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+_MIGRATIONS: dict[int, str] = {
+    0: _SCHEMA_V1,
+    # 2: the hub asks for tokens revoked since a moment, several times a second
+    1: "CREATE INDEX tokens_revoke_time ON tokens(revoke_time)",
+}
 
 
 class SQLiteStore(Store):
@@ -540,6 +560,7 @@ class SQLiteStore(Store):
         self._clock = clock
         self._iterations = kdf_iterations
         self._lock = threading.RLock()
+        self._writes = 0  # commits through this object (see change_marker)
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o700, parents=True)
         if not self.path.exists():
@@ -578,6 +599,7 @@ class SQLiteStore(Store):
                 raise
             else:
                 db.execute("COMMIT")
+                self._writes += 1
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple]:
         with self._lock:
@@ -713,6 +735,17 @@ class SQLiteStore(Store):
                 (self._clock(), token_id),
             )
             return cur.rowcount == 1
+
+    def revoked_since(self, when: float) -> list[str]:
+        rows = self._read("SELECT id FROM tokens WHERE revoke_time >= ?", (when,))
+        return [r[0] for r in rows]
+
+    def change_marker(self) -> object:
+        # data_version moves when another connection (a `sesame token revoke`) commits;
+        # our own writes bump _writes.
+        with self._lock:
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            return (version, self._writes)
 
     def get_token(self, token_id: str) -> TokenInfo:
         rows = self._read(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE id=?", (token_id,))

@@ -197,7 +197,8 @@ class HubFixture:
         return self.store.create_token("client", pattern=pattern, namespace=namespace)[1]
 
     def revoke(self, token: str) -> bool:
-        """Revoke ``token`` (effective at the hub's next call check)."""
+        """Revoke ``token``: the hub refuses it from now on and ends the sessions and
+        connections that live on it within about a second."""
         assert self.store is not None, "start() first"
         return self.store.revoke(token)
 
