@@ -189,6 +189,30 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def ascii_digits(text: str) -> bool:
+    """Whether ``text`` is one or more ASCII digits ``0-9``.
+
+    ``str.isdigit`` alone also takes ``²``, ``٢`` or ``２`` (which ``int`` refuses or
+    reads as numbers), and ``int`` alone takes signs, spaces and ``_``.
+    """
+    return text.isascii() and text.isdigit()
+
+
+def parse_port(text: str, what: str = "port", *, low: int = 1) -> int:
+    """A TCP port written in ASCII digits, ``low``-65535: the one parser of ports typed by
+    users or sent by peers (dial addresses, ``--allow`` patterns, endpoint keys, routes).
+
+    ``parse_port("8080", "port")`` is 8080; ``"²"``, ``"٢٢"``, ``"+22"``, ``" 22"``,
+    ``"2_2"``, ``"0"`` (unless ``low=0``) and ``"70000"`` are refused.
+
+    :raises ValueError: ``"{what}: port '٢٢' is not a number in 1-65535"``.
+    """
+    if len(text) > 5 or not ascii_digits(text) or not low <= int(text) <= 65535:
+        shown = repr(text) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} characters)"
+        raise ValueError(f"{what}: port {shown} is not a number in {low}-65535")
+    return int(text)
+
+
 def split_endpoint_description(description: str) -> tuple[list[str], dict[str, str]]:
     """Split a Twisted endpoint description into positional and keyword parameters.
 

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from sesame import _names as N
 from sesame.bridge import AioLoopCall, Bridge, LoopCall, get_bridge
-from sesame.netconn import AddressError, connectNetConn, parse_port
+from sesame.netconn import connectNetConn
 
 log = Logger()
 
@@ -294,10 +294,7 @@ def client_from_kwargs(reactor: Any, kw: Mapping[str, str],
             raise ValueError("host: missing (or give endpoint=NAME)")
         if not port:
             raise ValueError("port: missing")
-        try:
-            p = parse_port(port, "port")
-        except AddressError as exc:
-            raise ValueError(str(exc)) from None
+        p = N.parse_port(port, "port")  # ASCII digits only: ValueError naming the key
         address = N.join_host_port(host.strip("[]"), p)
     elif not N.valid_name(endpoint):
         raise ValueError(f"endpoint: {endpoint!r} is not a valid endpoint name")

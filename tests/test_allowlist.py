@@ -2,7 +2,13 @@
 
 import pytest
 
-from sesame.netconn._allowlist import AddressError, Allowlist, PatternError, split_host_port
+from sesame.netconn._allowlist import (
+    AddressError,
+    Allowlist,
+    PatternError,
+    host_name,
+    split_host_port,
+)
 
 
 def test_empty_denies_everything():
@@ -82,3 +88,44 @@ def test_split_host_port(address, expected):
 def test_split_host_port_rejects(address):
     with pytest.raises(AddressError):
         split_host_port(address)
+
+
+def test_unicode_patterns_are_matched_in_their_idna_form():
+    """Patterns and dialled names meet in the IDNA (A-label) form: a Unicode pattern allows
+    the A-labels of its names, and an A-label pattern the Unicode spelling (once encoded)."""
+    a = Allowlist(["*.bücher.example:80", "straße.example:443"])
+    assert a.rules[0].suffix == ".xn--bcher-kva.example"
+    assert a.rules[1].name == "xn--strae-oqa.example"
+    assert a.allows_name(host_name("x.Bücher.example"), 80)
+    assert a.allows_name("x.xn--bcher-kva.example", 80)
+    assert a.allows_name(host_name("STRASSE.example"), 443) is False  # IDNA 2008: ß is not ss
+    assert a.allows_name(host_name("straße.example"), 443)
+    assert not a.allows_name(host_name("x.bucher.example"), 80)
+
+
+@pytest.mark.parametrize("name, ascii_form", [
+    ("localhost", "localhost"), ("Box1.Lab.Example", "box1.lab.example"),
+    ("x.bücher.example", "x.xn--bcher-kva.example"), ("ＬＡＢ.example", "lab.example"),
+    ("a.lab.example.", "a.lab.example."), ("1.2.3", "1.2.3"),
+])
+def test_host_name_gives_the_ascii_form(name, ascii_form):
+    assert host_name(name) == ascii_form
+
+
+@pytest.mark.parametrize("name, words", [
+    ("x" * 64 + ".lab.example", "too long"), ("a..lab.example", "empty"),
+    ("é" * 70 + ".lab.example", "too long"), ("a b", "not allowed"), ("a\x00b", "not allowed"),
+    ("-a.example", "hyphen"), ("", "empty"), ("a" * 2000, "too long"),
+    (".".join(["a" * 63] * 4) + ".example", "too long"),
+])
+def test_host_name_refuses_what_idna_cannot_encode(name, words):
+    with pytest.raises(AddressError) as err:
+        host_name(name)
+    assert str(err.value).startswith("host name ") and words in str(err.value).lower()
+
+
+def test_unencodable_unicode_pattern_names_itself():
+    bad = "*." + "é" * 60 + ".example:80"  # 60 characters, but 64+ as an A-label
+    with pytest.raises(PatternError) as err:
+        Allowlist([bad])
+    assert repr(bad) in str(err.value) and "too long" in str(err.value).lower()

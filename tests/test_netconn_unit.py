@@ -32,7 +32,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sesame.bridge import LoopCall
-from sesame.core import CANCELLED, OK, PERMISSION_DENIED, UNAVAILABLE, Status
+from sesame.core import CANCELLED, INVALID_ARGUMENT, OK, PERMISSION_DENIED, UNAVAILABLE, Status
 from sesame.netconn import (
     HIGH_WATER,
     MAX_MESSAGE,
@@ -404,6 +404,59 @@ class ConnectTests(NetConnUnitCase):
         transport.setTcpKeepAlive(True)
         self.assertTrue(transport.getTcpKeepAlive())
         self.end(call)
+
+
+class StartFailureTests(NetConnUnitCase):
+    """Whatever goes wrong while starting the call (on the loop, through the hand-off), the
+    connect Deferred fails with a status instead of never firing."""
+
+    def test_call_factory_raising_fails_the_dial(self) -> None:
+        def boom(method: str, metadata: tuple) -> FakeCall:
+            raise RuntimeError("injected call factory failure")
+
+        d = _connect(self.hop, boom, VIA, ADDRESS, Factory.forProtocol(Recorder), "tcp", None,
+                     (), call_soon=self.hop.call_soon)
+        self.hop.flush()
+        err = self.failureResultOf(d, NetConnError).value
+        self.assertEqual(err.code.name, "INTERNAL")
+        self.assertIn("injected call factory failure", err.details)
+
+    def test_unrepresentable_timeouts_fail_the_dial(self) -> None:
+        for timeout in (float("nan"), float("inf"), -1.0, 1e300):
+            d = self.dial(timeout=timeout)
+            self.hop.flush()
+            err = self.failureResultOf(d, NetConnError).value
+            self.assertEqual(err.code.name, "INVALID_ARGUMENT", timeout)
+            self.assertIn("timeout", err.details)
+        self.assertEqual(self.calls, [])  # no call was started
+
+
+class GarbageFromTheServerTests(NetConnUnitCase):
+    """A response that does not parse ends the call (INVALID_ARGUMENT, naming it) instead of
+    raising out of the call's message callback."""
+
+    def test_unparsable_first_response_fails_the_dial(self) -> None:
+        d = self.dial()
+        self.hop.flush()
+        (call,) = self.calls
+        call.on_message(b"\xff\xff")
+        self.hop.flush()
+        err = self.failureResultOf(d, NetConnError).value
+        self.assertEqual(err.code.name, "INVALID_ARGUMENT")
+        self.assertIn("NetConnResponse", err.details)
+        self.assertEqual(call.kinds(), ["cancel"])
+
+    def test_unparsable_response_after_conn_ends_the_connection(self) -> None:
+        protocol, _, call = self.connect()
+        call.answer_bytes(b"fine")
+        call.on_message(b"\xff\xff")
+        call.answer_bytes(b"never delivered")
+        self.settle()
+        self.assertEqual(protocol.received(), b"fine")
+        self.assertLostOnce(protocol, ConnectionLost)
+        (status,) = [e[1] for e in call.events if e[0] == "cancel"]
+        self.assertEqual(status.code, INVALID_ARGUMENT)
+        self.assertIn("NetConnResponse", status.message)
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -51,11 +51,15 @@ def parse_target(text: str) -> Target:
                          "127.0.0.1:8080@edge-1)")
     ns, name = N.parse_remote(remote)
     if ":" in what:
-        host, _, port = what.rpartition(":")
+        host, _, port_text = what.rpartition(":")
         host = host.strip("[]")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        try:
+            port = N.parse_port(port_text)  # ASCII digits: "٢٢" is not 22
+        except ValueError:
+            port = 0
+        if not host or not port:
             raise ValueError(f"target {text!r}: {what!r} is not HOST:PORT with a port 1-65535")
-        return Target(ns, name, N.NETCONN_ENDPOINT, N.join_host_port(host, int(port)))
+        return Target(ns, name, N.NETCONN_ENDPOINT, N.join_host_port(host, port))
     if not N.valid_name(what) or what == N.NETCONN_ENDPOINT:
         raise ValueError(f"target {text!r}: {what!r} is not a valid endpoint name")
     return Target(ns, name, what)

@@ -253,8 +253,11 @@ def server_description_problem(description: str) -> str | None:
     from twisted.internet import endpoints
 
     try:
-        args, _ = N.split_endpoint_description(description)
+        args, kwargs = N.split_endpoint_description(description)
         kind = args[0] if args else ""
+        if kind in ("tcp", "tcp6"):
+            # Twisted reads the port with int(), which takes "٢٢" as 22: ASCII digits only
+            N.parse_port(kwargs.get("port", args[1] if len(args) > 1 else ""), "port", low=0)
         if kind in ("tcp", "tcp6", "unix"):
             endpoints.serverFromString(None, description)  # builds the endpoint object only
         elif kind not in _BUILTIN_SERVER_TYPES and kind not in _server_plugin_prefixes():
@@ -269,11 +272,15 @@ _BUILTIN_SERVER_TYPES = frozenset({"tcp", "unix", "ssl"})
 
 
 def _check_tcp_match(match: str) -> None:
-    """A tcp route listens on a port 1-65535 or a Twisted server endpoint description
+    """A tcp route listens on a port 1-65535 (ASCII digits: ``²`` or ``٢٢`` are refused,
+    not read as numbers) or a Twisted server endpoint description
     (``tcp:9000:interface=127.0.0.1``)."""
-    if match.isdigit():
-        if not 1 <= int(match) <= 65535:
-            raise InvalidArgument("match", f"a tcp route's port must be 1-65535, not {match}")
+    if match.isdigit():  # digits of any script: meant as a port
+        try:
+            N.parse_port(match, "match")
+        except ValueError:
+            raise InvalidArgument("match", f"a tcp route's port must be 1-65535 in ASCII "
+                                           f"digits, not {match!r}") from None
         return
     why = server_description_problem(match)
     if why:
@@ -363,7 +370,6 @@ class Store(abc.ABC):
         another: the hub skips :meth:`revoked_since` while it stays equal.  The default
         (a new object each call) means "always look"."""
         return object()
-
 
     # namespaces
     @abc.abstractmethod

@@ -13,6 +13,7 @@ import grpc
 from twisted.internet import error, interfaces
 from zope.interface import implementer
 
+from sesame import _names as N
 from sesame.bridge import grpc_code
 from sesame.core import Status
 from sesame.netconn._allowlist import AddressError, split_host_port
@@ -60,7 +61,7 @@ class NetConnAddress:
         """
         try:
             host, port = split_host_port(netaddr.address)
-            return cls(via, netaddr.network or "tcp", host, int(port))
+            return cls(via, netaddr.network or "tcp", host, N.parse_port(port, "port", low=0))
         except (AddressError, ValueError):
             return cls(via, netaddr.network or "tcp", netaddr.address, 0)
 

@@ -7,13 +7,16 @@ Default deny.  A pattern is ``HOST:PORTS``:
   (``10.0.0.0/8``, ``[fd00::]/8``), a host name (``db.internal``), a name
   wildcard (``*.lab.example``: any name *under* lab.example), or ``*`` (any
   host);
-* ``PORTS`` — a port (``22``), a range (``8000-8100``), or ``*``.
+* ``PORTS`` — a port (``22``), a range (``8000-8100``), or ``*``; ports are
+  ASCII digits (``²`` or ``٢٢`` are refused, not read as numbers).
 
 ``*`` alone means ``*:*``.  Names match names and IP patterns match
 addresses: a name the client asks for is allowed when a name pattern
 matches it, or else when each address it resolves to that we would dial is
 allowed by an address pattern (the dialer connects only to those checked
-addresses, so DNS cannot swap them afterwards).
+addresses, so DNS cannot swap them afterwards).  Names are compared in their
+IDNA form (:func:`host_name`): ``*.bücher.example`` allows
+``x.xn--bcher-kva.example`` and ``X.Bücher.example`` alike.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import idna
+
+from sesame import _names as N
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -71,25 +78,58 @@ class Rule:
         return False
 
 
+def shown(text: str, limit: int = 100) -> str:
+    """``repr(text)``, cut after ``limit`` characters: what a client sent, echoed in a status
+    message, must not push the status past gRPC's 8 KiB metadata limit (the client would
+    see RESOURCE_EXHAUSTED instead of the status)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def split_host_port(address: str) -> tuple[str, str]:
     """``host:port`` / ``[v6]:port`` → (host, port text).  Raises AddressError."""
     if address.startswith("["):
         end = address.find("]")
         if end < 0 or address[end + 1:end + 2] != ":":
-            raise AddressError(f"{address!r}: expected [IPv6]:port")
+            raise AddressError(f"{shown(address)}: expected [IPv6]:port")
         return address[1:end], address[end + 2:]
     host, sep, port = address.rpartition(":")
     if not sep or not host:
-        raise AddressError(f"{address!r}: expected host:port")
+        raise AddressError(f"{shown(address)}: expected host:port")
     if ":" in host:
-        raise AddressError(f"{address!r}: IPv6 addresses must be bracketed, e.g. [::1]:22")
+        raise AddressError(f"{shown(address)}: IPv6 addresses must be bracketed, e.g. [::1]:22")
     return host, port
 
 
 def parse_port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= 65535:
-        raise AddressError(f"{what}: port {text!r} is not a number in 1-65535")
-    return int(text)
+    """A port 1-65535 in ASCII digits (:func:`sesame._names.parse_port`); AddressError
+    ``"{what}: port '²' is not a number in 1-65535"`` otherwise."""
+    try:
+        return N.parse_port(text, what)
+    except ValueError as exc:
+        raise AddressError(str(exc)) from None
+
+
+#: Longer than any name IDNA can encode to 253 characters; refused before encoding.
+_MAX_NAME_TEXT = 1024
+
+
+def host_name(host: str, what: str = "host name") -> str:
+    """The ASCII form of a host name to dial or match: IDNA 2008 with the UTS #46 mapping
+    (what browsers and Twisted's ``HostnameEndpoint`` use), so ``X.Bücher.example`` is
+    ``x.xn--bcher-kva.example``; a trailing dot stays.
+
+    :raises AddressError: naming the problem, for a name no resolver takes: an empty or
+        64-character label, more than 253 characters, a space, ``_``, a control character,
+        a label starting or ending with ``-``...
+    """
+    if len(host) > _MAX_NAME_TEXT:
+        raise AddressError(f"{what} {shown(host)} is too long")
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except ValueError as exc:  # idna.IDNAError is a UnicodeError, hence a ValueError
+        raise AddressError(f"{what} {shown(host)} is not valid: {exc}") from None
 
 
 def parse_rule(text: str) -> Rule:
@@ -134,11 +174,22 @@ def parse_rule(text: str) -> Rule:
         suffix = name[1:]
         if not _valid_name(suffix[1:]):
             raise PatternError(f"allow pattern {text!r}: {host!r} is not a host name wildcard")
-        return Rule(text, suffix=suffix, low=low, high=high)
+        return Rule(text, suffix="." + _pattern_name(text, suffix[1:]), low=low, high=high)
     if "/" in name or not _valid_name(name):
         raise PatternError(f"allow pattern {text!r}: {host!r} is neither an address, "
                            "a CIDR block nor a host name")
-    return Rule(text, name=name, low=low, high=high)
+    return Rule(text, name=_pattern_name(text, name), low=low, high=high)
+
+
+def _pattern_name(text: str, name: str) -> str:
+    """A pattern's name as dials are matched: ASCII names as they are (lower case),
+    others in their IDNA form (``bücher.example`` → ``xn--bcher-kva.example``)."""
+    if name.isascii():
+        return name
+    try:
+        return host_name(name).lower()
+    except AddressError as exc:
+        raise PatternError(f"allow pattern {text!r}: {exc}") from None
 
 
 def _valid_name(name: str) -> bool:
@@ -187,7 +238,10 @@ __all__ = [
     "Allowlist",
     "PatternError",
     "Rule",
+    "host_name",
     "ip_literal",
+    "parse_port",
     "parse_rule",
+    "shown",
     "split_host_port",
 ]

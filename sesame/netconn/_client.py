@@ -14,13 +14,14 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 from twisted.internet import defer, error, interfaces
 from twisted.internet.protocol import Factory
 from twisted.python.log import callWithLogger
 from zope.interface import implementer
 
 from sesame.bridge import AioLoopCall, Bridge, Hop, LoopCall, TunnelLoopCall, get_bridge
-from sesame.core import CANCELLED, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
+from sesame.core import CANCELLED, INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
 from sesame.netconn._address import NetConnAddress, _status_error
 from sesame.netconn._transport import NetConnTransport
 from sesame.netconn._wire import (
@@ -130,6 +131,21 @@ class _ClientLoopSide:
 
     def start(self, make_call: CallFactory, address: str, network: str, timeout: float | None,
               metadata: Sequence[tuple[str, Any]]) -> None:
+        # Runs as a hand-off to the loop: an exception escaping from here would only be
+        # logged, and the connect Deferred would never fire.
+        try:
+            self._start(make_call, address, network, timeout, metadata)
+        except Exception as exc:  # noqa: BLE001 - the dial must end, with a status
+            if self.call is not None:
+                self.call.cancel(Status(CANCELLED, "dial failed"))
+            self._fail(Status(INTERNAL, f"NetConn dial failed: {type(exc).__name__}: {exc}"))
+
+    def _start(self, make_call: CallFactory, address: str, network: str, timeout: float | None,
+               metadata: Sequence[tuple[str, Any]]) -> None:
+        if timeout is not None and not 0 <= timeout < 1e12:  # NaN too
+            self._fail(Status(INVALID_ARGUMENT,
+                              f"timeout {timeout!r} is not a number of seconds from 0 to 1e12"))
+            return
         call = self.call = make_call(METHOD, metadata)
         if call.status is not None:
             self._fail(call.status)
@@ -153,6 +169,16 @@ class _ClientLoopSide:
             self.hop.to_reactor(lambda: self.d.called or self.d.errback(err))
 
     def _on_message(self, msg: bytes) -> None:
+        try:
+            self._take(msg)
+        except DecodeError as exc:
+            # a hostile or broken server: end the call rather than let the exception escape
+            # into the call's read loop (which would stop reading and never cancel the call)
+            if self.call is not None:
+                self.call.cancel(Status(INVALID_ARGUMENT, f"a response does not parse as a "
+                                                          f"NetConnResponse: {exc}"))
+
+    def _take(self, msg: bytes) -> None:
         if not self.connected:
             pb = rc_pb.NetConnResponse.FromString(msg)
             if pb.WhichOneof("data") != "conn":

@@ -7,6 +7,10 @@ reactor), both directions, with backpressure and half-close.
 target connection's protocol) and :class:`_UpProducer` (registered on the
 target transport) are its reactor side.  The servicer (:mod:`._servicer`)
 dials the target and runs the two pumps.
+
+A pump that fails ends the call: a request that does not parse ends it with
+INVALID_ARGUMENT naming it, anything else with INTERNAL (:attr:`_ServerRelay.unexpected`
+holds it for the log); the servicer then aborts the target connection.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import asyncio
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from twisted.internet import error, interfaces
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sesame.bridge import Hop
-from sesame.core import OK, UNAVAILABLE, Status
+from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
 from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, decode_bytes, encode_bytes
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -91,6 +96,12 @@ class _ServerRelay:
         self._target_gone: tuple[bool, str] | None = None
         self._up_paused = False
         self._up_wake: asyncio.Future[None] | None = None
+        self._up_messages = 1  # the dial
+        #: why the upload pump ended the call (it cancels the download pump)
+        self.failed: Status | None = None
+        #: the exception behind an INTERNAL ``failed``, for the log
+        self.unexpected: Failure | None = None
+        self._down_task: asyncio.Task[Status] | None = None
 
     # reactor → loop
     def down_data(self, data: bytes) -> None:
@@ -119,6 +130,26 @@ class _ServerRelay:
         w = self._down_wake
         if w is not None and not w.done():
             w.set_result(None)
+
+    def fail(self, status: Status) -> None:
+        """End the call with ``status``: the download pump stops (even in a blocked write)."""
+        if self.failed is None:
+            self.failed = status
+            if self._down_task is not None:
+                self._down_task.cancel()
+
+    async def run_down(self) -> Status:
+        """:meth:`pump_down` until the target is gone or :meth:`fail` is called; the call's
+        status either way."""
+        task = self._down_task = self.loop.create_task(self.pump_down())
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self.failed is None or (me is not None and me.cancelling()):
+                task.cancel()
+                raise
+            return self.failed
 
     async def pump_down(self) -> Status:
         """target → client until the target is gone; returns the call status."""
@@ -149,7 +180,22 @@ class _ServerRelay:
             self._down_wake = None
 
     async def pump_up(self) -> None:
-        """client → target until the client half-closes (then TCP half-close)."""
+        """client → target until the client half-closes (then TCP half-close); a failure
+        ends the call (:meth:`fail`)."""
+        try:
+            await self._pump_up()
+        except asyncio.CancelledError:
+            raise
+        except DecodeError as exc:
+            self.fail(Status(INVALID_ARGUMENT, f"message {self._up_messages} of the call does "
+                                               f"not parse as a NetConnRequest: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - the call must end, with a status
+            if not self.context.done():
+                self.unexpected = Failure()
+            self.fail(Status(INTERNAL, f"NetConn relay failed unexpectedly: "
+                                       f"{type(exc).__name__}: {exc}"))
+
+    async def _pump_up(self) -> None:
         while True:
             if self._up_paused and self._target_gone is None:
                 self._up_wake = self.loop.create_future()
@@ -159,6 +205,7 @@ class _ServerRelay:
             msg = await self.context.read()
             if msg is grpc.aio.EOF:
                 break
+            self._up_messages += 1
             data = decode_bytes(msg, rc_pb.NetConnRequest)
             if data is None:
                 break

@@ -2,6 +2,11 @@
 :class:`NetConnServicer`, the remote's ``RemoteControl.NetConn`` service: it
 reads the ``dial``, has :mod:`._dialer` check and connect, answers ``conn``,
 then runs the :mod:`._relay` pumps until the target or the call is gone.
+
+Every call ends with a status, whatever happens: hostile input gets
+INVALID_ARGUMENT naming the problem, and an exception nobody expected (on the
+loop, on the reactor while dialling, in a pump) ends the call with INTERNAL
+and is logged, instead of leaving it open.
 """
 
 from __future__ import annotations
@@ -11,13 +16,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sesame.bridge import Bridge, Hop, grpc_code
 from sesame.core import OK, Status
 from sesame.netconn._address import _netaddr
 from sesame.netconn._allowlist import Allowlist
-from sesame.netconn._dialer import DEFAULT_DIAL_TIMEOUT, _check_dial, _dial, _dial_status
+from sesame.netconn._dialer import (
+    DEFAULT_DIAL_TIMEOUT,
+    _check_dial,
+    _dial,
+    _dial_status,
+    _unexpected,
+    _where,
+)
 from sesame.netconn._relay import _ServerRelay, _TargetProtocol, _UpProducer
 from sesame.netconn._wire import METHOD
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
@@ -40,6 +55,8 @@ class NetConnServicer:
     :param default_timeout: the dial timeout in seconds when a ``dial`` gives none.
     :raises ~sesame.netconn.PatternError: a pattern of ``allow`` does not parse.
     """
+
+    log = Logger()
 
     def __init__(self, allow: Allowlist | Sequence[str] = (), *, reactor: Any = None,
                  bridge: Bridge | None = None, default_timeout: float = DEFAULT_DIAL_TIMEOUT) -> None:
@@ -88,21 +105,43 @@ class NetConnServicer:
         :param context: the call's ``grpc.aio`` servicer context.
         :returns: when the target has closed cleanly (status ``OK``).
         :raises grpc.aio.AbortError: through ``context.abort``: ``INVALID_ARGUMENT``
-            (no dial first, bad address or network), ``PERMISSION_DENIED`` (not
-            allowed), ``UNAVAILABLE`` (refused, unresolvable, unreachable, target lost
-            mid-stream), ``DEADLINE_EXCEEDED`` (dial timeout), ``CANCELLED``.
+            (no dial first, bad address or network, a message that does not parse),
+            ``PERMISSION_DENIED`` (not allowed), ``UNAVAILABLE`` (refused, unresolvable,
+            unreachable, target lost mid-stream), ``DEADLINE_EXCEEDED`` (dial timeout),
+            ``CANCELLED``, ``INTERNAL`` (an unexpected exception, logged).
         """
         hop = self.hop
+        try:
+            await self._serve(hop, context)
+        except _Refusal as r:
+            await context.abort(r.code, _capped(r.details))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever it is, the call must end
+            if context.done():
+                raise  # over already (cancelled, client gone): nothing to settle
+            hop.to_reactor(self._log_unexpected, Failure(), "NetConn call failed unexpectedly")
+            await context.abort(grpc.StatusCode.INTERNAL, _capped(
+                f"NetConn failed unexpectedly: {type(exc).__name__}: {exc}"))
+
+    def _log_unexpected(self, failure: Failure, why: str, **fields: Any) -> None:
+        """(reactor) Log what ended a call with INTERNAL."""
+        self.log.failure(why, failure, **fields)
+
+    async def _serve(self, hop: Hop, context: Any) -> None:
         first = await context.read()
         if first is grpc.aio.EOF:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no dial request before end of stream")
-        req = rc_pb.NetConnRequest.FromString(first)
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "no dial request before end of stream")
+        try:
+            req = rc_pb.NetConnRequest.FromString(first)
+        except DecodeError as exc:
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the first message does not parse as a NetConnRequest: {exc}") from None
         if req.WhichOneof("data") != "dial":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first NetConn request must be a dial")
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the first NetConn request must be a dial")
         status, host, port = self._check(req.dial)
         if status is not None:
-            await context.abort(grpc_code(status.code), status.message)
+            raise _Refusal(grpc_code(status.code), status.message)
         timeout = self.default_timeout
         if req.dial.HasField("timeout"):
             t = req.dial.timeout.seconds + req.dial.timeout.nanos / 1e9
@@ -110,12 +149,24 @@ class NetConnServicer:
                 timeout = t
         relay = _ServerRelay(hop, context)
         fut: asyncio.Future[Any] = relay.loop.create_future()
+        dialled = _where(host, port)
+
+        def failed(f: Failure) -> None:
+            if _unexpected(f):
+                self._log_unexpected(f, "NetConn dial of {where} failed unexpectedly",
+                                     where=dialled)
+            hop.to_loop(_settle, fut, None, f)
 
         def dial_in_reactor() -> None:
-            d = _dial(hop.reactor, self.allow, req.dial.address.network or "tcp", host, port,
-                      timeout, lambda: _TargetProtocol(relay))
+            # Every outcome settles ``fut``, an exception too: one escaping from here would
+            # only be logged by the hand-off, and the call would wait for ``fut`` for ever.
+            try:
+                d = _dial(hop.reactor, self.allow, req.dial.address.network or "tcp", host,
+                          port, timeout, lambda: _TargetProtocol(relay))
+            except Exception:  # noqa: BLE001 - settles the call with INTERNAL (logged)
+                d = defer.fail()
             d.addCallbacks(lambda proto: (hop.to_loop(_settle, fut, proto, None), proto)[1],
-                           lambda f: hop.to_loop(_settle, fut, None, f))
+                           failed)
             relay.dial_deferred = d
 
         hop.to_reactor(dial_in_reactor)
@@ -127,30 +178,56 @@ class NetConnServicer:
             hop.to_reactor(_abandon_dial, relay)
             raise
         if isinstance(proto, Failure):
-            st = _dial_status(proto, f"{host}:{port}", timeout)
-            await context.abort(grpc_code(st.code), st.message)
+            st = _dial_status(proto, dialled, timeout)
+            raise _Refusal(grpc_code(st.code), st.message)
         transport = proto.transport
         relay.transport = transport
-        hop.to_reactor(transport.registerProducer, _UpProducer(relay), True)
         self.active += 1
         up: asyncio.Task[None] | None = None
         try:  # from here on, however the handler ends, the target connection goes with it
+            hop.to_reactor(transport.registerProducer, _UpProducer(relay), True)
             await context.write(rc_pb.NetConnResponse(conn=rc_pb.NetConnResponse.Conn(
                 local=_netaddr(transport.getHost()), remote=_netaddr(transport.getPeer()),
             )).SerializeToString())
             up = relay.loop.create_task(relay.pump_up())
-            status = await relay.pump_down()
+            status = await relay.run_down()
         finally:
             self.active -= 1
             if up is not None:
                 up.cancel()
             if relay._target_gone is None:
                 hop.to_reactor(transport.abortConnection)
+        if relay.unexpected is not None:
+            hop.to_reactor(lambda f: self._log_unexpected(
+                f, "NetConn relay to {where} failed unexpectedly", where=dialled), relay.unexpected)
         if status.code != OK:
-            await context.abort(grpc_code(status.code), status.message)
+            raise _Refusal(grpc_code(status.code), status.message)
 
     def _check(self, dial: Any) -> tuple[Status | None, str, int]:
         return _check_dial(self.allow, dial)
+
+
+class _Refusal(Exception):
+    """How :meth:`NetConnServicer._serve` ends a call with a status (``NetConn`` aborts the
+    call with it): told apart from what nobody expected, whatever the context's ``abort``
+    raises (grpc.aio and the tunnels' contexts raise different exceptions)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+
+#: Status messages longer than this are cut: gRPC percent-encodes non-ASCII (up to 9 bytes
+#: a character) and refuses trailers over 8 KiB, so a long message would reach the client
+#: as RESOURCE_EXHAUSTED instead of the status.
+MAX_STATUS_MESSAGE = 512
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_STATUS_MESSAGE:
+        return message
+    return message[:MAX_STATUS_MESSAGE - 3] + "..."
 
 
 def _abandon_dial(relay: _ServerRelay) -> None:
