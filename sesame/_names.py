@@ -104,6 +104,10 @@ def grpc_address(listen: str) -> tuple[str, int]:
     """
     A listen description → (host, port).  Accepts Twisted's
     ``tcp:7443:interface=127.0.0.1`` / ``tcp6:...`` and plain ``HOST:PORT``.
+
+    :raises ValueError: ``"listen '...': port '٢٢' is not a number in 0-65535"`` for a
+        port that is not ASCII digits 0-65535 (:func:`parse_port`), or naming the
+        unsupported option or the missing host.
     """
     text = listen.strip()
     if text.startswith(("tcp:", "tcp6:")):
@@ -125,11 +129,11 @@ def grpc_address(listen: str) -> tuple[str, int]:
             host, port_text = text[1:end], text[end + 2:]
         else:
             host, _, port_text = text.rpartition(":")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"listen {listen!r}: port {port_text!r} is not a number in 0-65535")
+    # ASCII digits only: "٢٢" is not port 22, "²" not an uncaught int() error
+    port = parse_port(port_text, f"listen {listen!r}", low=0)
     if not host:
         raise ValueError(f"listen {listen!r}: no host")
-    return host.replace("\\:", ":"), int(port_text)
+    return host.replace("\\:", ":"), port
 
 
 def hub_address(text: str) -> tuple[str, int]:

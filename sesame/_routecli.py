@@ -111,8 +111,14 @@ def check_hub_options(options: Any) -> None:
         desc = options[key]
         if not desc:
             continue
-        if desc.isdigit():
-            desc = options[key] = f"tcp:{desc}:interface={options['front-interface']}"
+        if desc.isdigit():  # digits of any script: meant as a bare port
+            from sesame import _names as N
+
+            try:  # ASCII digits only: "٢٢" is not port 22
+                port = N.parse_port(desc, f"--{key}", low=0)
+            except ValueError as exc:
+                raise usage.UsageError(str(exc)) from None
+            desc = options[key] = f"tcp:{port}:interface={options['front-interface']}"
         why = server_description_problem(desc)
         if why:
             raise usage.UsageError(f"--{key}: {desc!r} is not a Twisted server endpoint: {why}")

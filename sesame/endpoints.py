@@ -21,7 +21,9 @@ certificate for hubs that require one; or ``$SESAME_CERT`` / ``$SESAME_KEY``).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,16 +300,30 @@ def client_from_kwargs(reactor: Any, kw: Mapping[str, str],
         address = N.join_host_port(host.strip("[]"), p)
     elif not N.valid_name(endpoint):
         raise ValueError(f"endpoint: {endpoint!r} is not a valid endpoint name")
-    timeout = None
-    if "timeout" in kw:
-        try:
-            timeout = float(kw["timeout"])
-        except ValueError:
-            raise ValueError(f"timeout: {kw['timeout']!r} is not a number of seconds") from None
-        if timeout <= 0:
-            raise ValueError("timeout: must be positive")
+    timeout = _parse_timeout(kw["timeout"]) if "timeout" in kw else None
     return SesameClientEndpoint(reactor, hub_config(kw, env), remote, address=address,
                                 endpoint=endpoint, timeout=timeout)
+
+
+#: A dial timeout as written in a ``sesame:`` string: ASCII decimal seconds (``float`` also
+#: takes ``nan``, ``inf``, ``1e3``, ``٢``, ``1_0`` or spaces); a ``-`` is read, to be
+#: refused as not positive.
+_SECONDS = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def _parse_timeout(text: str) -> float:
+    """The ``timeout=`` key: positive, finite seconds in ASCII decimal (``5``, ``2.5``).
+
+    :raises ValueError: ``"timeout: 'nan' is not a number of seconds"``, or ``"timeout:
+        must be positive"``.
+    """
+    value = float(text) if _SECONDS.fullmatch(text) else math.nan
+    if not math.isfinite(value):  # refused, or so many digits it overflowed to inf
+        shown = repr(text) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} characters)"
+        raise ValueError(f"timeout: {shown} is not a number of seconds")
+    if value <= 0:
+        raise ValueError("timeout: must be positive")
+    return value
 
 
 # --- server ---------------------------------------------------------------------------

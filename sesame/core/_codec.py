@@ -12,6 +12,7 @@ right protocol error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -54,11 +55,15 @@ def status_from_proto(pb: status_pb2.Status) -> Status:
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+#: The gRPC spec's ``Timeout``: 1-8 ASCII digits and a unit (``str.isdigit`` would also
+#: take ``٢`` or ``２``, which ``int`` reads as numbers).
+_TIMEOUT_VALUE = re.compile(r"[0-9]{1,8}[HMSmun]")
 
 
 def parse_timeout(value: str) -> float | None:
-    """Seconds from a ``grpc-timeout`` value, or None when malformed."""
-    if not value or len(value) > 9 or value[-1] not in _TIMEOUT_UNITS or not value[:-1].isdigit():
+    """Seconds from a ``grpc-timeout`` value (1-8 ASCII digits and a unit ``H M S m u
+    n``), or None when malformed."""
+    if not isinstance(value, str) or not _TIMEOUT_VALUE.fullmatch(value):
         return None
     return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
 

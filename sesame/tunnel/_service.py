@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from sesame import _names as N
 from sesame.bridge import (
     Bridge,
     ClientOuter,
@@ -92,11 +93,15 @@ def ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
 
 
 def ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
+    """The peer's ``(window, chunk)`` from its outer-call metadata, or None (the fixed
+    sizes) unless both keys are there as ASCII digits in range: ``int`` alone would read
+    ``٦٥٥٣٥``, ``+65535`` or ``65_535``."""
     d = {k: v for k, v in md or () if k in (EXT_WINDOW_KEY, EXT_CHUNK_KEY)}
-    try:
-        window, chunk = int(d[EXT_WINDOW_KEY]), int(d[EXT_CHUNK_KEY])
-    except (KeyError, ValueError):
+    window_text, chunk_text = d.get(EXT_WINDOW_KEY), d.get(EXT_CHUNK_KEY)
+    if not all(isinstance(t, str) and len(t) <= 10 and N.ascii_digits(t)
+               for t in (window_text, chunk_text)):
         return None
+    window, chunk = int(window_text), int(chunk_text)
     if not (65535 <= window <= 2**31 - 1 and 1024 <= chunk <= 4 * 1024 * 1024):
         return None
     return window, chunk
