@@ -111,18 +111,22 @@ def grpc_address(listen: str) -> tuple[str, int]:
     """
     text = listen.strip()
     if text.startswith(("tcp:", "tcp6:")):
-        kind, _, rest = text.partition(":")
-        parts = rest.split(":")
-        port_text = parts[0]
-        host = "::" if kind == "tcp6" else "0.0.0.0"
-        for p in parts[1:]:
-            key, sep, value = p.partition("=")
-            if key == "interface" and sep:
-                host = value
-            elif key == "port" and sep:
-                port_text = value
-            elif key not in ("backlog",):
-                raise ValueError(f"listen {listen!r}: unsupported option {key!r}")
+        # Twisted's grammar, escapes and keyword order included: tcp:PORT:INTERFACE:BACKLOG,
+        # tcp6:PORT:BACKLOG:INTERFACE, or any of them as key=value
+        args, kwargs = split_endpoint_description(text)
+        kind, positional = args[0], args[1:]
+        unknown = sorted(set(kwargs) - {"port", "interface", "backlog"})
+        if unknown:
+            raise ValueError(f"listen {listen!r}: unsupported option {unknown[0]!r}")
+        names = ["port", "interface", "backlog"] if kind == "tcp" else ["port", "backlog", "interface"]
+        if len(positional) > len(names):
+            raise ValueError(f"listen {listen!r}: too many parts")
+        for name, value in zip(names, positional, strict=False):
+            if name in kwargs:
+                raise ValueError(f"listen {listen!r}: {name} given twice")
+            kwargs[name] = value
+        port_text = kwargs.get("port", "")
+        host = kwargs.get("interface") or ("::" if kind == "tcp6" else "0.0.0.0")
     else:
         if text.startswith("["):
             end = text.find("]")
@@ -133,7 +137,7 @@ def grpc_address(listen: str) -> tuple[str, int]:
     port = parse_port(port_text, f"listen {listen!r}", low=0)
     if not host:
         raise ValueError(f"listen {listen!r}: no host")
-    return host.replace("\\:", ":"), port
+    return host, port
 
 
 def hub_address(text: str) -> tuple[str, int]:

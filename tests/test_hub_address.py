@@ -71,3 +71,30 @@ def test_sesame_remote_with_a_bad_hub_is_one_line(tmp_path) -> None:
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert "--hub" in lines[0] and "unsupported option 'timeout'" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("text,expected", [
+    # interface= before port= was ignored: the hub listened on every interface
+    ("tcp:interface=127.0.0.1:port=7443", ("127.0.0.1", 7443)),
+    ("tcp:7443:interface=127.0.0.1", ("127.0.0.1", 7443)),
+    ("tcp:7443:127.0.0.1", ("127.0.0.1", 7443)),          # tcp:PORT:INTERFACE
+    ("tcp6:7443:50:\\:\\:1", ("::1", 7443)),              # tcp6:PORT:BACKLOG:INTERFACE
+    ("tcp6:7443:interface=\\:\\:1", ("::1", 7443)),       # escaped colons
+    ("tcp:7443", ("0.0.0.0", 7443)),
+    ("tcp6:7443", ("::", 7443)),
+    ("127.0.0.1:0", ("127.0.0.1", 0)),
+    ("[::1]:7443", ("::1", 7443)),
+])
+def test_listen_spellings(text: str, expected: tuple[str, int]) -> None:
+    assert N.grpc_address(text) == expected
+
+
+@pytest.mark.parametrize("text,why", [
+    ("tcp:7443:foo=1", "unsupported option 'foo'"),
+    ("tcp:port=1:2", "port given twice"),
+    ("tcp:7443:port=8443:interface=127.0.0.1", "port given twice"),  # as Twisted says
+    ("tcp:1:2:3:4", "too many parts"),
+])
+def test_listen_mistakes(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        N.grpc_address(text)

@@ -49,7 +49,6 @@ def test_listen_refuses_ports_that_are_not_ascii_digits(form, port):
     ("[::1]:65535", ("::1", 65535)),
     ("tcp:7443:interface=127.0.0.1", ("127.0.0.1", 7443)),
     ("tcp6:07443", ("::", 7443)),
-    ("tcp:7443:port=8443:interface=127.0.0.1", ("127.0.0.1", 8443)),
     (" tcp:7443 ", ("0.0.0.0", 7443)),
 ])
 def test_listen_takes_ascii_ports(listen, address):
