@@ -230,12 +230,16 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_remotes(args: argparse.Namespace) -> int:
+    """``sesame remotes``: the registered remotes the token may list (``Sesame/ListRemotes``)
+    joined with the live sessions of the connected ones (``Admin/ListSessions``), both
+    read page by page, so neither the answer nor any header grows with the fleet."""
     import datetime
     import json
 
     import grpc
 
     from sesame import _names as N
+    from sesame.admin.v1alpha1 import admin_pb2, admin_pb2_grpc
     from sesame.endpoints import hub_config
     from sesame.v1alpha1 import sesame_pb2
 
@@ -251,34 +255,49 @@ def cmd_remotes(args: argparse.Namespace) -> int:
     creds = cfg.credentials()
     channel = (grpc.secure_channel(cfg.target, creds) if creds
                else grpc.insecure_channel(cfg.target))
-    with channel:
-        call = channel.unary_unary(N.LIST_REMOTES_METHOD,
-                                   request_serializer=sesame_pb2.ListRemotesRequest.SerializeToString,
-                                   response_deserializer=sesame_pb2.ListRemotesResponse.FromString)
-        parent = f"namespaces/{args.namespace}" if args.namespace else ""
-        remotes: list = []
-        live: dict = {}
-        page = ""
-        while True:  # every page; the live state rides on each response's headers
+
+    def pages(call: Any, request: Any) -> Any:
+        while True:
             try:
-                resp, c = call.with_call(
-                    sesame_pb2.ListRemotesRequest(parent=parent, page_size=1000, page_token=page),
-                    metadata=cfg.metadata(), timeout=10)
+                resp = call(request, metadata=cfg.metadata(), timeout=30)
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise CLIError(f"the hub at {cfg.target} is older than this command "
+                                   "(no Admin/ListSessions): upgrade the hub") from None
                 raise CLIError(f"{exc.code().name}: {exc.details()}") from None
-            remotes.extend(resp.remotes)
-            live.update({(e["namespace"], e["name"]): e for e in
-                         json.loads(dict(c.initial_metadata()).get(N.MD_LIVE, "[]"))})
-            page = resp.next_page_token
-            if not page:
-                break
+            yield resp
+            if not resp.next_page_token:
+                return
+            request.page_token = resp.next_page_token
+
+    with channel:
+        list_remotes = channel.unary_unary(
+            N.LIST_REMOTES_METHOD,
+            request_serializer=sesame_pb2.ListRemotesRequest.SerializeToString,
+            response_deserializer=sesame_pb2.ListRemotesResponse.FromString)
+        ns = args.namespace or ""
+        remotes = [r.name for resp in pages(list_remotes, sesame_pb2.ListRemotesRequest(
+            parent=f"namespaces/{ns}" if ns else "", page_size=1000)) for r in resp.remotes]
+        live: dict[str, dict] = {}
+        stub = admin_pb2_grpc.AdminStub(channel)
+        for resp in pages(stub.ListSessions, admin_pb2.ListSessionsRequest(
+                parent=f"namespaces/{ns or '-'}/remotes/-", page_size=1000)):
+            for s in resp.sessions:
+                remote = s.name.rsplit("/sessions/", 1)[0]
+                e = live.setdefault(remote, {"connected_since": None, "endpoints": set(),
+                                             "connections": 0})
+                since = s.connect_time.ToNanoseconds() / 1e9
+                if e["connected_since"] is None or since < e["connected_since"]:
+                    e["connected_since"] = since
+                e["endpoints"].update(s.endpoints)
+                e["connections"] += s.connections
     rows = []
-    for r in remotes:
-        _, ns, _, name = r.name.split("/")
-        e = live.get((ns, name))
-        rows.append({"name": name, "namespace": ns, "connected": e is not None,
+    for name in remotes + sorted(set(live) - set(remotes)):
+        _, ns_id, _, rid = name.split("/")
+        e = live.get(name)
+        rows.append({"name": rid, "namespace": ns_id, "connected": e is not None,
                      "connected_since": e["connected_since"] if e else None,
-                     "endpoints": e["endpoints"] if e else [],
+                     "endpoints": sorted(e["endpoints"]) if e else [],
                      "connections": e["connections"] if e else 0})
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -113,8 +113,8 @@ class Web:
         heads = {k.decode().lower(): v[0].decode() for k, v in resp.headers.getAllRawHeaders()}
         return resp.code, heads, body
 
-    async def samples(self) -> dict[tuple[str, tuple], float]:
-        code, heads, body = await self.get("/metrics", self.admin)
+    async def samples(self, query: str = "") -> dict[tuple[str, tuple], float]:
+        code, heads, body = await self.get("/metrics" + query, self.admin)
         assert code == 200, body
         assert heads["content-type"].startswith("text/plain")
         out = {}
@@ -177,26 +177,47 @@ async def test_bytes_per_remote_equal_the_bytes_moved(sesame_hub, web, echo_port
         await fx.wait_for(lambda t=total: m.bytes_by_remote().get(KEY) == (t, t),
                           what=f"{total} bytes each way counted live")
         s = await web.samples()
-        assert s[("sesame_hub_connections_open", labels(namespace="default", remote="edge-1",
-                                                        route=""))] == 1
+        assert s[("sesame_hub_connections_open", ())] == 1  # fleet-level by default
+        s = await web.samples("?remotes=all")
+        assert s[("sesame_hub_remote_connections_open",
+                  labels(namespace="default", remote="edge-1", route=""))] == 1
         conn.transport.loseConnection()
         await within(conn.lost)
     await fx.wait_for(lambda: not m.open_connections(), what="connections closed")
     assert m.bytes_by_remote()[KEY] == (total, total)
+    # the fleet-level series (the default): no label names a remote
     s = await web.samples()
+    assert not [k for k in s if any(name in ("remote", "namespace", "route")
+                                    for name, _ in k[1])], s.keys()
     for direction in ("in", "out"):
-        assert s[("sesame_hub_bytes_total", labels(namespace="default", remote="edge-1", route="",
-                                                   direction=direction))] == total
-    assert s[("sesame_hub_connections_total",
-              labels(namespace="default", remote="edge-1", route=""))] == len(sizes)
+        assert s[("sesame_hub_bytes_total", labels(direction=direction))] == total
+    assert s[("sesame_hub_connections_total", ())] == len(sizes)
+    assert s[("sesame_hub_connections_open", ())] == 0
     assert s[("sesame_hub_remotes_connected", ())] == 1
-    assert s[("sesame_hub_sessions", labels(namespace="default", remote="edge-1"))] == 1
-    assert s[("sesame_hub_streams_open", labels(namespace="default", remote="edge-1"))] == 0
+    assert s[("sesame_hub_sessions", ())] == 1
+    assert s[("sesame_hub_streams_open", ())] == 0
     # one RTT sample (Stream dial -> ack) per routed connection, each a positive duration
-    rtt = labels(namespace="default", remote="edge-1")
-    assert s[("sesame_hub_tunnel_rtt_seconds_count", rtt)] == len(sizes)
-    assert 0 < s[("sesame_hub_tunnel_rtt_seconds_sum", rtt)] < 3 * T
+    assert s[("sesame_hub_tunnel_rtt_seconds_count", ())] == len(sizes)
+    assert 0 < s[("sesame_hub_tunnel_rtt_seconds_sum", ())] < 3 * T
     assert m.last_rtt(*KEY) > 0
+    # per-remote series on request: the same numbers by namespace, remote (and route)
+    for query in ("?remotes=all", "?remotes=1"):
+        s = await web.samples(query)
+        one = labels(namespace="default", remote="edge-1")
+        for direction in ("in", "out"):
+            assert s[("sesame_hub_remote_bytes_total", labels(
+                namespace="default", remote="edge-1", route="", direction=direction))] == total
+        assert s[("sesame_hub_remote_connections_total",
+                  labels(namespace="default", remote="edge-1", route=""))] == len(sizes)
+        assert s[("sesame_hub_remote_sessions", one)] == 1
+        assert s[("sesame_hub_remote_streams_open", one)] == 0
+        assert s[("sesame_hub_remote_tunnel_rtt_seconds_count", one)] == len(sizes)
+        assert 0 < s[("sesame_hub_remote_tunnel_rtt_seconds_sum", one)] < 3 * T
+    s = await web.samples("?remotes=0")
+    assert ("sesame_hub_remote_sessions", one) not in s
+    for bad in ("?remotes=-1", "?remotes=x", "?remotes=%C2%B2", "?remote=all", "?remotes=1e3"):
+        code, _, body = await web.get("/metrics" + bad, web.admin)
+        assert code == 400 and (b"remotes" in body or b"remote:" in body), (bad, body)
 
 
 @pytest_twisted.ensureDeferred
@@ -262,7 +283,7 @@ async def test_denied_address_counts_a_dial_error(sesame_hub, web, echo_port):  
 @pytest_twisted.ensureDeferred
 async def test_metrics_and_state_need_an_admin_token(sesame_hub, web):  # noqa: F811
     fx = sesame_hub
-    for path in ("/metrics", "/dashboard/state"):
+    for path in ("/metrics", "/dashboard/state", "/dashboard/history"):
         for token in (None, "nonsense", fx.client_token(), fx.remote_token("edge-1")):
             code, heads, body = await web.get(path, token)
             assert code == 401, (path, token, body)
@@ -300,27 +321,106 @@ def test_two_hubs_in_one_process_keep_separate_counters(tmp_path):
     a.metrics.auth_failure("admin")
     assert b"sesame_hub_auth_failures_total{kind=\"admin\"} 1.0" in a.metrics.render()[0]
     assert b"auth_failures_total{" not in b.metrics.render()[0]
-    assert b"route=\"r1\"" not in b.metrics.render()[0]
+    assert b"route=\"r1\"" not in a.metrics.render()[0]  # per-remote series: opt-in
+    assert b"route=\"r1\"" in a.metrics.render(per_remote=None)[0]
+    assert b"route=\"r1\"" not in b.metrics.render(per_remote=None)[0]
     with pytest.raises(ValueError):
         a.metrics.add_bytes("default", "edge-1", "", "sideways", 1)
 
 
-def test_throughput_is_the_rate_over_the_window(tmp_path):
+def test_history_rates_come_from_the_samples(tmp_path):
     from sesame.hub import Hub
     from sesame.hub.store import SQLiteStore
 
     m = Hub(SQLiteStore(tmp_path / "h.db")).metrics
-    assert m.throughput(now=100.0) == {}
+    m._created = 100.0
+    assert m.history.series() == {"t": [], "in": [], "out": [], "conns": [], "remotes": [],
+                                  "sessions": []}
     m.add_bytes("default", "edge-1", "", "in", 1000)
     st = m.open_connection("default", "edge-1")
     st.bytes_out += 500  # live bytes count before the connection closes
-    assert m.throughput(now=101.0)[KEY] == (1000.0, 500.0)  # since the first sample at t=100
+    m.sample(now=101.0)  # 1 s since the metrics were made
+    assert m.history.latest(KEY) == (1000.0, 500.0)
     st.bytes_out += 500
     st.close()
     st.close()  # idempotent
     assert m.bytes_by_remote()[KEY] == (1000, 1000)
-    assert m.throughput(now=102.0)[KEY] == (500.0, 500.0)
-    assert m.throughput(now=110.0)[KEY] == (0.0, 0.0)  # old samples age out
+    m.sample(now=103.0)
+    assert m.history.latest(KEY) == (0.0, 250.0)  # 500 bytes over 2 s
+    m.sample(now=105.0)
+    assert m.history.latest(KEY) == (0.0, 0.0)  # idle: every active remote is in the sample
+    hub = m.history.series()
+    assert hub["t"] == [101.0, 103.0, 105.0]
+    assert hub["in"] == [1000.0, 0.0, 0.0] and hub["out"] == [500.0, 250.0, 0.0]
+    assert hub["conns"] == [1, 0, 0]
+    assert m.history.series(KEY) == {"t": [101.0, 103.0, 105.0], "in": [1000.0, 0.0, 0.0],
+                                     "out": [500.0, 250.0, 0.0], "conns": [1, 0, 0]}
+    assert m.totals() == {"connections_total": 1, "connections": 0, "bytes_in": 1000,
+                          "bytes_out": 1000}
+
+
+def test_history_is_a_ring_that_keeps_the_busiest_and_the_watched():
+    from sesame.hub.metrics import WATCH_MAX, History
+
+    h = History(interval=5.0, span=60.0, per_sample=3)
+    assert h.samples.maxlen == 12
+    busy = {("default", f"r{i}"): (float(i), 0.0, 0) for i in range(10)}
+    h.watch(("default", "r0"), now=0.0)  # the idlest, but watched
+    for n in range(20):
+        h.add(float(n), (0.0, 0.0, 0, 10, 10), busy, h.watched(float(n)))
+    assert len(h.samples) == 12  # a ring: the oldest went
+    s = h.samples[-1]
+    assert not s.complete and set(s.keys) == {("default", k) for k in ("r0", "r9", "r8", "r7")}
+    assert h.latest(("default", "r9")) == (9.0, 0.0)
+    assert h.latest(("default", "r0")) == (0.0, 0.0)  # watched: known
+    assert h.latest(("default", "r5")) is None  # not kept in an incomplete sample: unknown
+    assert h.series(("default", "r5"))["in"] == [None] * 12
+    for i in range(WATCH_MAX + 5):
+        h.watch(("default", f"w{i}"), now=100.0)
+    assert len(h.watched(100.0)) == WATCH_MAX
+    assert h.watched(100.0 + h.span + 1) == set()  # watches expire
+    with pytest.raises(ValueError):
+        History(interval=0)
+
+
+def test_sampling_runs_on_the_clock_and_stops(tmp_path):
+    from twisted.internet.task import Clock
+
+    from sesame.hub import Hub
+    from sesame.hub.store import SQLiteStore
+
+    m = Hub(SQLiteStore(tmp_path / "h.db")).metrics
+    clock = Clock()
+    m.start_sampling(clock)
+    m.start_sampling(clock)  # idempotent
+    clock.pump([m.history.interval] * 3)
+    assert [s.time for s in m.history.samples] == [5.0, 10.0, 15.0]
+    m.stop_sampling()
+    clock.pump([m.history.interval] * 3)
+    assert len(m.history.samples) == 3 and not clock.getDelayedCalls()
+
+
+def test_counters_of_remotes_long_gone_are_dropped(tmp_path):
+    import time as _time
+
+    from sesame.hub import Hub
+    from sesame.hub.store import SQLiteStore
+
+    m = Hub(SQLiteStore(tmp_path / "h.db")).metrics
+    for i in range(100):
+        st = m.open_connection("default", f"gone-{i}")
+        st.bytes_in += 10
+        st.close()
+        m.rtt("default", f"gone-{i}", 0.001)
+    assert len(m.bytes_by_remote()) == 100
+    with m._lock:  # as if their last traffic was longer ago than the history's span
+        for k in m._last_active:
+            m._last_active[k] = _time.monotonic() - m.history.span - 1
+    for n in range(12):
+        m.sample(now=1000.0 + n)
+    assert m.bytes_by_remote() == {} and m.last_rtt("default", "gone-1") is None
+    assert m.totals()["bytes_in"] == 1000  # the fleet totals keep their bytes
+    assert m.totals()["connections_total"] == 100
 
 
 # --- the page in a real browser -----------------------------------------------------------

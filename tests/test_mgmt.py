@@ -597,22 +597,30 @@ def test_grpc_admin_tokens_and_routes(api):
 
 
 @pytest_twisted.ensureDeferred
-async def test_grpc_list_remotes_still_carries_live_state(api):
-    """What `sesame remotes` relies on: every namespace without a parent, and sesame-live.
+async def test_grpc_live_state_is_a_paged_list_not_a_header(api):
+    """What `sesame remotes` relies on: ListRemotes pages every namespace without a parent
+    and carries no header of ours; the live state is Admin/ListSessions, paged as well.
 
     (The blocking stub call is fine here: the hub runs on the bridge loop's thread.)"""
     name = _uid("live")
     session = await api.fx.start_remote(name)
     try:
+        md = (("authorization", f"Bearer {api.client}"),)
         with api.channel() as ch:
             stub = sesame_pb2_grpc.SesameStub(ch)
-            resp, call = stub.ListRemotes.with_call(
-                sesame_pb2.ListRemotesRequest(),
-                metadata=(("authorization", f"Bearer {api.client}"),), timeout=T)
-        assert f"namespaces/default/remotes/{name}" in [r.name for r in resp.remotes]
-        live = json.loads(dict(call.initial_metadata())[N.MD_LIVE])
-        (entry,) = [e for e in live if e["name"] == name]
-        assert entry["namespace"] == "default" and entry["endpoints"] == [N.NETCONN_ENDPOINT]
+            resp, call = stub.ListRemotes.with_call(sesame_pb2.ListRemotesRequest(),
+                                                    metadata=md, timeout=T)
+            assert f"namespaces/default/remotes/{name}" in [r.name for r in resp.remotes]
+            assert not [k for k, _ in call.initial_metadata() if k.startswith("sesame-")]
+            admin = admin_pb2_grpc.AdminStub(ch)
+            got = admin.ListSessions(admin_pb2.ListSessionsRequest(
+                parent=f"namespaces/default/remotes/{name}"), metadata=md, timeout=T)
+        (s,) = got.sessions
+        assert s.name.startswith(f"namespaces/default/remotes/{name}/sessions/")
+        assert list(s.endpoints) == list(s.offered_endpoints) == [N.NETCONN_ENDPOINT]
+        assert s.peer.startswith("127.0.0.1:") and s.connect_time.seconds > 0
+        assert s.connections == 0 and s.stream_requests_pending == 0
+        assert not got.next_page_token
     finally:
         await api.fx.stop_remote(session)
 

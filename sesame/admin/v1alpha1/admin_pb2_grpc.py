@@ -97,6 +97,11 @@ class AdminStub:
                 request_serializer=sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.DeleteRouteRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/sesame.admin.v1alpha1.Admin/ListSessions',
+                request_serializer=sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -189,6 +194,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Pages through the live sessions (control streams) of connected remotes,
+        in remote-name order: the connected state `sesame remotes` shows next to
+        the registered remotes of Sesame.ListRemotes.  An admin token sees every
+        session, a client token those of the remotes it may list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +266,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteRoute,
                     request_deserializer=sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.DeleteRouteRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.ListSessionsRequest.FromString,
+                    response_serializer=sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -579,6 +599,33 @@ class Admin:
             '/sesame.admin.v1alpha1.Admin/DeleteRoute',
             sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.DeleteRouteRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sesame.admin.v1alpha1.Admin/ListSessions',
+            sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.ListSessionsRequest.SerializeToString,
+            sesame_dot_admin_dot_v1alpha1_dot_admin__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
