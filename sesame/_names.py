@@ -33,7 +33,6 @@ NETCONN_ENDPOINT = "netconn"
 TUNNEL_METHOD = "/sesame.v1alpha1.TunnelService/Tunnel"
 STREAM_METHOD = "/sesame.v1alpha1.TunnelService/Stream"
 LIST_REMOTES_METHOD = "/sesame.v1alpha1.Sesame/ListRemotes"
-MD_LIVE = "sesame-live"  # ListRemotes response header: JSON of connected sessions
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _RESOURCE = re.compile(r"^namespaces/([^/]+)/remotes/([^/]+)$")

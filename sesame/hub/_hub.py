@@ -599,32 +599,8 @@ class Hub:
 
     # --- listing ------------------------------------------------------------------------
 
-    def live_view(self, info: Any, namespace: str | None = None) -> list[dict]:
-        """Connected remotes this token may list: name, namespace, since, endpoints."""
-        by_remote: dict[tuple[str, str], dict] = {}
-        for s in self.connected():
-            if namespace and s.namespace != namespace:
-                continue
-            if not info.may_list(s.remote, s.namespace):
-                continue
-            entry = by_remote.setdefault((s.namespace, s.remote), {
-                "name": s.remote, "namespace": s.namespace, "connected_since": s.since,
-                "endpoints": set(), "sessions": 0, "connections": 0, "peers": set()})
-            entry["connected_since"] = min(entry["connected_since"], s.since)
-            entry["sessions"] += 1
-            entry["connections"] += s.connections
-            entry["peers"].add(s.peer)
-            entry["endpoints"].update(ep for ep in s.endpoints
-                                      if self.routes.get((s.namespace, s.remote, ep)) is s)
-        out = []
-        for entry in sorted(by_remote.values(), key=lambda e: (e["namespace"], e["name"])):
-            entry["endpoints"] = sorted(entry["endpoints"])
-            entry["peers"] = sorted(entry["peers"])
-            out.append(entry)
-        return out
-
     async def list_remotes(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """``Sesame/ListRemotes``: registered remotes; live state rides in metadata.
+        """``Sesame/ListRemotes``: registered remotes (live state: ``Admin/ListSessions``).
 
         The management API (:mod:`sesame.hub.mgmt`) serves it; kept for callers of the method."""
         from sesame.hub import mgmt
