@@ -360,7 +360,13 @@ def cmd_forward(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"LISTEN_ENDPOINT: {exc}") from None
     connect = _connect_endpoint(reactor, args.connect)
+    from sesame import _limits
     from sesame.relay import RelayFactory
+
+    before, after = _limits.raise_open_file_limit()  # every forwarded connection is a file
+    if after != before:
+        print(f"sesame forward: raised the open-file limit from {before} to {after}",
+              file=sys.stderr)
 
     async def main(_reactor: Any) -> None:
         port = await listen.listen(RelayFactory(connect))

@@ -110,7 +110,13 @@ class RemoteSession:
         self.token = token
         self.offers = dict(offers)
         self.credentials = credentials
-        self.options = [*keepalive_options(keepalive_time, keepalive_timeout), *options]
+        # grpc's own reconnect backoff (default: 1 s growing to 120 s) would keep a
+        # channel down long after the hub is back; make it follow ours.  (Not
+        # grpc.min_reconnect_backoff_ms: that is the connect timeout, 20 s, and a short
+        # one fails every TLS handshake of a busy hub.)
+        backoff = (("grpc.initial_reconnect_backoff_ms", int(min_backoff * 1000)),
+                   ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)))
+        self.options = [*keepalive_options(keepalive_time, keepalive_timeout), *backoff, *options]
         self.explain = explain
         self.bridge = bridge or get_bridge()
         self.min_backoff = min_backoff
@@ -240,13 +246,17 @@ class RemoteSession:
             if self._stopping:
                 return
             if self.registrations > before:
-                # this attempt registered: the hub went away later, so start
-                # the backoff over instead of continuing the old sequence
+                # this attempt registered: the link was healthy and the hub went away
+                # later (a restart?), so try again at once -- spread over up to a second
+                # so a fleet does not come back in one burst -- then back off afresh
                 delay = self.min_backoff
-            wait = delay * random.uniform(0.8, 1.2)
+                wait = random.uniform(0, min(1.0, self.min_backoff))
+            else:
+                wait = delay * random.uniform(0.8, 1.2)
             log.info("reconnecting to the hub in %.1fs", wait)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, self.max_backoff)
+            if self.registrations == before:
+                delay = min(delay * 2, self.max_backoff)
 
     async def _control(self) -> None:
         assert self._channel is not None

@@ -237,6 +237,17 @@ class Options(usage.Options):
             raise usage.UsageError("name a subcommand: hub, remote or host")
 
 
+def _raise_file_limit(log: Any, what: str) -> Any:
+    """Raise the soft open-file limit to the hard one (and say so); the FileBudget."""
+    from sesame import _limits
+
+    before, after = _limits.raise_open_file_limit()
+    if after != before:
+        log.info("sesame {what}: raised the open-file limit from {before} to {after}",
+                 what=what, before=before, after=after)
+    return _limits.FileBudget.for_limit(_limits.open_file_limit())
+
+
 def _start_failed(svc: service.Service, what: str) -> Any:
     """Under twistd: a service that cannot start says why and stops the process
     (rather than leave a daemon that listens nowhere)."""
@@ -295,6 +306,8 @@ class HubService(service.Service):
         self.on_start_failure: Any = _start_failed(self, "hub")
         self.http_ready: Any = None  # with --http: a Deferred of its listening port
         self.http_listener: Any = None
+        self.files: Any = None  # sesame._limits.FileBudget
+        self._files_watch: Any = None
 
     def startService(self) -> None:
         from sesame.bridge import get_bridge
@@ -304,6 +317,7 @@ class HubService(service.Service):
 
         super().startService()
         _log_stdlib_to_twisted()
+        self.files = _raise_file_limit(self.log, "hub")
         o = self.options
         data_dir = Path(o["data-dir"])
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -344,10 +358,43 @@ class HubService(service.Service):
                 Path(o["port-file"]).write_text(f"{port}\n")
             return port
 
+        # (Not grpc.max_allowed_incoming_connections: once reached, it kept refusing new
+        # connections after others had closed -- see docs/PERFORMANCE.md, fleet.)
         self.ready = get_bridge().deferred(self.hub.start(o.host, o.port, creds))
+        self._watch_files()
         self.ready.addErrback(_explain_bind, o.host, o.port)
         self.ready.addCallbacks(listening, self.on_start_failure)
         self.ready.addCallback(self._start_doors, store)
+
+    def _watch_files(self) -> None:
+        """Every 2 s count the open files (in a thread: ~1 us a file) and say when the hub
+        reaches its reserve and when it is back below."""
+        from twisted.internet import threads
+        from twisted.internet.task import LoopingCall
+
+        from sesame import _limits
+
+        def counted(n: int | None) -> None:
+            if n is None:
+                return
+            was_near = self.files.near
+            self.files.sample(n)
+            if self.files.near and not was_near:
+                self.log.warn(
+                    "open files {n} of {limit}: new connections will wait until some close "
+                    "(established ones keep working); raise the hard limit (ulimit -Hn, "
+                    "LimitNOFILE=) for a larger fleet",
+                    n=n, limit=self.files.limit)
+            elif was_near and not self.files.near:
+                self.log.info("open files back to {n} of {limit}: accepting new connections",
+                              n=n, limit=self.files.limit)
+
+        def check() -> Any:
+            return threads.deferToThread(_limits.count_open_files).addCallback(counted)
+
+        self._files_watch = LoopingCall(check)
+        self._files_watch.start(2.0, now=True).addErrback(
+            lambda f: self.log.failure("counting open files failed", f))
 
     def _start_doors(self, port: int, store: Any) -> int:
         """Front doors (routes in the store) once the hub serves; they follow route changes."""
@@ -388,6 +435,9 @@ class HubService(service.Service):
         from sesame.bridge import get_bridge
 
         super().stopService()
+        watch, self._files_watch = self._files_watch, None
+        if watch is not None and watch.running:
+            watch.stop()
         stopping = []  # front doors, --http and the hub itself, all awaited
         doors, self.doors = self.doors, None
         if doors is not None:
@@ -421,6 +471,7 @@ class RemoteService(service.Service):
 
         super().startService()
         _log_stdlib_to_twisted()
+        _raise_file_limit(self.log, "remote")  # every relayed connection is a file here
         o = self.options
         if not o["allow"]:
             self.log.warn("no --allow patterns: every dial will be refused (default deny)")
