@@ -128,24 +128,68 @@ def test_request_stream_rewrites_every_head_and_follows_bodies():
     assert rs.passthrough
 
 
-@pytest.mark.parametrize("bad, code", [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\nContent-Length: 5\r\n\r\n", 400),  # bare LF
-    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", 400),  # no CRLF
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
-    (b"GET / HTTP/2.0\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nX: " + b"a" * (S.MAX_SNIFF + 10), 431),
+@pytest.mark.parametrize("bad, code, why", [
+    (b"GARBAGE\r\n\r\n", 400, "malformed request line"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\nContent-Length: 5\r\n\r\n", 400, "bare LF"),
+    # a bare LF between a header name and its colon (issue 10, defect 7)
+    (b"GET / HTTP/1.1\r\nHost\n: other.test\r\n\r\n", 400, r"bare LF in the request head \(line 2\)"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\n: chunked\r\nContent-Length: 3\r\n\r\nabc",
+     400, r"bare LF in the request head \(line 3\)"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\rY: 2\r\n\r\n", 400, "bare CR"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n", 400, "control character 0x01"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n folded\r\n\r\n", 400, "obsolete line folding"),
+    (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, "whitespace between a header name and its colon"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host"),
+    (b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400, "no Host header"),
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "invalid Host"),
+    (b"GET http://b.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", 400, "does not match"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400,
+     "more than one Content-Length"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n", 400, "bad Content-Length"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\n", 400,
+     "bad chunk size"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\n", 400, "bad chunk size"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", 400,
+     "not followed by CRLF"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400,
+     "other than chunked"),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "HTTP/1.0"),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400, "unsupported HTTP version"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400, "bad Content-Length"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+     "both Transfer-Encoding and Content-Length"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 1\r\n\r\n"
+     b"x", 400, "a body on an Upgrade"),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * (S.MAX_SNIFF + 10), 431, "larger than 65536"),
+    # a complete head of 64-128 KiB, in one write (issue 10, defect 7)
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * (S.MAX_SNIFF - 31) + b"\r\n\r\n", 431,
+     "larger than 65536"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * (2 * S.MAX_SNIFF - 40) + b"\r\n\r\n", 431,
+     "larger than 65536"),
 ])
-def test_request_stream_refuses_malformed_input(bad, code):
-    with pytest.raises(S.HTTPError) as err:
-        S.RequestStream(lambda h: h).feed(bad)
-    assert err.value.code == code
+def test_request_stream_refuses_malformed_input(bad, code, why):
+    for step in (len(bad), 1000, 7):  # the same answer however the bytes arrive
+        rs = S.RequestStream(lambda h: h)
+        with pytest.raises(S.HTTPError, match=why) as err:
+            for i in range(0, len(bad), step):
+                rs.feed(bad[i:i + step])
+        assert err.value.code == code
+        partial = err.value.partial  # what passed before the refusal: whole requests only
+        assert len(partial) < len(bad) and bad.startswith(partial)
+
+
+def test_request_heads_up_to_the_limit_are_forwarded():
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * (S.MAX_SNIFF - 32) + b"\r\n\r\n"
+    assert len(head) == S.MAX_SNIFF
+    assert S.RequestStream(lambda h: h).feed(b"\r\n" + head) == head  # a leading CRLF is dropped
+
+
+def test_a_bare_lf_is_refused_before_the_head_ends():
+    """h11 would end this head at the LF LF; a door waiting for CRLF CRLF answers at once."""
+    rs = S.RequestStream(lambda h: h)
+    assert rs.feed(b"GET / HTTP/1.1\r\nHost: a\r") == b""  # a CR waits for the byte after it
+    with pytest.raises(S.HTTPError, match="bare LF"):
+        rs.feed(b"\nX: 1\n\n")
 
 
 def test_upgrade_waits_for_the_backends_answer():
@@ -429,6 +473,19 @@ async def test_vhost_cannot_be_talked_past(sesame_hub, doors_on):
     c.transport.write(b"GET / HTTP/1.1\r\nHost: web.example\r\nHost: internal.example\r\n\r\n")
     data = await c.done.addTimeout(T, reactor)
     assert [r[0] for r in _responses(data)] == [400]
+
+    # issue 10, defect 7: a bare LF before a colon, and a whole head of 64-128 KiB
+    for head, status, why in [
+            (b"GET / HTTP/1.1\r\nHost: web.example\r\nHost\n: internal.example\r\n\r\n", 400,
+             b"bare LF in the request head (line 3)"),
+            (b"POST / HTTP/1.1\r\nHost: web.example\r\nTransfer-Encoding\n: chunked\r\n"
+             b"Content-Length: 4\r\n\r\n0\r\n\r\n", 400, b"bare LF in the request head (line 3)"),
+            (b"GET / HTTP/1.1\r\nHost: web.example\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", 431,
+             b"request head larger than 65536 bytes")]:
+        c = await connect_raw(port)
+        c.transport.write(head)
+        data = await c.done.addTimeout(T, reactor)
+        assert [(r[0], r[2]) for r in _responses(data)] == [(status, why + b"\n")]
     await web.stopListening()
 
 

@@ -224,16 +224,51 @@ def _pct(text: str) -> str:
 
 
 # --- HTTP/1.1 ------------------------------------------------------------------------------
+#
+# RFC 9112 request heads, read strictly: whatever the door forwards, every backend must read
+# the same way (same requests, same Host, same body framing).  h11 (the oracle of
+# tests/test_sniff_fuzz.py) accepts everything forwarded here and parses it identically;
+# where h11 is lenient (bare LF line ends, obs-fold, a second Host, HTTP/1.x other than 1.0
+# and 1.1, control characters in values) the door refuses with 400, as docs/FRONTDOORS.md says.
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])")
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+#: uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): reg-name, IPv4 or an IP literal
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+#: absolute-form (RFC 9112 3.2.2): scheme "://" authority (userinfo is refused)
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: every byte a head may hold outside its CRLFs: no control character but HTAB
+_PLAIN = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b != 0x7F)
+_BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+#: fields that may appear once; a second would let two parsers disagree
+_SINGLE = (b"host", b"content-length", b"transfer-encoding")
+_WATCH = frozenset((*_SINGLE, b"connection", b"upgrade"))
+#: fields a trailer must not carry (RFC 9110 6.5.1): framing and routing
+_NOT_IN_TRAILER = frozenset(_SINGLE)
+
+
+def _route_host(value: bytes) -> str:
+    """The name a ``Host`` value (or an absolute target's authority) routes by."""
+    h = value.decode("latin-1").lower()
+    if h.startswith("["):
+        return h[:h.find("]") + 1] if "]" in h else h
+    return h.rsplit(":", 1)[0] if ":" in h else h
 
 
 @dataclass
 class RequestHead:
+    """One parsed request head.  ``chunked``, ``length`` and ``upgrade`` are its body
+    framing as :func:`parse_head` read it; ``on_head`` callbacks change only fields."""
+
     method: bytes
     target: bytes
     version: bytes
     headers: list[tuple[bytes, bytes]]
+    chunked: bool = False
+    length: int = 0
+    upgrade: bool = False  # an Upgrade (Connection: upgrade) or CONNECT request
 
     def get(self, name: bytes) -> bytes | None:
         name = name.lower()
@@ -244,10 +279,8 @@ class RequestHead:
 
     @property
     def host(self) -> str:
-        h = (self.get(b"host") or b"").decode("latin-1").strip().lower()
-        if h.startswith("["):
-            return h[:h.find("]") + 1] if "]" in h else h
-        return h.rsplit(":", 1)[0] if ":" in h else h
+        """The name this request routes by: its ``Host``, lower case, without the port."""
+        return _route_host(self.get(b"host") or b"")
 
     def encode(self) -> bytes:
         lines = [b" ".join((self.method, self.target, self.version))]
@@ -256,42 +289,137 @@ class RequestHead:
 
 
 class HTTPError(SniffError):
+    """A request the door refuses: ``code`` is the status to answer (400, 431), the
+    message the reason given in the response body."""
+
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
 
 
-_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
-_BAD_IN_VALUE = re.compile(rb"[\r\n\0]")
+def _bad_byte(raw: bytes, what: str) -> HTTPError:
+    """The 400 for the first byte of ``raw`` that may not be there."""
+    m = _BAD_BYTE.search(raw)
+    assert m is not None
+    line = raw.count(b"\r\n", 0, m.start()) + 1
+    c = raw[m.start()]
+    kind = ("bare LF" if c == 0x0A else "bare CR" if c == 0x0D else "NUL" if c == 0
+            else f"control character 0x{c:02x}")
+    return HTTPError(400, f"{kind} in the {what} (line {line})")
+
+
+def _bad_request_line(line: bytes) -> HTTPError:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        why = "malformed request line (not METHOD SP target SP version)"
+    elif _TOKEN.fullmatch(parts[0]) is None:
+        why = "invalid method"
+    elif _REQUEST_LINE.fullmatch(b"GET " + parts[1] + b" HTTP/1.1") is None:
+        why = "invalid request target"
+    elif _VERSION.fullmatch(parts[2]) is not None:
+        why = "unsupported HTTP version (HTTP/1.0 and HTTP/1.1 are served)"
+    else:
+        why = "malformed HTTP version"
+    return HTTPError(400, why)
+
+
+def _bad_field(line: bytes, what: str = "header") -> HTTPError:
+    name, sep, _ = line.partition(b":")
+    if line[:1] in (b" ", b"\t"):
+        why = "obsolete line folding (a line starting with whitespace)"
+    elif not sep:
+        why = f"{what} line without a colon"
+    elif not name:
+        why = f"empty {what} name"
+    elif name[-1:] in (b" ", b"\t"):
+        why = f"whitespace between a {what} name and its colon"
+    else:
+        why = f"invalid character in a {what} name"
+    return HTTPError(400, why)
 
 
 def parse_head(raw: bytes) -> RequestHead:
     """One request head (without the final blank line), parsed strictly.
 
     Anything a lenient backend could read differently from us is refused
-    with 400 (RFC 9112): bare CR/LF/NUL, obsolete line folding, a repeated
-    ``Host``/``Content-Length``/``Transfer-Encoding``, or both of the last two.
+    with 400 and a reason (RFC 9112): bare CR/LF, NUL or another control
+    character, obsolete line folding, whitespace before a colon, a request
+    line other than ``METHOD SP target SP HTTP/1.0|1.1``, a repeated
+    ``Host``/``Content-Length``/``Transfer-Encoding``, both of the last two,
+    a transfer coding other than ``chunked`` (or any in HTTP/1.0), a bad
+    ``Content-Length``, an HTTP/1.1 request without ``Host``, an invalid
+    ``Host``, an absolute target naming another host than ``Host``, or a
+    body on an Upgrade/CONNECT request.
     """
+    if len(raw.translate(None, _PLAIN)) != 2 * raw.count(b"\r\n"):  # one C pass each
+        raise _bad_byte(raw, "request head")
     lines = raw.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") \
-            or not parts[1] or _BAD_IN_VALUE.search(lines[0]):
-        raise HTTPError(400, "malformed request line")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        raise _bad_request_line(lines[0])
+    method, target, version = m.groups()
     headers = []
-    seen: dict[bytes, int] = {}
+    seen: dict[bytes, bytes] = {}
+    connection: list[bytes] = []
+    upgrade = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name) or _BAD_IN_VALUE.search(value):
-            raise HTTPError(400, "malformed header line")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            raise _bad_field(line)
+        value = value.strip(b" \t")
+        headers.append((name, value))
         key = name.lower()
-        seen[key] = seen.get(key, 0) + 1
-        headers.append((name, value.strip(b" \t")))
-    for key in (b"host", b"content-length", b"transfer-encoding"):
-        if seen.get(key, 0) > 1:
-            raise HTTPError(400, f"more than one {key.decode()} header")
-    if seen.get(b"transfer-encoding") and seen.get(b"content-length"):
-        raise HTTPError(400, "both Transfer-Encoding and Content-Length")
-    return RequestHead(parts[0], parts[1], parts[2], headers)
+        if key in _WATCH:
+            if key == b"connection":
+                connection.append(value)
+            elif key == b"upgrade":
+                upgrade = upgrade or bool(value)
+            elif key in seen:
+                raise HTTPError(400, f"more than one {name.decode().title()} header")
+            seen[key] = value
+    head = RequestHead(method, target, version, headers)
+    host = seen.get(b"host")
+    if host is None:
+        if version == b"HTTP/1.1":
+            raise HTTPError(400, "no Host header (HTTP/1.1 requires one)")
+    elif _HOST.fullmatch(host) is None:
+        raise HTTPError(400, "invalid Host header")
+    absolute = _ABSOLUTE.match(target) if target[:1] != b"/" else None
+    if absolute is not None:  # absolute-form: its authority, not Host, names the site
+        authority = absolute.group(1)
+        if _HOST.fullmatch(authority) is None:
+            raise HTTPError(400, "invalid authority in the request target")
+        if host is not None and _route_host(authority) != _route_host(host):
+            raise HTTPError(400, "Host does not match the request target")
+    te, cl = seen.get(b"transfer-encoding"), seen.get(b"content-length")
+    if te is not None:
+        if cl is not None:
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+        if version == b"HTTP/1.0":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if te.lower() != b"chunked":
+            raise HTTPError(400, "a Transfer-Encoding other than chunked")
+        head.chunked = True
+    elif cl is not None:
+        if not cl.isdigit() or len(cl) > 18:
+            raise HTTPError(400, "bad Content-Length")
+        head.length = int(cl)
+    if method == b"CONNECT" or (upgrade and any(
+            t.strip(b" \t").lower() == b"upgrade" for v in connection for t in v.split(b","))):
+        if head.chunked or head.length:
+            raise HTTPError(400, "a body on an Upgrade or CONNECT request")
+        head.upgrade = True
+    return head
+
+
+def _check_trailer(line: bytes) -> None:
+    if len(line.translate(None, _PLAIN)):
+        raise _bad_byte(line, "chunked trailer")
+    name, sep, _ = line.partition(b":")
+    if not sep or _TOKEN.fullmatch(name) is None:
+        raise _bad_field(line, "trailer")
+    if name.lower() in _NOT_IN_TRAILER:
+        raise HTTPError(400, f"{name.decode().title()} in a chunked trailer")
 
 
 @dataclass
@@ -304,6 +432,11 @@ class RequestStream:
     :meth:`upgrade_answered` whether the backend switched protocols: only
     then does the rest pass through untouched — a backend that answers 200
     instead keeps every later head parsed and rewritten.
+
+    A head (request line through the blank line after the fields) may be
+    ``limit`` bytes long; a longer one, complete or not, raises 431.  Empty
+    lines before a request line are dropped (RFC 9112 2.2).  A refused head
+    never reaches the output: ``SniffError.partial`` ends before it.
     """
 
     on_head: Callable[[RequestHead], RequestHead]
@@ -312,6 +445,7 @@ class RequestStream:
     _state: str = "head"  # head | body | chunk-size | chunk-data | chunk-end | trailer | wait | tunnel
     _left: int = 0
     _scanned: int = 0  # bytes of _buf already searched for the end of a head
+    _judged: int = 0  # bytes of an unfinished head already checked for bad bytes
     upgrade_method: bytes = b""
 
     @property
@@ -340,97 +474,102 @@ class RequestStream:
             return b""
         self._state = "tunnel" if switched else "head"
         held, self._buf = bytes(self._buf), bytearray()
-        self._scanned = 0
+        self._scanned = self._judged = 0
         return held if switched else self.feed(held)
 
+    def _judge_partial_head(self, complete: bool) -> None:
+        """A head not (or not yet) ended within the limit: the first of its ``limit`` bytes
+        that may not be there gets 400 at once (a bare LF need not wait for a CRLF CRLF
+        that may never come); past the limit, 431.  One pass over each byte, and the
+        answer is the same however the bytes were split into writes."""
+        buf, limit = self._buf, self.limit
+        end = min(len(buf), limit + 1)
+        if end == len(buf) and buf[-1:] == b"\r":
+            end -= 1  # a CR is judged by the byte after it
+        m = _BAD_BYTE.search(buf, self._judged, end) if end > self._judged else None
+        if m is not None and m.start() < limit:
+            raise _bad_byte(bytes(buf[:end]), "request head")
+        self._judged = max(self._judged, end)
+        if complete or len(buf) > limit or (len(buf) == limit and buf[-1:] != b"\r"):
+            raise HTTPError(431, f"request head larger than {limit} bytes")
+
     def _parse(self, out: bytearray) -> None:
-        while self._buf:
+        buf = self._buf
+        while buf:
             st = self._state
             if st == "tunnel":
-                out += self._buf
-                self._buf.clear()
+                out += buf
+                buf.clear()
             elif st == "wait":
-                if len(self._buf) > self.limit:
+                if len(buf) > self.limit:
                     raise HTTPError(400, "too much data before the upgrade was answered")
                 break
             elif st == "head":
-                i = self._buf.find(b"\r\n\r\n", max(self._scanned - 3, 0))
-                if i < 0:
-                    self._scanned = len(self._buf)
-                    if len(self._buf) > self.limit:
-                        raise HTTPError(431, "request head too large")
+                if buf[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 2.2)
+                    n = 2
+                    while buf[n:n + 2] == b"\r\n":
+                        n += 2
+                    del buf[:n]
+                    self._scanned = self._judged = 0
+                    continue
+                i = buf.find(b"\r\n\r\n", max(self._scanned - 3, 0))
+                if i < 0 or i + 4 > self.limit:
+                    self._judge_partial_head(complete=i >= 0)
+                    self._scanned = len(buf)
                     break
-                self._scanned = 0
-                raw = bytes(self._buf[:i])
-                while raw.startswith(b"\r\n"):  # tolerated before a request line (RFC 9112 2.2)
-                    raw = raw[2:]
-                head = parse_head(raw)
-                del self._buf[:i + 4]
+                self._scanned = self._judged = 0
+                head = parse_head(bytes(buf[:i]))
+                del buf[:i + 4]
+                chunked, length, upgrade = head.chunked, head.length, head.upgrade
                 out += self.on_head(head).encode()
-                self._after_head(head)
+                if upgrade:
+                    self.upgrade_method = head.method
+                    self._state = "wait"
+                elif chunked:
+                    self._state = "chunk-size"
+                elif length:
+                    self._state, self._left = "body", length
             elif st in ("body", "chunk-data"):
-                n = min(self._left, len(self._buf))
-                out += self._buf[:n]
-                del self._buf[:n]
+                n = min(self._left, len(buf))
+                out += buf[:n]
+                del buf[:n]
                 self._left -= n
                 if not self._left:
                     self._state = "head" if st == "body" else "chunk-end"
             elif st == "chunk-end":
-                if len(self._buf) < 2:
+                if len(buf) < 2:
                     break
-                if self._buf[:2] != b"\r\n":
+                if buf[:2] != b"\r\n":
                     raise HTTPError(400, "chunk data not followed by CRLF")
-                out += self._buf[:2]
-                del self._buf[:2]
+                out += buf[:2]
+                del buf[:2]
                 self._state = "chunk-size"
             elif st == "chunk-size":
-                i = self._buf.find(b"\r\n")
+                i = buf.find(b"\r\n")
                 if i < 0:
-                    if len(self._buf) > 1024:
+                    if len(buf) > 1024:
                         raise HTTPError(400, "chunk size line too long")
                     break
-                line = bytes(self._buf[:i + 2])
-                size_text = line[:i].split(b";", 1)[0]
-                if not _CHUNK_SIZE.match(size_text) or _BAD_IN_VALUE.search(line[:i]):
-                    raise HTTPError(400, "bad chunk size")
-                del self._buf[:i + 2]
-                out += line
+                line = bytes(buf[:i])
+                size_text = line.split(b";", 1)[0]
+                if _CHUNK_SIZE.fullmatch(size_text) is None or len(line.translate(None, _PLAIN)):
+                    raise HTTPError(400, "bad chunk size line")
+                del buf[:i + 2]
+                out += line + b"\r\n"
                 size = int(size_text, 16)
                 self._state, self._left = ("chunk-data", size) if size else ("trailer", 0)
             elif st == "trailer":
-                i = self._buf.find(b"\r\n")
+                i = buf.find(b"\r\n")
                 if i < 0:
-                    if len(self._buf) > self.limit:
-                        raise HTTPError(431, "trailers too large")
+                    if len(buf) > self.limit:
+                        raise HTTPError(431, "chunked trailer line too large")
                     break
-                if _BAD_IN_VALUE.search(self._buf[:i]):
-                    raise HTTPError(400, "malformed trailer line")
-                out += self._buf[:i + 2]
-                del self._buf[:i + 2]
+                if i:
+                    _check_trailer(bytes(buf[:i]))
+                out += buf[:i + 2]
+                del buf[:i + 2]
                 if i == 0:
                     self._state = "head"
-
-    def _after_head(self, head: RequestHead) -> None:
-        conn = (head.get(b"connection") or b"").lower()
-        if head.method == b"CONNECT" or (head.get(b"upgrade") and b"upgrade" in conn):
-            if head.get(b"transfer-encoding") is not None or (head.get(b"content-length") or b"0") != b"0":
-                raise HTTPError(400, "an upgrade request with a body")
-            self.upgrade_method = head.method
-            self._state = "wait"
-            return
-        te = head.get(b"transfer-encoding")
-        if te is not None:
-            if te.lower() != b"chunked":
-                raise HTTPError(400, "unsupported Transfer-Encoding")
-            self._state = "chunk-size"
-            return
-        cl = head.get(b"content-length")
-        if cl is not None:
-            if not cl.isdigit() or len(cl) > 18:
-                raise HTTPError(400, "bad Content-Length")
-            self._left = int(cl)
-            if self._left:
-                self._state = "body"
 
 
 def switched_protocols(response_start: bytes, method: bytes) -> bool | None:

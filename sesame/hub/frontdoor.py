@@ -51,6 +51,7 @@ log = Logger()
 
 FORWARDED_MODES = ("replace", "append", "off")
 LISTEN_RETRY = 30.0  # seconds between attempts to bind a tcp route that failed to listen
+LINGER = 2.0  # seconds the HTTP door reads (and drops) what a client still sends after an error
 
 
 @dataclass
@@ -96,14 +97,19 @@ class _Door(Side):
         self._h2_stream = 1
         self._h2: S.SettingsAckFilter | None = None
         self._sniff_timer: Any = None
-        self._scanned = 0  # bytes of _buf already searched for the end of the first head
+        self._refused = False  # answered with an error status: read nothing more
+        self._linger_timer: Any = None
+        self._stopped = False  # a later request was refused: forward nothing more
         self._lost = False
         self._upgrade_reply = b""
         if self.factory.kind == "tcp":
             self._go(self.factory.route, b"")
-        else:  # a client that never finishes its first request must not hold a slot forever
-            self._sniff_timer = self.factory.doors.reactor.callLater(
-                self.factory.doors.sniff_timeout, self._sniff_expired)
+            return
+        if self.factory.kind == "http":  # one parser from the first byte: each head read once
+            self._http = S.RequestStream(self._rewrite)
+        # a client that never finishes its first request must not hold a slot forever
+        self._sniff_timer = self.factory.doors.reactor.callLater(
+            self.factory.doors.sniff_timeout, self._sniff_expired)
 
     def _sniff_expired(self) -> None:
         self._sniff_timer = None
@@ -122,9 +128,15 @@ class _Door(Side):
         if self.peer is not None:
             self._forward(data)
             return
-        self._buf += data
-        if self._dial is not None or self._route is not None:
+        if self._refused:
             return
+        if self._dial is not None or self._route is not None:
+            self._buf += data  # arrived while dialling: parsed once the far side is connected
+            return
+        if self._http is not None:
+            self._sniff_http(data)
+            return
+        self._buf += data
         try:
             route = self._classify(self._buf)  # no copy: sniffing stays linear in the bytes read
         except S.SniffError as exc:
@@ -132,8 +144,7 @@ class _Door(Side):
             return
         if route is None:
             if len(self._buf) > S.MAX_SNIFF:
-                self._refuse(S.HTTPError(431, "request head too large")
-                             if self.factory.kind == "http" else S.SniffError("too large"))
+                self._refuse(S.SniffError("too large"))
             return
         if route.target is None:
             self._refuse(S.SniffError(route.error or "route has no usable target"), route=route)
@@ -142,30 +153,30 @@ class _Door(Side):
         self._buf.clear()
         if self._h2 is not None:
             first = self._h2.feed(first)
-        if self.factory.kind == "http":
-            self._route = route  # so that every pipelined head is checked against it
-            self._http = S.RequestStream(self._rewrite)
-            try:
-                first = self._http.feed(first)
-            except _Misdirected:
-                self._refuse(S.HTTPError(421, "requests for more than one site in one write"))
-                return
-            except S.SniffError as exc:
-                self._refuse(exc)
-                return
+        self._go(route, first)
+
+    def _sniff_http(self, data: bytes) -> None:
+        """Parse what arrived before the route is known; the first complete head picks it
+        (:meth:`_rewrite`), and every head in the same write must name the same site."""
+        assert self._http is not None
+        try:
+            first = self._http.feed(data)
+        except _Misdirected:
+            self._refuse(S.HTTPError(421, "requests for more than one site in one write"))
+            return
+        except S.SniffError as exc:  # 400/431 with the reason, or no route (404)
+            self._refuse(exc)
+            return
+        route = self._route
+        if route is None:
+            return  # no complete head yet: the parser holds it (431 past its limit)
+        if route.target is None:
+            self._refuse(S.SniffError(route.error or "route has no usable target"), route=route)
+            return
         self._go(route, first)
 
     def _classify(self, data: bytearray) -> Route | None:
         doors, kind = self.factory.doors, self.factory.kind
-        if kind == "http":
-            i = data.find(b"\r\n\r\n", max(self._scanned - 3, 0))
-            if i < 0:
-                self._scanned = len(data)
-                return None
-            raw = bytes(data[:i])
-            while raw.startswith(b"\r\n"):
-                raw = raw[2:]
-            return self._lookup(doors.http, S.parse_head(raw).host)
         if kind == "sni":
             name = S.client_hello_sni(data)
             if name is None:
@@ -240,10 +251,14 @@ class _Door(Side):
             return
         kind = self.factory.kind
         if kind == "http":
+            self._refused = True
             self.transport.write(S.http_response(
                 502, "Bad Gateway", "502 Bad Gateway: the service behind this name is not "
                 "reachable right now (its remote is offline or refused the connection).\n"))
-        elif kind == "sni":
+            self.transport.resumeProducing()  # paused while dialling
+            self._linger()
+            return
+        if kind == "sni":
             self.transport.write(S.tls_alert(80))
         elif kind == "grpc":
             self.transport.write(S.h2_refusal(self._h2_stream, 14, "the remote behind this "
@@ -252,6 +267,7 @@ class _Door(Side):
 
     def _refuse(self, exc: Exception, route: Route | None = None) -> None:
         self._sniffed()
+        self._refused = True  # one answer; what else arrives before the close is dropped
         kind = self.factory.kind
         if isinstance(exc, _NoRoute):
             self.factory.doors.record_error(None, f"{kind}: no route for {exc.host!r}")
@@ -264,34 +280,63 @@ class _Door(Side):
                 t.write(S.http_response(exc.code, _REASONS.get(exc.code, "Bad Request"), f"{exc}\n"))
             else:
                 t.write(S.http_response(502, "Bad Gateway", "502 Bad Gateway\n"))
-        elif kind == "sni":
+            self._linger()
+            return
+        if kind == "sni":
             t.write(S.tls_alert(112 if isinstance(exc, _NoRoute) else 80))
         elif kind == "grpc" and isinstance(exc, _NoRoute):
             t.write(S.h2_refusal(self._h2_stream, 5, "no gRPC route for this authority"))
         t.loseConnection()
 
+    def _linger(self) -> None:
+        """After an HTTP error answer: send it and a FIN, then drop what the client still
+        sends (the rest of a head over the limit, a body) until it closes or ``LINGER``
+        seconds pass.  Closing with unread bytes would reset the connection, and a reset
+        can destroy the answer before the client reads it (HTTP servers' lingering close)."""
+        if self._eof:  # the client has finished sending: nothing to wait for
+            self.transport.loseConnection()
+            return
+        half_close(self.transport)
+        self._linger_timer = self.factory.doors.reactor.callLater(LINGER, self._linger_end)
+
+    def _linger_end(self) -> None:
+        self._linger_timer = None
+        self.transport.loseConnection()
+
     # --- relaying ----------------------------------------------------------------------
 
     def _forward(self, data: bytes) -> None:
+        if self._stopped:
+            return
         if self._h2 is not None and not self._h2.done:
             data = self._h2.feed(data)
         if self._http is not None and not self._http.passthrough:
             try:
                 data = self._http.feed(data)
-            except _Misdirected as exc:
-                # a later request names another site: finish what is in flight, then close
-                self._http = None
-                if exc.partial:
-                    self._stats.bytes_in += len(exc.partial)
-                    super().dataReceived(exc.partial)
-                self.transport.pauseProducing()
-                half_close(self.peer.transport)
-                return
-            except S.SniffError:
-                self.transport.abortConnection()
+            except S.SniffError as exc:
+                self._stop_after(exc)
                 return
         self._stats.bytes_in += len(data)
         super().dataReceived(data)
+
+    def _stop_after(self, exc: S.SniffError) -> None:
+        """A later request on this connection names another site or is refused (400/431):
+        pass on the requests before it, stop reading and half-close the backend, so that
+        replies in flight still arrive; the connection ends when the backend is done.  (No
+        status of our own: it could land inside a reply still on its way.)"""
+        self._http = None
+        self._stopped = True
+        route = self._route
+        log.info("front door http {match}: closing a keep-alive connection: {why}",
+                 match=route.match if route else "?", why=str(exc) or "another site")
+        if exc.partial and self.peer is not None:
+            self._stats.bytes_in += len(exc.partial)
+            super().dataReceived(exc.partial)
+        self.transport.pauseProducing()
+        if self.peer is not None:
+            # the client stays paused: a registered producer would be resumed by the half-close
+            self.peer.transport.unregisterProducer()
+            half_close(self.peer.transport)
 
     def _upgrade_reply_seen(self, data: bytes) -> None:
         """The backend's first reply bytes after an Upgrade/CONNECT request: did it switch?"""
@@ -305,8 +350,8 @@ class _Door(Side):
         self._upgrade_reply = b""
         try:
             held = http.upgrade_answered(switched)
-        except S.SniffError:
-            self.transport.abortConnection()
+        except S.SniffError as exc:
+            self._stop_after(exc)
             return
         if held and self.peer is not None:
             self._stats.bytes_in += len(held)
@@ -314,7 +359,12 @@ class _Door(Side):
 
     def _rewrite(self, head: S.RequestHead) -> S.RequestHead:
         doors = self.factory.doors
-        if self._route is not None and S.pick(doors.http, head.host) is not self._route:
+        route = S.pick(doors.http, head.host)
+        if self._route is None:  # the connection's first request picks its route
+            if route is None:
+                raise _NoRoute(head.host)
+            self._route = route  # type: ignore[assignment]
+        elif route is not self._route:
             raise _Misdirected()
         mode = doors.forwarded
         if mode == "off":
@@ -334,7 +384,7 @@ class _Door(Side):
     def readConnectionLost(self) -> None:
         if self.peer is None:
             self._eof = True  # delivered once the far side is connected
-            if self._dial is None and self._route is None:
+            if self._refused or (self._dial is None and self._route is None):
                 self.transport.loseConnection()
             return
         super().readConnectionLost()
@@ -342,6 +392,9 @@ class _Door(Side):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._sniffed()
+        t, self._linger_timer = self._linger_timer, None
+        if t is not None and t.active():
+            t.cancel()
         d, self._dial = self._dial, None
         if self._stats is not None:
             self._stats.close()
