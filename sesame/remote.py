@@ -4,9 +4,11 @@ The remote side: a session that dials the hub, registers, and opens a
 
 :class:`RemoteSession` keeps one control stream up, reconnecting with
 exponential backoff and jitter (1 s doubling to 30 s, ±20 %) whenever the
-hub goes away, and re-registers what it offers.  gRPC keepalive (10 s ping,
-5 s timeout by default; ``keepalive_time`` / ``keepalive_timeout``) notices dead
-links that TCP would not.
+hub goes away, and re-registers what it offers.  gRPC keepalive (20 s ping,
+5 s timeout by default, so a dead link is noticed within 25 s; ``keepalive_time`` /
+``keepalive_timeout``) notices dead links that TCP would not.  Every ping costs the
+hub about 0.13 ms of CPU (docs/PERFORMANCE.md, "Fleet"): 20 s rather than 10 s halves
+an idle fleet's cost.
 
 What it offers: a map from endpoint name to a :class:`ServiceRegistry` that
 serves ``RemoteControl.NetConn`` for it — the agent's allowlisted dialer
@@ -33,7 +35,7 @@ from sesame.v1alpha1 import tunnel_pb2
 
 log = logging.getLogger("sesame.remote")
 
-KEEPALIVE_TIME = 10.0  # seconds between pings
+KEEPALIVE_TIME = 20.0  # seconds between pings (each costs the hub ~0.13 CPU-ms)
 KEEPALIVE_TIMEOUT = 5.0  # seconds without a ping ack before the link counts as dead
 
 
