@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -166,6 +167,15 @@ class Hub:
                 await asyncio.wait_for(context.read(), REFUSAL_DRAIN)
         await context.abort(code, message)
 
+    async def _decode(self, context: Any, cls: type, data: bytes, what: str) -> Any:
+        """``cls`` parsed from ``data``; a message that does not parse ends the call with
+        INVALID_ARGUMENT naming ``what`` (not grpc's UNKNOWN from an exception)."""
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{what} does not parse as {cls.__name__}: {exc}")
+
     # --- revocation ----------------------------------------------------------------------
 
     def _hold(self, token: str | None, holder: Any) -> str | None:
@@ -264,7 +274,7 @@ class Hub:
         first = await context.read()
         if first is grpc.aio.EOF:
             return
-        req = tunnel_pb2.TunnelRequest.FromString(first)
+        req = await self._decode(context, tunnel_pb2.TunnelRequest, first, "Tunnel message 1")
         if req.WhichOneof("data") != "connect":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "the first Tunnel message must be connect")
@@ -299,7 +309,7 @@ class Hub:
                 msg = reader.result()
                 if msg is grpc.aio.EOF:
                     break
-                r = tunnel_pb2.TunnelRequest.FromString(msg)
+                r = await self._decode(context, tunnel_pb2.TunnelRequest, msg, "a Tunnel message")
                 if r.WhichOneof("data") != "stream":
                     continue
                 p = session.pending.pop(r.id, None)
@@ -381,7 +391,7 @@ class Hub:
         first = await context.read()
         if first is grpc.aio.EOF:
             return
-        req = tunnel_pb2.StreamRequest.FromString(first)
+        req = await self._decode(context, tunnel_pb2.StreamRequest, first, "Stream message 1")
         if req.WhichOneof("data") != "connect":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Stream message must be connect")
         try:
@@ -408,7 +418,9 @@ class Hub:
                             .SerializeToString())
         ack = await context.read()
         self.metrics.rtt(ns, name, time.monotonic() - t0)
-        if ack is grpc.aio.EOF or tunnel_pb2.StreamRequest.FromString(ack).WhichOneof("data") != "dial":
+        if ack is not grpc.aio.EOF:
+            ack = await self._decode(context, tunnel_pb2.StreamRequest, ack, "Stream message 2")
+        if ack is grpc.aio.EOF or ack.WhichOneof("data") != "dial":
             if not pending.future.done():
                 pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} refused the stream"))
                 pending.future.exception()
