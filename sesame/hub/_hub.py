@@ -418,12 +418,21 @@ class Hub:
                             .SerializeToString())
         ack = await context.read()
         self.metrics.rtt(ns, name, time.monotonic() - t0)
+        garbled: DecodeError | None = None
+        dialled = False
         if ack is not grpc.aio.EOF:
-            ack = await self._decode(context, tunnel_pb2.StreamRequest, ack, "Stream message 2")
-        if ack is grpc.aio.EOF or ack.WhichOneof("data") != "dial":
+            try:
+                dialled = tunnel_pb2.StreamRequest.FromString(ack).WhichOneof("data") == "dial"
+            except DecodeError as exc:
+                garbled = exc
+        if not dialled:
+            # settle the client's request first: it must not wait out STREAM_REQUEST_TIMEOUT
             if not pending.future.done():
                 pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} refused the stream"))
                 pending.future.exception()
+            if garbled is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"Stream message 2 does not parse as StreamRequest: {garbled}")
             return
         done = asyncio.get_running_loop().create_future()
 
