@@ -215,12 +215,6 @@ KNOWN: dict[str, str] = {
         "Sesame/* and Admin/*: a request that does not parse ends UNKNOWN "
         "(\"Unexpected DecodeError\") instead of INVALID_ARGUMENT, and before the token "
         "is checked (an unauthenticated caller sees UNKNOWN, not UNAUTHENTICATED)",
-    "hub-stream-bad-ack-client-waits":
-        "TunnelService/Stream: when the remote's answer to the hub's dial does not parse "
-        "(or the remote cancels the Stream before answering), Hub.stream ends the Stream "
-        "call but leaves the stream request unsettled: the client's NetConn waits the whole "
-        "STREAM_REQUEST_TIMEOUT (15 s) for UNAVAILABLE 'did not open a stream' instead of "
-        "'refused the stream' at once",
 }
 
 
@@ -233,8 +227,6 @@ def known_issue(target: str, code: SC | None, details: str, info: dict) -> str |
         return "abort-while-client-sends-internal"
     if code is SC.UNKNOWN and "DecodeError" in details and target == "hub.mgmt":
         return "mgmt-undecodable-request-unknown"
-    if info.get("answered") and code is SC.UNAVAILABLE and "did not open a stream in" in details:
-        return "hub-stream-bad-ack-client-waits"
     return None
 
 
@@ -2010,11 +2002,7 @@ async def run_stream_tunnel(env: Env, case: dict, fake: FakeRemote, channel: Any
         c is SC.INTERNAL and bool(CLIENT_REASSEMBLY_INTERNAL.search(d))))
     if answered[0] and code is SC.UNAVAILABLE and "did not open a stream in" in res.details:
         # the remote did open the Stream and answered (or hung up): no reason to wait
-        k = known_issue(res.target, code, res.details, info)
-        if k is not None:
-            res.known.append(k)
-        else:
-            res.fail(f"the client waited for the stream request timeout: {res.details!r}")
+        res.fail(f"the client waited for the stream request timeout: {res.details!r}")
     return res
 
 

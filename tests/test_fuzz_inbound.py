@@ -4,10 +4,10 @@ real grpc (issue 10): the machinery of ``bench/fuzz_inbound.py`` (see its docstr
 targets and the checks), run with a small number of cases per target under the ``slow``
 marker.  ``SESAME_FUZZ_CASES`` sets the total (default 300; the bench script runs 20,000+).
 
-Outcomes that match a known defect are counted, not failed: each defect has a minimal
+Outcomes that match a known, open defect are counted, not failed: each has a minimal
 strict-xfail test below (they run in the normal suite).  When one is fixed its test
 XPASSes, which fails the suite: remove the xfail mark and the defect's entry in
-``fuzz_inbound.KNOWN`` / ``known_issue``.
+``fuzz_inbound.KNOWN`` / ``known_issue`` (so that a regression fails the fuzz again).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ async def test_after_the_fuzz_nothing_is_left_open_and_the_canary_still_works(fu
     assert final["problems"] == [], final
 
 
-# --- known defects, one minimal reproduction each --------------------------------------------
+# --- what the fuzz found: fixed defects as regression tests, open ones as strict xfails -----
 
 
 def _creds(hub):
@@ -179,6 +179,27 @@ async def test_a_refused_netconn_keeps_its_status_while_the_client_is_still_send
     assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
 
 
+async def _answer_a_stream_request(hub, ch, rtok: str, ctok: str) -> tuple:
+    """(bridge loop) Play remote fz-g by hand: register, let a client NetConn to it ask for
+    a stream, open that Stream and read the hub's connect and dial.  Returns (control,
+    client, stream, request id); the Stream waits for our answer to the dial."""
+    control = ch.stream_stream(N.TUNNEL_METHOD)(
+        metadata=(_bearer(rtok), (N.MD_ENDPOINTS, "netconn")))
+    await control.write(tunnel_pb2.TunnelRequest(id=0, connect={
+        "remote": "namespaces/default/remotes/fz-g", "stream_buffer": 4}).SerializeToString())
+    await asyncio.wait_for(control.read(), PROMPT)  # connect
+    client = ch.stream_stream(NETCONN)(metadata=(_bearer(ctok), (N.MD_REMOTE, "fz-g")))
+    await client.write(F.dial_bytes("127.0.0.1:9"))
+    request = tunnel_pb2.TunnelResponse.FromString(await asyncio.wait_for(control.read(), PROMPT))
+    stream = ch.stream_stream(N.STREAM_METHOD)(
+        metadata=(_bearer(rtok), (N.MD_STREAM_ID, str(request.id))))
+    await stream.write(tunnel_pb2.StreamRequest(connect={
+        "remote": "namespaces/default/remotes/fz-g"}).SerializeToString())
+    for _ in range(2):  # connect, dial
+        await asyncio.wait_for(stream.read(), PROMPT)
+    return control, client, stream, request.id
+
+
 @pytest.mark.xfail(strict=True, reason="hub-relays-tunnel-protocol-error: a remote that breaks "
                    "the tunnel protocol gives the client the tunnel core's INVALID_ARGUMENT "
                    "('invalid frame: no frame set'), not UNAVAILABLE (docs/TUNNELS.md)")
@@ -189,25 +210,9 @@ async def test_a_remote_breaking_the_tunnel_protocol_is_unavailable_to_the_clien
 
     async def go():
         async with grpc.aio.secure_channel(hub.target, _creds(hub)) as ch:
-            control = ch.stream_stream(N.TUNNEL_METHOD)(
-                metadata=(_bearer(rtok), (N.MD_ENDPOINTS, "netconn")))
-            await control.write(tunnel_pb2.TunnelRequest(id=0, connect={
-                "remote": "namespaces/default/remotes/fz-g", "stream_buffer": 4})
-                .SerializeToString())
-            await asyncio.wait_for(control.read(), PROMPT)  # connect
-            client = ch.stream_stream(NETCONN)(metadata=(_bearer(ctok), (N.MD_REMOTE, "fz-g")))
-            await client.write(F.dial_bytes("127.0.0.1:9"))
-            request = tunnel_pb2.TunnelResponse.FromString(
-                await asyncio.wait_for(control.read(), PROMPT))
-            stream = ch.stream_stream(N.STREAM_METHOD)(
-                metadata=(_bearer(rtok), (N.MD_STREAM_ID, str(request.id))))
-            await stream.write(tunnel_pb2.StreamRequest(connect={
-                "remote": "namespaces/default/remotes/fz-g"}).SerializeToString())
-            for _ in range(2):  # connect, dial
-                await asyncio.wait_for(stream.read(), PROMPT)
+            control, client, stream, k = await _answer_a_stream_request(hub, ch, rtok, ctok)
             await stream.write(tunnel_pb2.StreamRequest(dial={}).SerializeToString())
-            await control.write(tunnel_pb2.TunnelRequest(id=request.id, stream={})
-                                .SerializeToString())
+            await control.write(tunnel_pb2.TunnelRequest(id=k, stream={}).SerializeToString())
             # the hub's new_stream arrives; answer with a frame that has nothing set
             await asyncio.wait_for(stream.read(), PROMPT)
             await stream.write(wrap_tunnel(st_pb.ServerToClient(stream_id=1).SerializeToString()))
@@ -217,6 +222,31 @@ async def test_a_remote_breaking_the_tunnel_protocol_is_unavailable_to_the_clien
             return code
 
     assert await to_deferred(hub.bridge.submit(go())) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_answering_the_dial_with_garbage_fails_the_client_at_once(sesame_hub):
+    """Found by the fuzz: the client used to wait STREAM_REQUEST_TIMEOUT (15 s) for "did not
+    open a stream"; the remote's Stream call ends INVALID_ARGUMENT."""
+    hub = sesame_hub
+    rtok, ctok = hub.remote_token("fz-g"), hub.client_token()
+
+    async def go():
+        async with grpc.aio.secure_channel(hub.target, _creds(hub)) as ch:
+            control, client, stream, _ = await _answer_a_stream_request(hub, ch, rtok, ctok)
+            await stream.write(b"\xff\xff")  # not a StreamRequest
+            try:
+                return (await asyncio.wait_for(client.code(), PROMPT),
+                        await asyncio.wait_for(stream.code(), PROMPT))
+            except TimeoutError:
+                return None  # still waiting for the stream request to time out
+            finally:
+                client.cancel()
+                stream.cancel()
+                control.cancel()
+
+    assert await to_deferred(hub.bridge.submit(go())) == (grpc.StatusCode.UNAVAILABLE,
+                                                           grpc.StatusCode.INVALID_ARGUMENT)
 
 
 @pytest.mark.xfail(strict=True, reason="remote-stream-left-open-after-tunnel-error: when the "
