@@ -62,26 +62,17 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import e2e  # noqa: E402  (bench/e2e.py: the thread namer, shared)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 # Python 3.11 does not name its OS threads; as sitecustomize of the server, this names
 # each threading.Thread's OS thread after it (the bridge loop: "sesame-grpc-loop"), so the
 # per-thread CPU tells the loop from grpc core's threads (which name themselves).
-THREAD_NAMER = r'''
-import ctypes, threading
-try:
-    _prctl = ctypes.CDLL(None).prctl
-    _orig = threading.Thread._bootstrap_inner
-    def _bootstrap_inner(self, _orig=_orig):
-        try:
-            _prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-        except Exception:
-            pass
-        _orig(self)
-    threading.Thread._bootstrap_inner = _bootstrap_inner
-except Exception:
-    pass
+THREAD_NAMER = e2e.THREAD_NAMER + r'''
+import ctypes
 
 # SIGUSR1: glibc malloc_trim(0), so the bench can tell memory grpc and Python still use
 # from memory freed but kept by malloc (the server's "rss after malloc_trim")

@@ -103,6 +103,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from sesame import _names as N
+from sesame import _wire
 from sesame.admin.v1alpha1 import admin_pb2  # registers the Admin types
 from sesame.grpctunnel.v1 import tunnel_pb2 as gt_pb
 from sesame.hub import _hub
@@ -234,16 +235,8 @@ def known_issue(target: str, code: SC | None, details: str, info: dict) -> str |
 
 
 def varint(n: int) -> bytes:
-    n &= UINT64 if n < 0 else (2**70 - 1)
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    """sesame._wire.varint, also for negatives (as uint64) and up to 70 bits (overlong)."""
+    return _wire.varint(n & (UINT64 if n < 0 else (2**70 - 1)))
 
 
 def key(field_number: int, wire_type: int) -> bytes:
