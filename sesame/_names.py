@@ -28,6 +28,7 @@ MD_ENDPOINTS = "sesame-endpoints"
 MD_STREAM_ID = "sesame-stream-id"
 MD_REMOTE = "sesame-remote"
 MD_ENDPOINT = "sesame-endpoint"
+MD_INSTANCE = "sesame-instance"
 
 NETCONN_ENDPOINT = "netconn"
 TUNNEL_METHOD = "/sesame.v1alpha1.TunnelService/Tunnel"

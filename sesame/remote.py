@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ log = logging.getLogger("sesame.remote")
 
 KEEPALIVE_TIME = 20.0  # seconds between pings (each costs the hub ~0.13 CPU-ms)
 KEEPALIVE_TIMEOUT = 5.0  # seconds without a ping ack before the link counts as dead
+#: This process's ``sesame-instance`` (sessions with one value are one remote process).
+INSTANCE = secrets.token_hex(8)
 
 
 def keepalive_options(time: float = KEEPALIVE_TIME,
@@ -106,6 +109,7 @@ class RemoteSession:
         keepalive_time: float = KEEPALIVE_TIME,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         explain: Callable[[], str | None] | None = None,
+        instance: str | None = None,
     ) -> None:
         self.namespace, self.name = N.parse_remote(remote)
         self.target = target
@@ -120,6 +124,10 @@ class RemoteSession:
                    ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)))
         self.options = [*keepalive_options(keepalive_time, keepalive_timeout), *backoff, *options]
         self.explain = explain
+        #: Sent as ``sesame-instance``: sessions with the same value are one remote process
+        #: (homed on several hubs of a cluster); a new value is a new process, which takes
+        #: the remote's endpoints over cluster-wide (sesame.hub.cluster).
+        self.instance = instance or INSTANCE
         self.bridge = bridge or get_bridge()
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -262,7 +270,8 @@ class RemoteSession:
 
     async def _control(self) -> None:
         assert self._channel is not None
-        md = (*self._md(), (N.MD_ENDPOINTS, ",".join(sorted(self.offers))))
+        md = (*self._md(), (N.MD_ENDPOINTS, ",".join(sorted(self.offers))),
+              (N.MD_INSTANCE, self.instance))
         call = self._channel.stream_stream(N.TUNNEL_METHOD)(metadata=md)
         self._call = call
         await call.write(tunnel_pb2.TunnelRequest(

@@ -166,6 +166,11 @@ class StreamOuter(OuterStream):
         if self._done_writing is not None:
             await self._done_writing()
 
+    def raw(self) -> tuple[Any, Any]:
+        """The underlying call's ``read`` and ``write`` of whole (wrapped) messages, for
+        a relay that forwards them verbatim (:mod:`sesame.hub.cluster`)."""
+        return self._read, self._write
+
     def cancel(self) -> None:
         if self._cancel is not None:
             self._cancel()

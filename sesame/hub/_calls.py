@@ -45,12 +45,9 @@ class HubLoopCall(LoopCall):
 
     async def _open(self, method: str, metadata: tuple) -> None:
         t = self.target
-        session = self.hub.routes.get((t.namespace, t.remote, t.endpoint))
-        if session is None:
-            self._finish(Status(UNAVAILABLE, self.hub.unrouted(t.namespace, t.remote, t.endpoint)))
-            return
         try:
-            outer, done, peer_ext = await self.hub.request_stream(session, t.endpoint)
+            outer, done, peer_ext, session = await self.hub.open_stream(
+                t.namespace, t.remote, t.endpoint)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - _HubError and friends become the call's status
@@ -65,7 +62,8 @@ class HubLoopCall(LoopCall):
             self._finish(Status(UNAVAILABLE, f"tunnel to {t.remote} failed: {exc}"))
             return
         self._conn = conn
-        session.connections += 1
+        if session is not None:
+            session.connections += 1
         if self.status is not None:  # cancelled while the stream was being opened
             self._cleanup()
             return

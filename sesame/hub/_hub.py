@@ -54,7 +54,7 @@ from sesame.bridge import (
 from sesame.core import CANCELLED, OK, UNAVAILABLE, Role, SesameCodec, Status
 from sesame.hub._auth import Need, Refused, authorize, context_token
 from sesame.hub.metrics import HubMetrics, payload_len
-from sesame.hub.store import AlreadyExists, Store, parse_token
+from sesame.hub.store import AlreadyExists, Store, StoreUnavailable, parse_token
 from sesame.netconn import METHOD as NETCONN_METHOD
 from sesame.tunnel import ext_apply, ext_metadata, ext_parse
 from sesame.v1alpha1 import tunnel_pb2
@@ -139,6 +139,12 @@ class Hub:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics = HubMetrics(self)  # /metrics and the dashboard (sesame.hub.metrics)
+        #: The cluster this hub is a member of (:mod:`sesame.hub.cluster`), or None.
+        self.cluster: Any = None
+        self.on_routes_changed: Any = None  # set by whoever serves the front doors
+        self._store_changed = asyncio.Event()  # the bus said: tokens changed, look now
+        # A store that does network I/O (Redis) is never called on the loop itself.
+        self._store_pool: Any = None
 
     # --- auth ----------------------------------------------------------------------
 
@@ -151,11 +157,25 @@ class Hub:
         false once the call's first message has been read)."""
         try:
             if info is None:
-                return authorize(self.store, context_token(context), need)
+                return await self.store_call(authorize, self.store, context_token(context), need)
             return info if need is None else need.check(info)
+        except StoreUnavailable as exc:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc), drain=drain)
         except Refused as exc:
             self.metrics.auth_failure(who, exc.remote, f"{what}: {exc.reason}")
             await self._refuse(context, grpc.StatusCode[exc.code], exc.message, drain=drain)
+
+    async def store_call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` -- a store call -- run where it cannot stall the loop: inline for
+        an embedded store (SQLite), in a small thread pool for a networked one (Redis).
+        A store that does not answer raises :class:`StoreUnavailable`."""
+        if not getattr(self.store, "networked", False):
+            return fn(*args)
+        if self._store_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._store_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sesame-store")
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
 
     async def _refuse(self, context: Any, code: grpc.StatusCode, message: str, *,
                       drain: bool = True) -> None:
@@ -209,22 +229,37 @@ class Hub:
         marker: object = None
         since = time.time()
         while True:
-            await asyncio.sleep(REVOCATION_POLL)
+            # the bus (a cluster) wakes us at once; the poll is the fallback
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._store_changed.wait(),
+                                       REVOCATION_POLL if self.cluster is None else 2.0)
+            self._store_changed.clear()
             if not self._holders:
                 continue
             try:
-                now_marker = self.store.change_marker()
+                now_marker = await self.store_call(self.store.change_marker)
                 if now_marker == marker:
                     continue
                 marker = now_marker
                 now = time.time()
                 # a margin for a revoking process whose commit lands a little late
-                ids = self.store.revoked_since(since - 5.0)
+                ids = await self.store_call(self.store.revoked_since, since - 5.0)
                 since = now
                 if ids and self.revoked(ids):
                     log.info("ended what lived on %d revoked token(s)", len(ids))
+            except StoreUnavailable:
+                pass  # said once by the cluster / the next call that needs it
             except Exception:
                 log.exception("checking the store for revoked tokens failed")
+
+    def store_changed(self, message: dict[str, Any]) -> None:
+        """A change in the store (from the cluster's bus): tokens are looked at now,
+        front doors reread their routes."""
+        kind = message.get("kind")
+        if kind == "token":
+            self._store_changed.set()
+        elif kind == "route" and self.on_routes_changed is not None:
+            self.on_routes_changed()
 
     # --- registration ------------------------------------------------------------------
 
@@ -241,6 +276,9 @@ class Hub:
                 log.info("endpoint %s of %s/%s moves from session %d to %d", ep,
                          session.namespace, session.remote, old.id, session.id)
             self.routes[key] = session
+        if getattr(self.store, "networked", False):
+            asyncio.get_running_loop().create_task(self._record_remote(session))
+            return
         try:
             self.store.create_remote(session.remote, namespace=session.namespace)
         except AlreadyExists:
@@ -248,7 +286,17 @@ class Hub:
         except Exception:
             log.exception("could not record remote %s", session.remote)
 
+    async def _record_remote(self, session: Session) -> None:
+        try:
+            await self.store_call(self.store.create_remote, session.remote, session.namespace)
+        except AlreadyExists:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the session works without its record
+            log.warning("could not record remote %s: %s", session.remote, exc)
+
     def _unregister(self, session: Session) -> None:
+        if not session.closed and self.cluster is not None:
+            self.cluster.session_down(session)
         session.closed = True
         self.sessions.pop(session.id, None)
         for ep in session.endpoints:
@@ -293,6 +341,12 @@ class Hub:
                           stream_buffer=max(req.connect.stream_buffer, 1),
                           token=N.bearer(md) or "")
         self._register(session)
+        if self.cluster is not None:
+            try:
+                await self.cluster.session_up(session, N.md_get(md, N.MD_INSTANCE) or "")
+            except StoreUnavailable as exc:
+                self._unregister(session)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         token_id = self._hold(session.token, session)
         log.info("remote %s/%s connected from %s offering %s", ns, name, session.peer,
                  ",".join(sorted(endpoints)))
@@ -335,9 +389,41 @@ class Hub:
 
     def unrouted(self, namespace: str, remote: str, endpoint: str) -> str:
         """Why no live session serves ``endpoint`` of ``remote`` (for an UNAVAILABLE)."""
-        if any(k[0] == namespace and k[1] == remote for k in self.routes):
+        if any(k[0] == namespace and k[1] == remote for k in self.routes) or (
+                self.cluster is not None and self.cluster.offers(namespace, remote)):
             return f"remote {remote} does not offer endpoint {endpoint!r}"
         return f"remote {remote} is not connected"
+
+    async def open_stream(self, namespace: str, remote: str,
+                          endpoint: str) -> tuple[Any, asyncio.Future, Any, Session | None]:
+        """A fresh Stream of ``remote`` serving ``endpoint``: ``(outer, done, peer_ext,
+        session)``, ``session`` None when it comes through another hub of the cluster.
+        Set ``done`` when the connection over it is over.  Raises ``_HubError``
+        (UNAVAILABLE when no hub holds a session that serves it)."""
+        if self.cluster is None:
+            session = self.routes.get((namespace, remote, endpoint))
+            if session is None:
+                raise _HubError(UNAVAILABLE, self.unrouted(namespace, remote, endpoint))
+            return (*await self.request_stream(session, endpoint), session)
+        candidates = self.cluster.candidates(namespace, remote, endpoint)
+        if not candidates:
+            raise _HubError(UNAVAILABLE, self.unrouted(namespace, remote, endpoint))
+        why = ""
+        for p in candidates:  # a session that cannot give a stream: the next one
+            try:
+                if p.session is not None:
+                    if p.session.closed:
+                        continue
+                    return (*await self.request_stream(p.session, endpoint), p.session)
+                return (*await self.cluster.open_peer_stream(p, endpoint), None)
+            except _HubError as exc:
+                if exc.code != UNAVAILABLE:
+                    raise
+                why = exc.message
+            except Exception as exc:  # noqa: BLE001 - a peer that failed: the next one
+                why = str(getattr(exc, "details", lambda: "")() or exc)
+                log.info("relay of %s/%s through hub %s failed: %s", namespace, remote, p.hub, why)
+        raise _HubError(UNAVAILABLE, f"no hub could open a stream to remote {remote}: {why}")
 
     async def request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
@@ -478,18 +564,14 @@ class Hub:
         first = await self._read_dial(context)
         if first is None:
             return
-        session = self.routes.get((ns, name, endpoint))
-        if session is None:
-            why = self.unrouted(ns, name, endpoint)
-            self.metrics.dial_error("UNAVAILABLE", name, why)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, why)
         try:
-            outer, done, peer_ext = await self.request_stream(session, endpoint)
+            outer, done, peer_ext, session = await self.open_stream(ns, name, endpoint)
         except _HubError as exc:
             code = grpc_code(exc.code, grpc.StatusCode.UNAVAILABLE)
             self.metrics.dial_error(code.name, name, exc.message)
             await context.abort(code, exc.message)
-        session.connections += 1
+        if session is not None:
+            session.connections += 1
         client = _Revocable()
         token_id = self._hold(context_token(context), client)
         try:
@@ -497,7 +579,8 @@ class Hub:
                               revocable=client)
         finally:
             self._release(token_id, client)
-            session.connections -= 1
+            if session is not None:
+                session.connections -= 1
             if not done.done():
                 done.set_result(None)
 
@@ -670,12 +753,25 @@ class Hub:
         return bound
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Stop the server: calls in flight get ``grace`` seconds, then are cancelled."""
+        """Stop the server: calls in flight get ``grace`` seconds, then are cancelled
+        (a cluster member leaves the cluster first)."""
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._store_pool is not None:
+            self._store_pool.shutdown(wait=False)
+            self._store_pool = None
+
+    async def peer_stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """``/sesame.cluster.v1.Peer/Stream`` (:mod:`sesame.hub.cluster`): another hub of
+        the cluster relays a connection to one of this hub's sessions."""
+        if self.cluster is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this hub is not in a cluster")
+        await self.cluster.serve_peer_stream(request_iterator, context)
 
 
 class _Revocable:
@@ -714,6 +810,7 @@ class _HubHandler(grpc.GenericRpcHandler):
             N.TUNNEL_METHOD: grpc.stream_stream_rpc_method_handler(hub.tunnel),
             N.STREAM_METHOD: grpc.stream_stream_rpc_method_handler(hub.stream),
             NETCONN_METHOD: grpc.stream_stream_rpc_method_handler(hub.netconn),
+            "/sesame.cluster.v1.Peer/Stream": grpc.stream_stream_rpc_method_handler(hub.peer_stream),
         }
 
     def service(self, details: Any) -> grpc.RpcMethodHandler | None:

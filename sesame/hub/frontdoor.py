@@ -487,7 +487,7 @@ class FrontDoors:
             ep = endpoints.serverFromString(self.reactor, desc)
             self.ports[kind] = await ep.listen(DoorFactory(self, kind))
             log.info("front door {kind} listening on {desc}", kind=kind, desc=desc)
-        self.reconcile()
+        await defer.maybeDeferred(self.reconcile)
         self._watch = LoopingCall(self.reconcile)
         self._watch.clock = self.reactor
         self._watch.start(self.watch_interval, now=False)
@@ -511,12 +511,29 @@ class FrontDoors:
 
     # --- routes --------------------------------------------------------------------------
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> defer.Deferred | None:
+        """Read the routes and apply them: at once from an embedded store, from a thread
+        for a networked one (Redis: the reactor never waits on the network)."""
+        if getattr(self.store, "networked", False):
+            from twisted.internet import threads
+
+            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                          self.store.list_routes)
+            d.addCallbacks(self._apply_routes, self._routes_unreadable)
+            return d
         try:
             records = self.store.list_routes()
         except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop the watch
-            log.warn("front doors: cannot read routes: {why}", why=str(exc))
-            return
+            self._routes_unreadable(exc)
+            return None
+        self._apply_routes(records)
+        return None
+
+    def _routes_unreadable(self, why: Any) -> None:
+        text = why.getErrorMessage() if hasattr(why, "getErrorMessage") else str(why)
+        log.warn("front doors: cannot read routes (keeping the ones in force): {why}", why=text)
+
+    def _apply_routes(self, records: list) -> None:
         key = tuple((r.id, r.kind, r.match, r.target) for r in records)
         if key == self._known:
             self._sync_tcp()  # only retries of listeners that failed

@@ -789,6 +789,33 @@ class _Collector:
         for k, v in sorted(m.auth_failures().items()):
             a.add_metric([k], v)
         yield a
+        cluster = getattr(m.hub, "cluster", None)
+        if cluster is not None:
+            yield from _cluster_series(cluster)
+
+
+def _cluster_series(cluster: Any) -> Iterator[Any]:
+    """``sesame_cluster_*``: this hub's view of its cluster (sesame.hub.cluster)."""
+    yield GaugeMetricFamily("sesame_cluster_up",
+                            "1 while the cluster's store (Redis) answers, 0 in degraded mode",
+                            1 if cluster.up else 0)
+    yield GaugeMetricFamily("sesame_cluster_peers", "Other hubs with a live lease",
+                            len(cluster.peers))
+    per_hub = GaugeMetricFamily("sesame_cluster_hub_sessions",
+                                "Sessions each hub of the cluster holds", labels=["hub"])
+    per_hub.add_metric([cluster.id], len(cluster.local))
+    for peer in sorted(cluster.peers.values(), key=lambda p: p.id):
+        per_hub.add_metric([peer.id], len(peer.sessions))
+    yield per_hub
+    yield CounterMetricFamily("sesame_cluster_relayed_connections",
+                              "Connections this hub relayed to the hub holding the remote",
+                              cluster.relayed)
+    yield CounterMetricFamily("sesame_cluster_served_for_peers",
+                              "Relays this hub served for another hub", cluster.served_for_peers)
+    yield CounterMetricFamily("sesame_cluster_bus_messages", "Bus messages applied",
+                              cluster.bus_messages)
+    yield GaugeMetricFamily("sesame_cluster_bus_lag_seconds",
+                            "Age of the last bus message when it arrived", cluster.bus_lag)
 
 
 class _WithRemotes:

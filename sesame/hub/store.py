@@ -64,6 +64,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "TokenInfo",
     "parse_token",
 ]
@@ -133,6 +134,13 @@ class InvalidArgument(StoreError, ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer (a networked store: Redis down or unreachable).  The
+    message starts with "store unavailable" and never carries a password."""
+
+    code = "UNAVAILABLE"
 
 
 # -- records ----------------------------------------------------------------
@@ -324,6 +332,10 @@ class Store(abc.ABC):
     :class:`InvalidArgument`, :class:`NotFound` or :class:`AlreadyExists`, each
     carrying the offending field's name in ``field``.
     """
+
+    #: True for a store that does network I/O (Redis): the hub never calls it on its
+    #: event loop, and its calls may raise :class:`StoreUnavailable`.
+    networked: bool = False
 
     # tokens
     @abc.abstractmethod

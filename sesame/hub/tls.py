@@ -57,7 +57,9 @@ __all__ = [
     "LOCAL_HOSTS",
     "HubTLS",
     "TLSSetupError",
+    "adopt_cluster_ca",
     "channel_credentials",
+    "cluster_ca_bundle",
     "ensure_hub_tls",
     "issue_client_cert",
 ]
@@ -479,6 +481,46 @@ def ensure_hub_tls(data_dir: Path, hosts: Sequence[str]) -> HubTLS:
         created=created,
         reissued=reissued,
     )
+
+
+def cluster_ca_bundle() -> bytes:
+    """A new CA for a cluster: its certificate then its key, PEM (what the store keeps)."""
+    cert, key = _make_ca()
+    return cert.public_bytes(serialization.Encoding.PEM) + _private_bytes(key)
+
+
+def adopt_cluster_ca(data_dir: Path, bundle: bytes) -> bool:
+    """Make the cluster's CA (``bundle``: certificate + key PEM, from the store) the CA of
+    ``data_dir``, so :func:`ensure_hub_tls` issues this hub's certificate from it and
+    ``ca.pem`` is the one file every remote and client of the cluster trusts.  A
+    different CA already there is kept as ``ca.pem.pre-cluster`` (and its key) and
+    logged.  True when the files changed.
+
+    :raises TLSSetupError: the bundle is not a certificate and its key.
+    """
+    data_dir = Path(data_dir)
+    try:
+        cert = x509.load_pem_x509_certificate(bundle)
+        key = serialization.load_pem_private_key(bundle, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSSetupError(f"the cluster CA in the store does not load: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise TLSSetupError("the cluster CA's key in the store does not belong to its certificate")
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    _ensure_dir(data_dir)
+    with _locked(data_dir):
+        cert_path, key_path = data_dir / CA_CERT_FILE, data_dir / CA_KEY_FILE
+        if cert_path.exists() and cert_path.read_bytes() == cert_pem and key_path.exists():
+            return False
+        if cert_path.exists():
+            for path in (cert_path, key_path):
+                if path.exists():
+                    os.replace(path, path.with_name(path.name + ".pre-cluster"))
+            log.warning("%s held another CA; it is now %s.pre-cluster (the cluster's CA "
+                        "replaces it: hand out the new %s)", cert_path, CA_CERT_FILE, CA_CERT_FILE)
+        _write_file(key_path, _private_bytes(key), 0o600)
+        _write_file(cert_path, cert_pem, 0o644)
+    return True
 
 
 def issue_client_cert(
