@@ -335,6 +335,15 @@ class RemoteSession:
         assert self._channel is not None
         md = (*self._md(), (N.MD_STREAM_ID, str(k)), *ext_metadata(SesameCodec))
         call = self._channel.stream_stream(N.STREAM_METHOD)(metadata=md)
+        try:
+            return await self._handshake(call, endpoint, registry)
+        except BaseException:
+            call.cancel()  # whatever went wrong, the call ends here (a no-op once it has)
+            raise
+
+    async def _handshake(self, call: Any, endpoint: str, registry: ServiceRegistry) -> TunnelConnection:
+        """Answer the hub's connect and dial on ``call`` and start the tunnel over it (the
+        tunnel cancels the call when it ends, TunnelConnection)."""
         await call.write(tunnel_pb2.StreamRequest(connect={"remote": self.resource}).SerializeToString())
         for expect in ("connect", "dial"):
             msg = await call.read()
@@ -343,10 +352,8 @@ class RemoteSession:
                 raise ConnectionError("hub ended the stream during the handshake")
             got = tunnel_pb2.StreamResponse.FromString(msg)
             if got.WhichOneof("data") != expect:
-                call.cancel()
                 raise ConnectionError(f"expected {expect} from the hub, got {got.WhichOneof('data')}")
         if got.dial.endpoint != endpoint:
-            call.cancel()
             raise ConnectionError(f"hub dialled {got.dial.endpoint!r}, asked for {endpoint!r}")
         await call.write(tunnel_pb2.StreamRequest(dial={}).SerializeToString())
         outer = StreamOuter(call.read, call.write, tunnel_pb2.StreamResponse, self.target,

@@ -21,12 +21,15 @@ from sesame.bridge._calls import (
 )
 from sesame.bridge._codes import grpc_code
 from sesame.bridge._connection import (
+    DRAIN_IDLE,
+    DRAIN_LIMIT,
     ClientOuter,
     OuterStream,
     ServerOuter,
     StreamHandler,
     StreamOuter,
     TunnelConnection,
+    drain_requests,
     unwrap_tunnel,
     wrap_tunnel,
 )
@@ -46,6 +49,8 @@ __all__ = [
     "AioLoopCall",
     "Bridge",
     "ClientOuter",
+    "DRAIN_IDLE",
+    "DRAIN_LIMIT",
     "EndCallback",
     "HIGH_WATER",
     "Hop",
@@ -59,6 +64,7 @@ __all__ = [
     "StreamOuter",
     "TunnelConnection",
     "TunnelLoopCall",
+    "drain_requests",
     "get_bridge",
     "grpc_code",
     "loop_inbox",

@@ -11,6 +11,7 @@ threads reach it through ``bridge.post``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -121,6 +122,38 @@ class ServerOuter(OuterStream):
         return tuple(self.context.invocation_metadata() or ())
 
 
+#: :func:`drain_requests`: at most this many seconds in all, and ...
+DRAIN_LIMIT = 1.0
+#: ... stop once no message came for this many seconds (the client is not sending).
+DRAIN_IDLE = 0.1
+
+
+async def drain_requests(read: Callable[[], Any], limit: float = DRAIN_LIMIT,
+                         idle: float = DRAIN_IDLE) -> int:
+    """Read and discard a server call's remaining requests (``read``: ``context.read``)
+    until the client half-closes, a read fails, no message comes for ``idle`` seconds or
+    ``limit`` seconds pass; how many were discarded.
+
+    Run before a server ends a call the client may still be writing to: grpc-core reports
+    a status that races the client's writes as INTERNAL "Internal error from Core" at the
+    client instead of the status (a bare grpc.aio server that aborts after one message of
+    five loses its status to INTERNAL in most calls; none when it drains first)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    n = 0
+    while True:
+        left = min(end - loop.time(), idle)
+        if left <= 0:
+            return n
+        try:
+            msg = await asyncio.wait_for(read(), left)
+        except Exception:  # noqa: BLE001 - quiet (TimeoutError), or the call is over
+            return n
+        if msg is grpc.aio.EOF or msg is None:  # None: OuterStream.read's end
+            return n
+        n += 1
+
+
 # --- wrapping tunnel frames in Stream messages (field 3 in all four types) ------------
 
 
@@ -180,6 +213,17 @@ class StreamOuter(OuterStream):
 
     def metadata(self) -> tuple:
         return ()
+
+
+def _peer_broke_protocol(events: list[_core.Event], status: Status) -> list[_core.Event]:
+    """(tunnel client) The events of a frame that ended the tunnel as a protocol error,
+    with the calls' ends turned into UNAVAILABLE: the calls' own side did nothing wrong,
+    their tunnel died (docs/TUNNELS.md); the core's status (INVALID_ARGUMENT, UNKNOWN,
+    ...) is kept in the message."""
+    blamed = Status(UNAVAILABLE, f"the remote end broke the tunnel protocol: {status.message}")
+    return [dataclasses.replace(ev, status=blamed)
+            if type(ev) is _core.StreamEnded and ev.status is status else ev
+            for ev in events]
 
 
 class StreamHandler(Protocol):
@@ -245,12 +289,14 @@ class TunnelConnection:
             self._outq.append(Settings(-1, (0, 1), codec.policy.recv_window))
         self._tasks: list[asyncio.Task[Any]] = []
         self.eof = False  # the peer ended the outer call cleanly
+        self._closing = False  # aclose() ends the outer call itself
 
     # --- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         self._writer_task = self.loop.create_task(self._writer())
-        self._tasks.append(self.loop.create_task(self._reader()))
+        self._reader_task = self.loop.create_task(self._reader())
+        self._tasks.append(self._reader_task)
         self._tasks.append(self._writer_task)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -283,6 +329,7 @@ class TunnelConnection:
 
     async def aclose(self, grace: float | None = 5.0) -> None:
         """Close politely: drain, flush what is queued, end the outer call."""
+        self._closing = True
         if self.is_closed:
             await self._finish_outer()
             return
@@ -319,6 +366,16 @@ class TunnelConnection:
             self.outer.cancel()
             self._finish(Status(CANCELLED, "tunnel closed"))
 
+    async def drain(self, limit: float = DRAIN_LIMIT, idle: float = DRAIN_IDLE) -> int:
+        """Once the tunnel is over: read and discard what the peer still sends on the outer
+        call (:func:`drain_requests`), so that a server end's status is not lost to the
+        peer's writes racing it.  Nothing when the peer ended its side already or the
+        tunnel's reader still reads; how many messages were discarded."""
+        reader = getattr(self, "_reader_task", None)
+        if self.eof or reader is None or not reader.done():
+            return 0
+        return await drain_requests(self.outer.read, limit, idle)
+
     def _finish(self, status: Status) -> None:
         self.terminate(status)
         self._writer_done = True
@@ -344,7 +401,10 @@ class TunnelConnection:
                 if data is None:
                     self.eof = True
                     break
-                self.pump(core.receive_frame(decode(data)))
+                events = core.receive_frame(decode(data))
+                if core.terminated is not None and self.role is Role.CLIENT:
+                    events = _peer_broke_protocol(events, core.terminated)
+                self.pump(events)
                 if core.terminated is not None:
                     status = core.terminated
                     break
@@ -370,6 +430,12 @@ class TunnelConnection:
                     await asyncio.wait_for(asyncio.shield(t), 2)
                 except Exception:  # noqa: BLE001
                     t.cancel()
+        if not self.eof and not self._closing:
+            # The tunnel is over but the peer has not ended the outer call: end it here
+            # (the close frames are flushed).  A client end of the call would otherwise
+            # stay open for ever, unread (grpc cannot even deliver its status behind
+            # unread messages); a server end (ServerOuter) ends when its handler returns.
+            self.outer.cancel()
         self._finish(status)
 
     async def _writer(self) -> None:

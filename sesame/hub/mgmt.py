@@ -68,7 +68,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -174,6 +174,16 @@ class ApiError(Exception):
 def _invalid(field: str, description: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}",
                     violations=[(field, description)])
+
+
+def _parse_request(cls: type[Message], data: bytes) -> Message:
+    """``cls`` parsed from a request's bytes; :class:`ApiError` INVALID_ARGUMENT naming the
+    message type when they do not parse."""
+    try:
+        return cls.FromString(data)
+    except DecodeError as exc:
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"the request does not parse as {cls.DESCRIPTOR.full_name}: {exc}") from None
 
 
 def _denied(message: str) -> ApiError:
@@ -462,23 +472,32 @@ class Management:
             raise ApiError(grpc.StatusCode.INTERNAL, "internal error") from None
 
     def grpc_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """``{'/sesame.v1alpha1.Sesame/GetRemote': handler, ...}`` for the unary methods."""
+        """``{'/sesame.v1alpha1.Sesame/GetRemote': handler, ...}`` for the unary methods.
+
+        Requests arrive as raw bytes and are parsed by the handler once the caller's token
+        is checked: UNAUTHENTICATED comes first, then INVALID_ARGUMENT for a request that
+        does not parse (grpc's own deserializer would end it UNKNOWN, before any check)."""
         out: dict[str, grpc.RpcMethodHandler] = {}
         for svc in SERVICES:
             for m in svc.methods:
                 if m.client_streaming or m.server_streaming:
                     continue  # Proxy: not served; grpc answers UNIMPLEMENTED
-                in_cls = message_factory.GetMessageClass(m.input_type)
                 out_cls = message_factory.GetMessageClass(m.output_type)
                 out[method_path(m)] = grpc.unary_unary_rpc_method_handler(
-                    self._grpc_unary(m), request_deserializer=in_cls.FromString,
+                    self._grpc_unary(m), request_deserializer=None,
                     response_serializer=out_cls.SerializeToString)
         return out
 
     def _grpc_unary(self, method: MethodDescriptor) -> Callable[..., Any]:
-        async def handle(request: Message, context: grpc.aio.ServicerContext) -> Message:
+        """The gRPC handler of ``method``: its request as bytes (:meth:`grpc_handlers`) or as
+        the message already parsed."""
+        in_cls = message_factory.GetMessageClass(method.input_type)
+
+        async def handle(request: bytes | Message, context: grpc.aio.ServicerContext) -> Message:
             try:
                 info = self.authenticate(context_token(context), method.name)
+                if isinstance(request, bytes):
+                    request = _parse_request(in_cls, request)
                 return await self.dispatch(method, request, info)
             except ApiError as exc:
                 st = rpc_status.to_status(exc.status())

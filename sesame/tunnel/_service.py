@@ -243,6 +243,10 @@ class TunnelHost:
             status = await conn.run()
         finally:
             self._conns.discard(conn)
+        if not context.cancelled():
+            # the client may still be writing: take what it sends (briefly) first, or its
+            # writes racing the end of the call turn our status into INTERNAL
+            await conn.drain()
         if conn.eof or status.code in (OK, CANCELLED):
             return
         context.set_code(grpc_code(status.code))
