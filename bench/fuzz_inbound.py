@@ -190,22 +190,11 @@ INT64 = 2**63 - 1
 # --- known defects (each has a strict-xfail test in tests/test_fuzz_inbound.py) ----------
 
 KNOWN: dict[str, str] = {
-    "abort-while-client-sends-internal":
-        "a stream call that the hub ends with a status after its first message (an "
-        "unrouted remote, a failed stream request, the remote's status relayed, a bad "
-        "Tunnel/Stream message, ...) while the client is still sending ends INTERNAL "
-        "\"Internal error from Core\" at the client instead of that status: a grpc-core "
-        "race that draining the client's messages before ending the call avoids "
-        "(sesame.bridge.drain_requests; TunnelHost does, the hub drains only for refusals "
-        "before the first message, REFUSAL_DRAIN, until sesame/hub/_hub.py does too)",
 }
 
 
 def known_issue(target: str, code: SC | None, details: str, info: dict) -> str | None:
     """The KNOWN id an outcome is an instance of, or None."""
-    if code is SC.INTERNAL and details == "Internal error from Core" \
-            and info.get("written", 0) > 1 and target.startswith("hub."):
-        return "abort-while-client-sends-internal"
     return None
 
 

@@ -166,13 +166,6 @@ async def test_an_unparsable_stream_message_is_invalid_argument(sesame_hub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason="abort-while-client-sends-internal (hub part): the hub "
-                   "ends a call after its first message without draining what the client is "
-                   "still sending; grpc-core then reports INTERNAL 'Internal error from Core' "
-                   "instead of the status.  The aborts are in sesame/hub/_hub.py (netconn: "
-                   "the unrouted remote, a failed stream request, the relayed status; tunnel/"
-                   "stream after message 1), which must call sesame.bridge.drain_requests("
-                   "context.read) first, as TunnelHost now does (the test below)")
 @pytest_twisted.ensureDeferred
 async def test_a_refused_netconn_keeps_its_status_while_the_client_is_still_sending(sesame_hub):
     """A client that sends its data right behind the dial (as a pipelining client does) to a

@@ -46,6 +46,7 @@ from sesame.bridge import (
     StreamOuter,
     TunnelConnection,
     TunnelLoopCall,
+    drain_requests,
     get_bridge,
     grpc_code,
     unwrap_tunnel,
@@ -103,6 +104,7 @@ class Session:
     connections: int = 0
     closed: bool = False
     token: str = field(default="", repr=False)  # re-checked before every stream request
+    instance: str = ""  # sesame-instance: the remote process (sesame.hub.cluster)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def revoke(self) -> None:
@@ -182,9 +184,13 @@ class Hub:
         """Abort with ``code``.  With ``drain`` (a call that may not have sent its first
         message yet) take that message first, waiting at most :data:`REFUSAL_DRAIN`: a
         client write racing an early status can surface as INTERNAL instead of it."""
+        first = None
         if drain:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(context.read(), REFUSAL_DRAIN)
+                first = await asyncio.wait_for(context.read(), REFUSAL_DRAIN)
+        if first is not grpc.aio.EOF:
+            # whatever else the client is still writing (bounded): see drain_requests
+            await drain_requests(context.read)
         await context.abort(code, message)
 
     async def _decode(self, context: Any, cls: type, data: bytes, what: str) -> Any:
@@ -193,8 +199,8 @@ class Hub:
         try:
             return cls.FromString(data)
         except DecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{what} does not parse as {cls.__name__}: {exc}")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{what} does not parse as {cls.__name__}: {exc}", drain=False)
 
     # --- revocation ----------------------------------------------------------------------
 
@@ -324,29 +330,31 @@ class Hub:
             return
         req = await self._decode(context, tunnel_pb2.TunnelRequest, first, "Tunnel message 1")
         if req.WhichOneof("data") != "connect":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first Tunnel message must be connect")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first Tunnel message must be connect", drain=False)
         try:
             ns, name = N.parse_remote(req.connect.remote)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"connect.remote: {exc}", drain=False)
         await self._authorize(context, "remote", "Tunnel", Need("register", ns, name), info,
                               drain=False)
         endpoints = {e.strip() for e in (N.md_get(md, N.MD_ENDPOINTS) or N.NETCONN_ENDPOINT).split(",")
                      if e.strip()}
         bad = [e for e in endpoints if not N.valid_name(e)]
         if bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_ENDPOINTS}: bad name {bad[0]!r}")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"{N.MD_ENDPOINTS}: bad name {bad[0]!r}", drain=False)
         session = Session(next(self._ids), ns, name, endpoints, context.peer(), context,
                           stream_buffer=max(req.connect.stream_buffer, 1),
-                          token=N.bearer(md) or "")
+                          token=N.bearer(md) or "", instance=N.md_get(md, N.MD_INSTANCE) or "")
         self._register(session)
         if self.cluster is not None:
             try:
-                await self.cluster.session_up(session, N.md_get(md, N.MD_INSTANCE) or "")
+                await self.cluster.session_up(session, session.instance)
             except StoreUnavailable as exc:
                 self._unregister(session)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc), drain=False)
         token_id = self._hold(session.token, session)
         log.info("remote %s/%s connected from %s offering %s", ns, name, session.peer,
                  ",".join(sorted(endpoints)))
@@ -358,8 +366,8 @@ class Hub:
                 done, _ = await asyncio.wait({reader, ended}, return_when=asyncio.FIRST_COMPLETED)
                 if ended in done:
                     reader.cancel()
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                        "this remote's token was revoked")
+                    await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                                        "this remote's token was revoked", drain=False)
                 msg = reader.result()
                 if msg is grpc.aio.EOF:
                     break
@@ -428,7 +436,10 @@ class Hub:
     async def request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
         try:
-            authorize(self.store, session.token, Need("register", session.namespace, session.remote))
+            await self.store_call(authorize, self.store, session.token,
+                                  Need("register", session.namespace, session.remote))
+        except StoreUnavailable:
+            pass  # degraded mode: the session was checked when it registered
         except Refused:
             # The token this session registered with was revoked: end the session.
             log.warning("token of remote %s/%s was revoked; ending its session",
@@ -479,11 +490,13 @@ class Hub:
             return
         req = await self._decode(context, tunnel_pb2.StreamRequest, first, "Stream message 1")
         if req.WhichOneof("data") != "connect":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Stream message must be connect")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                        "the first Stream message must be connect", drain=False)
         try:
             ns, name = N.parse_remote(req.connect.remote)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect.remote: {exc}")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"connect.remote: {exc}", drain=False)
         await self._authorize(context, "remote", "Stream", Need("serve", ns, name), info,
                               drain=False)
         pending = None
@@ -495,8 +508,9 @@ class Hub:
                 del self._pending[int(sid)]
                 pending = entry[0].pending.pop(int(sid))
         if pending is None or pending.future.done():
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no outstanding stream request {sid!r} for remote {name}")
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND,
+                                f"no outstanding stream request {sid!r} for remote {name}",
+                                drain=False)
         await context.send_initial_metadata(ext_metadata(SesameCodec))
         await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
         t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (sesame.hub.metrics)
@@ -517,8 +531,9 @@ class Hub:
                 pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} refused the stream"))
                 pending.future.exception()
             if garbled is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"Stream message 2 does not parse as StreamRequest: {garbled}")
+                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"Stream message 2 does not parse as StreamRequest: {garbled}",
+                                    drain=False)
             return
         done = asyncio.get_running_loop().create_future()
 
@@ -529,7 +544,15 @@ class Hub:
         async def end_call() -> None:  # the hub serves this call: ending it = returning
             finish()
 
-        outer = StreamOuter(context.read, context.write, tunnel_pb2.StreamRequest, context.peer(),
+        # Reads go one at a time, so the drain below can follow a tunnel reader that is
+        # still waiting for a message instead of racing it.
+        one_reader = asyncio.Lock()
+
+        async def read() -> Any:
+            async with one_reader:
+                return await context.read()
+
+        outer = StreamOuter(read, context.write, tunnel_pb2.StreamRequest, context.peer(),
                             done_writing=end_call, cancel=finish)
         pending.future.set_result((outer, done, ext_parse(md)))
         holder = _Revocable(finish)
@@ -538,6 +561,9 @@ class Hub:
             await done  # the connection using this stream is over
         finally:
             self._release(token_id, holder)
+        # the remote may still be writing (a tunnel that ended early): take what it sends,
+        # briefly, so it sees the call end cleanly rather than INTERNAL
+        await drain_requests(read)
 
     # --- clients -----------------------------------------------------------------------
 
@@ -569,7 +595,7 @@ class Hub:
         except _HubError as exc:
             code = grpc_code(exc.code, grpc.StatusCode.UNAVAILABLE)
             self.metrics.dial_error(code.name, name, exc.message)
-            await context.abort(code, exc.message)
+            await self._refuse(context, code, exc.message, drain=False)
         if session is not None:
             session.connections += 1
         client = _Revocable()
@@ -612,8 +638,9 @@ class Hub:
             else:
                 del self._pending_dials_by_peer[peer]
         if timed_out:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no dial within {DIAL_TIMEOUT:g}s of the call's start")
+            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no dial within {DIAL_TIMEOUT:g}s of the call's start",
+                                drain=False)
         return None if first is grpc.aio.EOF else first
 
     async def _relay(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
@@ -692,14 +719,19 @@ class Hub:
             raise
         finally:
             up_task.cancel()
+            await asyncio.gather(up_task, return_exceptions=True)  # no two reads at once
             await conn.aclose(grace=0)
         if revocable.revoked:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this client's token was revoked")
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                               "this client's token was revoked", drain=False)
         status = call.status
         if status is not None and status.code != OK:
             code = grpc_code(status.code)
             self.metrics.dial_error(code.name, remote, status.message or "")
-            await context.abort(code, status.message or f"connection through {remote} failed")
+            await self._refuse(context, code,
+                               status.message or f"connection through {remote} failed",
+                               drain=False)
+        await drain_requests(context.read)  # returns at once after the client's half-close
 
     # --- listing ------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ import base64
 import binascii
 import bisect
 import collections
+import functools
 import hashlib
 import inspect
 import json
@@ -74,6 +75,7 @@ from grpc_status import rpc_status
 
 from sesame import _names as N
 from sesame.admin.v1alpha1 import admin_pb2
+from sesame.bridge import drain_requests
 from sesame.hub._auth import Refused, authorize, context_token
 from sesame.hub.metrics import FleetView
 from sesame.hub.store import (
@@ -87,6 +89,7 @@ from sesame.hub.store import (
     RouteRecord,
     Store,
     StoreError,
+    StoreUnavailable,
     TokenInfo,
 )
 from sesame.v1alpha1 import sesame_pb2
@@ -451,7 +454,7 @@ class Management:
 
     async def call(self, method: MethodDescriptor, request: Message, token: str | None) -> Message:
         """(bridge loop) Authenticate ``token`` and run ``method``; raises :class:`ApiError`."""
-        info = self.authenticate(token, method.name)
+        info = await self.authorized(token, method.name)
         return await self.dispatch(method, request, info)
 
     async def dispatch(self, method: MethodDescriptor, request: Message, info: TokenInfo) -> Message:
@@ -481,7 +484,11 @@ class Management:
         for svc in SERVICES:
             for m in svc.methods:
                 if m.client_streaming or m.server_streaming:
-                    continue  # Proxy: not served; grpc answers UNIMPLEMENTED
+                    # Proxy: not served yet.  Our own UNIMPLEMENTED after taking what the
+                    # client sends (grpc's, while the client still writes, can turn INTERNAL)
+                    out[method_path(m)] = grpc.stream_stream_rpc_method_handler(
+                        _not_served(m.full_name))
+                    continue
                 out_cls = message_factory.GetMessageClass(m.output_type)
                 out[method_path(m)] = grpc.unary_unary_rpc_method_handler(
                     self._grpc_unary(m), request_deserializer=None,
@@ -495,7 +502,7 @@ class Management:
 
         async def handle(request: bytes | Message, context: grpc.aio.ServicerContext) -> Message:
             try:
-                info = self.authenticate(context_token(context), method.name)
+                info = await self.authorized(context_token(context), method.name)
                 if isinstance(request, bytes):
                     request = _parse_request(in_cls, request)
                 return await self.dispatch(method, request, info)
@@ -504,6 +511,22 @@ class Management:
                 await context.abort(st.code, st.details, trailing_metadata=st.trailing_metadata)
 
         return handle
+
+    async def _io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a store call: through the hub's :meth:`store_call` (a
+        networked store never runs on the loop), inline without a hub."""
+        store_call = getattr(self.hub, "store_call", None)
+        if store_call is None:
+            return fn(*args, **kwargs)
+        return await store_call(functools.partial(fn, *args, **kwargs))
+
+    async def authorized(self, token: str | None, what: str = "management API") -> TokenInfo:
+        """:meth:`authenticate` without blocking the loop on a networked store; a store that
+        does not answer is UNAVAILABLE."""
+        try:
+            return await self._io(self.authenticate, token, what)
+        except StoreUnavailable as exc:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def _off_loop(self, fn: Callable[[], Message]) -> Message:
         """``fn()`` (a whole-table read, a fleet scan) in the bridge's bounded handler pool,
@@ -559,8 +582,9 @@ class Management:
         if req.remote.name and req.remote.name != N.resource_name(ns, rid):
             raise _invalid("remote.name", "output only: name the remote with resource_id")
         try:
-            rec = self.store.create_remote(rid, namespace=ns, display_name=req.remote.display_name,
-                                           description=req.remote.description)
+            rec = await self._io(self.store.create_remote, rid, namespace=ns,
+                                 display_name=req.remote.display_name,
+                                 description=req.remote.description)
         except StoreError as exc:
             raise _from_store(exc, {"name": "resource_id", "remote": "resource_id",
                                     "namespace": "parent",
@@ -573,7 +597,7 @@ class Management:
         ns, r = _ids("name", req.name, "namespaces", "remotes")
         self._require_list(info, ns, r)
         try:
-            return remote_pb(self.store.get_remote(r, ns))
+            return remote_pb(await self._io(self.store.get_remote, r, ns))
         except StoreError as exc:
             raise _from_store(exc, {"name": "name"}, self._remote_names(ns, r)) from None
 
@@ -631,7 +655,7 @@ class Management:
         paths = _mask(req, req.remote, "remote", ("display_name", "description"))
         changes = {p: getattr(req.remote, p) for p in paths}
         try:
-            return remote_pb(self.store.update_remote(r, ns, **changes))
+            return remote_pb(await self._io(self.store.update_remote, r, ns, **changes))
         except StoreError as exc:
             raise _from_store(exc, {"name": "name", "display_name": "remote.display_name",
                                     "description": "remote.description"},
@@ -641,7 +665,7 @@ class Management:
         self._require_admin(info)
         ns, r = _ids("name", req.name, "namespaces", "remotes")
         try:
-            self.store.delete_remote(r, ns)
+            await self._io(self.store.delete_remote, r, ns)
         except StoreError as exc:
             raise _from_store(exc, {"name": "name"}, self._remote_names(ns, r)) from None
         return empty_pb2.Empty()
@@ -668,7 +692,7 @@ class Management:
             raise _invalid("endpoint.name", "output only: name the endpoint with resource_id")
         self._check_spec(req.endpoint.spec, "endpoint.spec")
         try:
-            rec = self.store.create_endpoint(r, eid, namespace=ns,
+            rec = await self._io(self.store.create_endpoint, r, eid, namespace=ns,
                                              display_name=req.endpoint.display_name,
                                              description=req.endpoint.description)
         except StoreError as exc:
@@ -683,7 +707,7 @@ class Management:
         ns, r, e = _ids("name", req.name, "namespaces", "remotes", "endpoints")
         self._require_list(info, ns, r)
         try:
-            return endpoint_pb(self.store.get_endpoint(r, e, ns))
+            return endpoint_pb(await self._io(self.store.get_endpoint, r, e, ns))
         except StoreError as exc:
             raise _from_store(exc, {"name": "name"}, self._endpoint_names(ns, r, e)) from None
 
@@ -691,7 +715,7 @@ class Management:
         ns, r = _ids("parent", req.parent, "namespaces", "remotes")
         self._require_list(info, ns, r)
         try:
-            records = self.store.list_endpoints(r, ns)
+            records = await self._io(self.store.list_endpoints, r, ns)
         except StoreError as exc:
             raise _from_store(exc, {"name": "parent"}, self._endpoint_names(ns, r)) from None
         page, token = _page(req, records, lambda e: e.resource_name)
@@ -708,7 +732,7 @@ class Management:
             self._check_spec(req.endpoint.spec, "endpoint.spec")
         changes = {p: getattr(req.endpoint, p) for p in paths if p != "spec"}
         try:
-            return endpoint_pb(self.store.update_endpoint(r, e, ns, **changes))
+            return endpoint_pb(await self._io(self.store.update_endpoint, r, e, ns, **changes))
         except StoreError as exc:
             raise _from_store(exc, {"name": "name", "display_name": "endpoint.display_name",
                                     "description": "endpoint.description"},
@@ -718,7 +742,7 @@ class Management:
         self._require_admin(info)
         ns, r, e = _ids("name", req.name, "namespaces", "remotes", "endpoints")
         try:
-            self.store.delete_endpoint(r, e, ns)
+            await self._io(self.store.delete_endpoint, r, e, ns)
         except StoreError as exc:
             raise _from_store(exc, {"name": "name"}, self._endpoint_names(ns, r, e)) from None
         return empty_pb2.Empty()
@@ -737,7 +761,7 @@ class Management:
         if req.namespace.name and req.namespace.name != f"namespaces/{nid}":
             raise _invalid("namespace.name", "output only: name the namespace with resource_id")
         try:
-            return namespace_pb(self.store.create_namespace(nid))
+            return namespace_pb(await self._io(self.store.create_namespace, nid))
         except StoreError as exc:
             raise _from_store(exc, {"name": "resource_id", "namespace": "resource_id"},
                               {"namespace": f"namespaces/{nid}"}) from None
@@ -747,14 +771,14 @@ class Management:
         if not self._may_read_namespace(info, ns):
             raise _denied(f"this token may not see namespaces/{ns}")
         try:
-            return namespace_pb(self.store.get_namespace(ns))
+            return namespace_pb(await self._io(self.store.get_namespace, ns))
         except StoreError as exc:
             raise _from_store(exc, {"name": "name"}, {"namespace": f"namespaces/{ns}"}) from None
 
     async def list_namespaces(self, req: Any, info: TokenInfo) -> Message:
         if info.kind not in ("admin", "client"):
             raise _denied("this needs an admin or client token")
-        visible = [n for n in self.store.list_namespaces()
+        visible = [n for n in await self._io(self.store.list_namespaces)
                    if self._may_read_namespace(info, n.name)]
         page, token = _page(req, visible, lambda n: n.name)
         return admin_pb2.ListNamespacesResponse(namespaces=[namespace_pb(n) for n in page],
@@ -769,16 +793,17 @@ class Management:
                            "the default namespace cannot be deleted",
                            precondition=("DEFAULT", name, "the default namespace always exists"))
         try:
-            self.store.get_namespace(ns)
-            if self.store.list_remotes(ns):
+            await self._io(self.store.get_namespace, ns)
+            if await self._io(self.store.list_remotes, ns):
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"{name} still has remotes; delete them first",
                                precondition=("NOT_EMPTY", name, "the namespace has remotes"))
-            if any(t.namespace == ns for t in self.store.list_tokens(include_revoked=False)):
+            live = await self._io(self.store.list_tokens, include_revoked=False)
+            if any(t.namespace == ns for t in live):
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"{name} still has live tokens; revoke them first",
                                precondition=("NOT_EMPTY", name, "the namespace has live tokens"))
-            self.store.delete_namespace(ns)
+            await self._io(self.store.delete_namespace, ns)
         except StoreError as exc:
             raise _from_store(exc, {"name": "name"}, {"namespace": name}) from None
         return empty_pb2.Empty()
@@ -800,9 +825,10 @@ class Management:
             raise _invalid("token.kind", "required: remote, client or admin")
         ns = t.namespace or DEFAULT_NAMESPACE
         try:
-            token_id, secret = self.store.create_token(
-                t.kind, remote=t.remote or None, pattern=t.pattern or None, namespace=ns)
-            stored = self.store.get_token(token_id)
+            token_id, secret = await self._io(
+                self.store.create_token, t.kind, remote=t.remote or None,
+                pattern=t.pattern or None, namespace=ns)
+            stored = await self._io(self.store.get_token, token_id)
         except StoreError as exc:
             raise _from_store(exc, {"kind": "token.kind", "remote": "token.remote",
                                     "pattern": "token.pattern", "namespace": "token.namespace"},
@@ -814,13 +840,13 @@ class Management:
         self._require_admin(info)
         tid = self._token_id(req)
         try:
-            return token_pb(self.store.get_token(tid))
+            return token_pb(await self._io(self.store.get_token, tid))
         except StoreError as exc:
             raise _from_store(exc, {}, {"token": f"tokens/{tid}"}) from None
 
     async def list_tokens(self, req: Any, info: TokenInfo) -> Message:
         self._require_admin(info)
-        tokens = self.store.list_tokens(include_revoked=req.show_revoked)
+        tokens = await self._io(self.store.list_tokens, include_revoked=req.show_revoked)
         page, token = _page(req, tokens, lambda t: t.id)
         return admin_pb2.ListTokensResponse(tokens=[token_pb(t) for t in page],
                                             next_page_token=token)
@@ -829,10 +855,10 @@ class Management:
         self._require_admin(info)
         tid = self._token_id(req)
         try:
-            self.store.get_token(tid)
-            if self.store.revoke(tid):
+            await self._io(self.store.get_token, tid)
+            if await self._io(self.store.revoke, tid):
                 log.info("token %s revoked through the management API", tid)
-            return token_pb(self.store.get_token(tid))
+            return token_pb(await self._io(self.store.get_token, tid))
         except StoreError as exc:
             raise _from_store(exc, {}, {"token": f"tokens/{tid}"}) from None
 
@@ -850,7 +876,7 @@ class Management:
             if not getattr(r, field):
                 raise _invalid(f"route.{field}", "required")
         try:
-            rec = self.store.create_route(r.kind, r.match, r.target)
+            rec = await self._io(self.store.create_route, r.kind, r.match, r.target)
         except StoreError as exc:
             raise _from_store(exc, {"kind": "route.kind", "match": "route.match",
                                     "target": "route.target"},
@@ -863,14 +889,14 @@ class Management:
         self._require_admin(info)
         rid = self._route_id(req)
         try:
-            return route_pb(self.store.get_route(rid))
+            return route_pb(await self._io(self.store.get_route, rid))
         except StoreError as exc:
             raise _from_store(exc, {}, {"route": f"routes/{rid}"}) from None
 
     async def list_routes(self, req: Any, info: TokenInfo) -> Message:
         self._require_admin(info)
         try:
-            routes = self.store.list_routes(req.kind or None)
+            routes = await self._io(self.store.list_routes, req.kind or None)
         except StoreError as exc:
             raise _from_store(exc, {"kind": "kind"}, {}) from None
         page, token = _page(req, routes, lambda r: r.id)
@@ -881,7 +907,7 @@ class Management:
         self._require_admin(info)
         rid = self._route_id(req)
         try:
-            self.store.delete_route(rid)
+            await self._io(self.store.delete_route, rid)
         except StoreError as exc:
             raise _from_store(exc, {}, {"route": f"routes/{rid}"}) from None
         log.info("route %s deleted", rid)
@@ -972,6 +998,14 @@ class Management:
                 resp.next_page_token = _page_token(req, list(flat[j - 1]))
         resp.sessions.extend(session_pb(s, routes) for s in page)
         return resp
+
+
+def _not_served(name: str) -> Callable[..., Any]:
+    async def handle(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await drain_requests(context.read)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not served by this hub")
+
+    return handle
 
 
 def _session_key(session: Any) -> tuple[str, str, int]:
