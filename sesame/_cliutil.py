@@ -1,33 +1,60 @@
 """
 What the entry points share: the one-line :class:`CLIError`, opening the hub's store
-from ``--data-dir``, and the default service registry a demo or agent serves.
+from ``--data-dir`` or ``--store URL``, and the default service registry a demo or agent
+serves.
 
 Below :mod:`sesame.cli`, :mod:`sesame.tap` and :mod:`sesame._routecli`, so none of them
 needs to import another (they used to, in a cycle).  Importing this module loads no
-grpc: ``sesame token list`` stays a small SQLite program.
+grpc: ``sesame token list`` stays a small SQLite program (and loads redis-py only for a
+``redis://`` store).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sesame.hub.store import SQLiteStore
+    from sesame.hub.store import Store
     from sesame.tunnel import ServiceRegistry
+
+DEFAULT_DATA_DIR = "./.sesame"
+#: Options that name the hub's store, for ``--help`` texts.
+STORE_HELP = ("the hub's store as a URL instead of --data-dir: redis://[:PASSWORD@]HOST:PORT/DB, "
+              "rediss://... (TLS), sqlite:///PATH/hub.db (env SESAME_STORE)")
 
 
 class CLIError(Exception):
     """A one-line error for the user."""
 
 
-def open_store(data_dir: str) -> SQLiteStore:
-    """The hub's SQLite store in ``data_dir`` (``hub.db``).
+def open_store(data_dir: str | None = None, store: str | None = None) -> Store:
+    """The hub's store: the one the URL ``store`` names (``redis://``, ``rediss://``,
+    ``sqlite:///path``), else the SQLite file ``hub.db`` in ``data_dir``.  Neither given:
+    ``$SESAME_STORE``, else ``$SESAME_DATA_DIR``, else ``./.sesame``.
 
-    :raises CLIError: when ``data_dir`` does not exist (the hub creates it on first start).
+    :raises CLIError: both given; a malformed URL or a store that does not answer (the
+        message names the problem, never a password); a ``data_dir`` that does not exist
+        (the hub creates it on first start).
     """
+    if store and data_dir:
+        raise CLIError("give --store or --data-dir, not both")
+    if not data_dir:
+        store = store or os.environ.get("SESAME_STORE") or None
+    if store:
+        from sesame.hub import open_store_url
+        from sesame.hub.store import InvalidArgument, StoreError, redact_url
+
+        try:
+            return open_store_url(store)
+        except InvalidArgument as exc:
+            raise CLIError(f"--store: {exc.reason}") from None
+        except StoreError as exc:
+            raise CLIError(f"--store {redact_url(store)}: {exc}") from None
     from sesame.hub.store import SQLiteStore
 
+    data_dir = data_dir or os.environ.get("SESAME_DATA_DIR") or DEFAULT_DATA_DIR
     path = Path(data_dir)
     if not path.is_dir():
         raise CLIError(f"--data-dir: {data_dir} does not exist (start the hub once, or create it)")

@@ -1,9 +1,10 @@
 """
 ``sesame route add|rm|ls``: front-door routes in the hub's store.
 
-Like ``sesame token``, it works on the store in ``--data-dir`` directly; a
-running hub applies the change within its watch interval (2 s) — no restart
-— and the management API applies it at once.  Targets are checked here so a
+Like ``sesame token``, it works on the store in ``--data-dir`` (or the one
+``--store URL`` names: ``redis://HOST:PORT/DB``) directly; a running hub applies the
+change within its watch interval (2 s) — no restart — and the management API
+applies it at once.  Targets are checked here so a
 typo is one clear line, not a dead route.
 """
 
@@ -38,9 +39,12 @@ def add_parser(sub: Any, default_data_dir: str) -> None:
     rm.add_argument("id", help="the route id (rt_...) that `sesame route ls` shows")
     ls = rsub.add_parser("ls", help="list routes")
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    from sesame._cliutil import STORE_HELP
+
     for p in (add, rm, ls):
-        p.add_argument("--data-dir", default=default_data_dir,
-                       help=f"the hub's data directory (default {default_data_dir})")
+        p.add_argument("--data-dir", help="the hub's data directory "
+                       f"(default $SESAME_DATA_DIR or {default_data_dir})")
+        p.add_argument("--store", metavar="URL", help=STORE_HELP)
     r.set_defaults(func=cmd_route)
 
 
@@ -49,7 +53,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from sesame.hub import parse_target
     from sesame.hub.store import StoreError
 
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, args.store)
     try:
         if args.action == "add":
             try:

@@ -4,6 +4,7 @@ The ``sesame`` command.
     sesame hub [--listen ...] [--data-dir ./.sesame]       run the hub (foreground)
     sesame remote --hub H:P --name edge-1 --token-file F --ca ca.pem --allow 127.0.0.1:22
     sesame token create --remote edge-1 | --client [--remotes PATTERN]   print a token
+                        [--data-dir DIR | --store redis://HOST:PORT/DB]
     sesame token revoke TOKEN_OR_ID | sesame token list
     sesame forward LISTEN_ENDPOINT CONNECT_ENDPOINT         e.g. tcp:2222 'sesame:remote=...'
     sesame stdio CONNECT_ENDPOINT                           for ssh ProxyCommand
@@ -21,6 +22,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from sesame._cliutil import (
+    STORE_HELP,
     CLIError,
     default_registry,
     open_store,
@@ -144,6 +146,12 @@ def _hub_banner(svc: Any) -> None:
     o = svc.options
     where = N.join_host_port(o.host, svc.port)
     data = shlex.quote(o["data-dir"])
+    store_arg = f"--data-dir {data}"
+    if o["store"]:
+        from sesame.hub.store import redact_url
+
+        shown = redact_url(o["store"])
+        store_arg = f"--store {shlex.quote(shown)}"
     say = lambda line: print(line, flush=True)  # noqa: E731
     say(f"sesame hub listening on {where}")
     ca: str | None = None
@@ -162,13 +170,16 @@ def _hub_banner(svc: Any) -> None:
         say(f"hub CA certificate: {o['data-dir']}/ca.pem (remotes and clients need it)")
     remote_tls = " --no-tls" if o["no-tls"] else (f" --ca {ca}" if ca else "")
     env_tls = "SESAME_TLS=no " if o["no-tls"] else (f"SESAME_CA={ca} " if ca else "")
+    if o["store"]:
+        say(f"store: {shown}" + (" (type the password where it shows ***)"
+                                 if shown != o["store"] else ""))
     say("next, in another terminal, start a remote that may reach its own port 22:")
-    say(f"  .venv/bin/sesame token create --data-dir {data} --remote edge-1 > edge-1.token")
+    say(f"  .venv/bin/sesame token create {store_arg} --remote edge-1 > edge-1.token")
     say(f"  .venv/bin/sesame remote --hub {where} --name edge-1 --token-file edge-1.token"
         f"{remote_tls} --allow 127.0.0.1:22")
     say("then forward a local port to it:")
     say(f"  export SESAME_HUB={where} {env_tls}"
-        f"SESAME_TOKEN=$(.venv/bin/sesame token create --data-dir {data} --client)")
+        f"SESAME_TOKEN=$(.venv/bin/sesame token create {store_arg} --client)")
     say("  .venv/bin/sesame forward tcp:2222:interface=127.0.0.1 "
         "'sesame:remote=edge-1:host=127.0.0.1:port=22'")
 
@@ -190,9 +201,9 @@ def cmd_remote(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from sesame import _names as N
-    from sesame.hub.store import StoreError
+    from sesame.hub.store import StoreError, StoreUnavailable
 
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, args.store)
     try:
         if args.action == "create":
             kinds = [k for k in ("remote", "client", "admin") if getattr(args, k)]
@@ -219,6 +230,8 @@ def cmd_token(args: argparse.Namespace) -> int:
                 state = "revoked" if t.revoked else "live"
                 what = t.remote or (t.pattern or "*")
                 print(f"{t.id}\t{t.kind}\t{t.namespace}\t{what}\t{state}")
+    except StoreUnavailable as exc:
+        raise CLIError(f"token {args.action}: {exc}") from None
     except StoreError as exc:
         raise CLIError(f"--{getattr(exc, 'field', 'token')}: {exc}") from None
     finally:
@@ -445,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="action", required=True)
     for name in ("create", "revoke", "list"):
         tp = tsub.add_parser(name)
-        tp.add_argument("--data-dir", default=os.environ.get("SESAME_DATA_DIR", DEFAULT_DATA_DIR),
-                        help="the hub's data directory (default ./.sesame)")
+        tp.add_argument("--data-dir", help="the hub's data directory "
+                        "(default $SESAME_DATA_DIR or ./.sesame)")
+        tp.add_argument("--store", metavar="URL", help=STORE_HELP)
         if name == "create":
             tp.add_argument("--remote", help="a token that may register this remote name")
             tp.add_argument("--client", action="store_true",
@@ -460,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sesame import _routecli
 
-    _routecli.add_parser(sub, os.environ.get("SESAME_DATA_DIR", DEFAULT_DATA_DIR))
+    _routecli.add_parser(sub, DEFAULT_DATA_DIR)
 
     f = sub.add_parser("forward", help="listen on one endpoint, connect each connection to another")
     f.add_argument("listen", metavar="LISTEN_ENDPOINT", help="e.g. tcp:2222:interface=127.0.0.1")

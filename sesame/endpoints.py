@@ -10,7 +10,8 @@ Server (``serverFromString``)::
 
     sesame:remote=edge-1:endpoint=web               serve "web" on remote edge-1
 
-Common keys: ``hub`` (``HOST\\:PORT``, colons escaped; or ``$SESAME_HUB``),
+Common keys: ``hub`` (``HOST\\:PORT``, colons escaped; several hubs comma-separated,
+``hub=a.example\\:7443,b.example\\:7443``; or ``$SESAME_HUB``, also comma-separated),
 ``ca`` (PEM file of the hub's CA; or ``$SESAME_CA``; without it the system
 roots are used), ``token`` / ``tokenFile`` (or ``$SESAME_TOKEN`` /
 ``$SESAME_TOKEN_FILE``), ``namespace``, ``tls=no`` (or ``$SESAME_TLS=no``;
@@ -21,11 +22,13 @@ certificate for hubs that require one; or ``$SESAME_CERT`` / ``$SESAME_KEY``).
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ import grpc
 from twisted.internet import defer, interfaces
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sesame import _names as N
@@ -49,7 +53,12 @@ SERVER_KEYS = {"remote", "endpoint", "hub", "ca", "token", "tokenFile", "namespa
 
 @dataclass(frozen=True)
 class HubConfig:
-    """Where the hub is and how to talk to it."""
+    """Where the hub is (or the hubs are) and how to talk to it.
+
+    ``targets`` holds every hub, in the order given (``hub=A,B``, ``--hub A --hub B``);
+    ``target`` is the first of them (``targets`` defaults to ``(target,)``).  A remote
+    keeps a session to each; a client uses the first that answers (:func:`hub_targets`).
+    """
 
     target: str
     token: str
@@ -57,6 +66,17 @@ class HubConfig:
     tls: bool = True
     cert: bytes | None = field(default=None, repr=False)  # client certificate (mTLS hubs)
     key: bytes | None = field(default=None, repr=False)
+    targets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            object.__setattr__(self, "targets", (self.target,))
+        elif self.targets[0] != self.target:
+            raise ValueError(f"target {self.target!r} is not the first of targets {self.targets!r}")
+
+    def for_target(self, target: str) -> HubConfig:
+        """The same credentials for the one hub at ``target``."""
+        return replace(self, target=target, targets=(target,))
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """TLS channel credentials for the hub (CA, and a client certificate when
@@ -72,17 +92,53 @@ class HubConfig:
         return ((N.MD_AUTH, f"Bearer {self.token}"),)
 
 
+def hub_targets(values: str | Sequence[str], key: str = "hub") -> tuple[str, ...]:
+    """The hubs named in ``values`` as ``HOST:PORT`` targets, in order.
+
+    ``values`` is one string or several (``--hub`` given more than once), each one hub
+    address (:func:`sesame._names.hub_address`: ``HOST:PORT``, ``[IPV6]:PORT``,
+    ``tcp:HOST:PORT``) or several separated by commas: ``["a:7443,b:7443"]``,
+    ``["a:7443", "b:7443"]`` and ``"a:7443,b:7443"`` are the same two hubs.
+
+    :raises ValueError: starting with ``key`` and naming the bad part: an empty value
+        (``"hub: empty hub address"``), an empty element (``"hub: empty hub address in
+        'a:1,,b:2' (element 2)"``), a malformed one (``"hub: 'nope': expected
+        HOST:PORT, ..."``) or the same hub twice (``"hub: 127.0.0.1:7443 is given
+        twice"``).
+    """
+    texts = [values] if isinstance(values, str) else list(values)
+    if not texts:
+        raise ValueError(f"{key}: no hub address")
+    targets: list[str] = []
+    for text in texts:
+        parts = text.split(",")
+        if not text.strip():
+            raise ValueError(f"{key}: empty hub address")
+        for i, part in enumerate(parts, 1):
+            if not part.strip():
+                raise ValueError(f"{key}: empty hub address in {text!r} (element {i})")
+            try:
+                host, port = N.hub_address(part)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+            target = N.join_host_port(host, port)
+            if target in targets:
+                raise ValueError(f"{key}: {target} is given twice")
+            targets.append(target)
+    return tuple(targets)
+
+
 def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> HubConfig:
-    """Resolve hub/ca/token keys (or their environment variables); ValueError names the key."""
+    """Resolve hub/ca/token keys (or their environment variables); ValueError names the key.
+
+    ``hub`` (or ``SESAME_HUB``) may name several hubs, comma-separated
+    (:func:`hub_targets`)."""
     env = os.environ if env is None else env
     hub = kw.get("hub") or env.get("SESAME_HUB")
+    hub_key = "hub" if kw.get("hub") else "SESAME_HUB"
     if not hub:
         raise ValueError("hub: no hub address (give hub=HOST\\:PORT or set SESAME_HUB)")
-    hub_key = "hub" if kw.get("hub") else "SESAME_HUB"
-    try:
-        host, port = N.hub_address(hub)
-    except ValueError as exc:
-        raise ValueError(f"{hub_key}: {exc}") from None
+    targets = hub_targets(hub, hub_key)
     token = kw.get("token")
     token_file = kw.get("tokenFile")
     key = "token" if token else "tokenFile"
@@ -105,9 +161,10 @@ def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> H
     if tls_text not in ("yes", "no", "true", "false", "1", "0"):
         raise ValueError(f"{tls_key}: {tls_text!r} is not yes or no")
     tls = tls_text in ("yes", "true", "1")
-    if not tls and not N.is_loopback(host):
-        raise ValueError(f"{tls_key}: refusing plain text (no TLS) for hub {hub!r}, which is "
-                         "not a loopback address")
+    for target in targets:
+        if not tls and not N.is_loopback(N.grpc_address(target)[0]):
+            raise ValueError(f"{tls_key}: refusing plain text (no TLS) for hub {target!r}, "
+                             "which is not a loopback address")
     ca_path = kw.get("ca") or env.get("SESAME_CA")
     ca = None
     if ca_path and tls:
@@ -131,7 +188,7 @@ def hub_config(kw: Mapping[str, str], env: Mapping[str, str] | None = None) -> H
                 cert = data
             else:
                 key = data
-    return HubConfig(N.join_host_port(host, port), token, ca, tls, cert, key)
+    return HubConfig(targets[0], token, ca, tls, cert, key, targets)
 
 
 def client_cert_required(cfg: HubConfig, timeout: float = 5.0) -> str | None:
@@ -167,11 +224,17 @@ def client_cert_required(cfg: HubConfig, timeout: float = 5.0) -> str | None:
 
 
 _channels: dict[tuple, grpc.aio.Channel] = {}
+#: ``HubConfig.targets`` -> the hub of them that answered last: a client starts there.
+_answered: dict[tuple[str, ...], str] = {}
+
+
+def _channel_key(cfg: HubConfig) -> tuple:
+    return (cfg.target, cfg.ca, cfg.tls, cfg.cert, cfg.key)
 
 
 def hub_channel(cfg: HubConfig) -> grpc.aio.Channel:
     """One shared channel per hub (call on the bridge loop)."""
-    key = (cfg.target, cfg.ca, cfg.tls, cfg.cert, cfg.key)
+    key = _channel_key(cfg)
     ch = _channels.get(key)
     if ch is None:
         creds = cfg.credentials()
@@ -190,6 +253,26 @@ async def close_hub_channels(target: str) -> None:
             await ch.close()
         except Exception:  # noqa: BLE001 - best effort: the channel is gone either way
             pass
+
+
+async def _hub_answered(cfg: HubConfig) -> bool:
+    """(bridge loop) Whether the shared channel to ``cfg.target`` is connected.  Asked
+    after a call failed UNAVAILABLE: a READY channel means the hub itself gave that status
+    (its remote is not connected, the remote refused the dial); any other state means the
+    hub was not reached (connection refused, reset, TLS failure, no route)."""
+    ch = _channels.get(_channel_key(cfg))
+    return ch is not None and ch.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+
+
+def hub_order(cfg: HubConfig) -> tuple[str, ...]:
+    """The order a client tries ``cfg.targets`` in: from the hub that answered last (in
+    this process) on, then round to the ones before it; as given until one answers."""
+    targets = cfg.targets
+    last = _answered.get(targets)
+    if last not in targets:
+        return targets
+    i = targets.index(last)
+    return targets[i:] + targets[:i]
 
 
 def hub_call_factory(cfg: HubConfig, remote: str, endpoint: str | None) -> Any:
@@ -223,6 +306,220 @@ def _remote(kw: Mapping[str, str]) -> str:
     return N.resource_name(ns, name)
 
 
+# --- several hubs: one session each --------------------------------------------------------
+
+#: The hub a remote session's task talks to, for :class:`_NameTheHub` (set per session by
+#: :meth:`RemoteSessions.astart`; the session's tasks inherit it).
+_SESSION_HUB: contextvars.ContextVar[str | None] = contextvars.ContextVar("sesame_session_hub",
+                                                                         default=None)
+
+
+class _NameTheHub(logging.Filter):
+    """Appends `` [hub HOST:PORT]`` to a ``sesame.remote`` record logged by the session of
+    one of several hubs (unless it names that hub already), so log lines say which hub."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        hub = _SESSION_HUB.get()
+        if hub and isinstance(record.msg, str) and hub not in record.getMessage():
+            record.msg = f"{record.msg} [hub {hub}]"
+        return True
+
+
+_name_the_hub = _NameTheHub()
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def needs_resolving(cfg: HubConfig) -> bool:
+    """Whether a hub of ``cfg`` is named by a DNS name (rather than an IP address), which
+    :func:`resolve_hubs` looks up."""
+    return any(not _is_ip(N.grpc_address(t)[0]) for t in cfg.targets)
+
+
+def resolve_hubs(cfg: HubConfig, getaddrinfo: Callable[..., Any] | None = None
+                 ) -> list[tuple[str, str | None]]:
+    """(blocking: call in a thread) The hubs a remote keeps a session to, as ``(target,
+    server_name)`` pairs: a hub given by an IP address, or by a DNS name with one address,
+    is itself (``server_name`` None: grpc resolves the name on every reconnect); a name
+    with several addresses is one hub per address, ``server_name`` the name (for TLS
+    verification).  A name that does not resolve now stays as it is (grpc keeps trying).
+    Two hubs at one address are one (logged).  ``getaddrinfo`` stands in for
+    :func:`socket.getaddrinfo` (tests)."""
+    import socket
+
+    lookup = getaddrinfo or socket.getaddrinfo
+    hubs: list[tuple[str, str | None]] = []
+    seen: dict[str, str] = {}  # address -> the hub it came from
+
+    def add(target: str, name: str | None, address: str, given: str) -> None:
+        if address in seen:
+            log.warn("hub {given} is {address}, as is {other}: one session there",
+                     given=given, address=address, other=seen[address])
+            return
+        seen[address] = given
+        hubs.append((target, name))
+
+    for target in cfg.targets:
+        host, port = N.grpc_address(target)
+        if _is_ip(host):
+            add(target, None, target, target)
+            continue
+        try:
+            infos = lookup(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warn("hub {hub}: cannot resolve {host} now ({why}); dialling it by name",
+                     hub=target, host=host, why=exc)
+            add(target, None, target, target)
+            continue
+        addresses = list(dict.fromkeys(N.join_host_port(str(info[4][0]), port) for info in infos))
+        if len(addresses) <= 1:
+            add(target, None, addresses[0] if addresses else target, target)
+            continue
+        log.info("hub {hub} resolves to {addresses}: one session each",
+                 hub=target, addresses=", ".join(addresses))
+        for address in addresses:
+            add(address, host, address, target)
+    return hubs
+
+
+class RemoteSessions:
+    """One remote registered with several hubs: a :class:`~sesame.remote.RemoteSession`
+    per hub (same remote, token, offers and ``sesame-instance``), each registering and
+    reconnecting on its own.  Quacks like one session where the CLI asks (``target``,
+    ``registrations``, ``fatal``, ``last_error``).
+
+    :param sessions: the sessions, one per hub.
+    """
+
+    def __init__(self, sessions: Sequence[Any], bridge: Bridge | None = None) -> None:
+        if not sessions:
+            raise ValueError("no sessions")
+        self.sessions = list(sessions)
+        self.bridge = bridge or self.sessions[0].bridge
+
+    @classmethod
+    def for_hubs(cls, cfg: HubConfig, remote: str, offers: Mapping[str, Any], *,
+                 hubs: Sequence[tuple[str, str | None]] | None = None,
+                 explain: bool = False, bridge: Bridge | None = None,
+                 **kw: Any) -> RemoteSessions:
+        """A session for each of ``hubs`` (``(target, server_name)`` pairs from
+        :func:`resolve_hubs`; by default ``cfg.targets`` as they are).  ``explain``: a
+        session whose hub drops it after the TLS handshake says whether the hub wants a
+        client certificate (:func:`client_cert_required`).  ``kw`` goes to every
+        :class:`~sesame.remote.RemoteSession`."""
+        from functools import partial
+
+        from sesame.remote import RemoteSession
+
+        if hubs is None:
+            hubs = [(t, None) for t in cfg.targets]
+        sessions = []
+        extra = tuple(kw.pop("options", ()))
+        for target, name in hubs:
+            options = list(extra)
+            if name is not None and cfg.tls:
+                options.append(("grpc.ssl_target_name_override", name))
+            probe = cfg.for_target(N.join_host_port(name, N.grpc_address(target)[1])
+                                   if name else target)
+            sessions.append(RemoteSession(
+                target, remote, cfg.token, offers, credentials=cfg.credentials(),
+                options=options, bridge=bridge,
+                explain=partial(client_cert_required, probe) if explain else None, **kw))
+        return cls(sessions, bridge)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The hubs, one per session."""
+        return tuple(s.target for s in self.sessions)
+
+    @property
+    def target(self) -> str:
+        """The hub (several: comma-separated)."""
+        return ", ".join(self.targets)
+
+    @property
+    def registrations(self) -> int:
+        """Registrations accepted so far, by all hubs."""
+        return sum(s.registrations for s in self.sessions)
+
+    @property
+    def fatal(self) -> str | None:
+        """Why every hub refused this remote (None while one has not): the reason, or each
+        hub's."""
+        if len(self.sessions) == 1:
+            return self.sessions[0].fatal
+        if not all(s.fatal for s in self.sessions):
+            return None
+        reasons = {s.fatal for s in self.sessions}
+        return reasons.pop() if len(reasons) == 1 else "; ".join(
+            f"{s.target}: {s.fatal}" for s in self.sessions)
+
+    @property
+    def last_error(self) -> str | None:
+        """The last error of each session that has one, naming its hub."""
+        if len(self.sessions) == 1:
+            return self.sessions[0].last_error
+        errors = [f"{s.target}: {s.last_error}" for s in self.sessions if s.last_error]
+        return "; ".join(errors) or None
+
+    def registered(self) -> list[Any]:
+        """The sessions registered right now."""
+        return [s for s in self.sessions if s.registered.is_set()]
+
+    async def astart(self) -> None:
+        """On the bridge loop: start every session (each logs naming its hub)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if len(self.sessions) == 1:
+            await self.sessions[0].astart()
+            return
+        remote_log = logging.getLogger("sesame.remote")
+        if _name_the_hub not in remote_log.filters:
+            remote_log.addFilter(_name_the_hub)
+        for s in self.sessions:
+            ctx = contextvars.copy_context()
+            ctx.run(_SESSION_HUB.set, s.target)
+            await loop.create_task(s.astart(), context=ctx)
+
+    def start(self) -> RemoteSessions:
+        """:meth:`astart` from another thread (not the bridge loop's).  Returns ``self``."""
+        self.bridge.run(self.astart())
+        return self
+
+    async def first_registration(self, timeout: float) -> bool:
+        """On the bridge loop: wait until a hub has registered this remote (True), every
+        hub has refused it or ``timeout`` seconds passed (False)."""
+        import asyncio
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.registered():
+                return True
+            if all(s.fatal for s in self.sessions):
+                return False
+            await asyncio.sleep(0.05)
+        return False
+
+    async def astop(self) -> None:
+        """On the bridge loop: stop every session (each says goodbye to its hub), at once."""
+        import asyncio
+
+        await asyncio.gather(*(s.astop() for s in self.sessions), return_exceptions=True)
+
+    def stop(self) -> None:
+        """:meth:`astop` from another thread, waiting for it (at most 20 s)."""
+        self.bridge.run(self.astop(), 20)
+
+
 # --- client ---------------------------------------------------------------------------
 
 
@@ -244,21 +541,90 @@ class SesameClientEndpoint:
         self.bridge = bridge
 
     def connect(self, protocolFactory: Any) -> defer.Deferred:
+        """Connect through the hub (with several hubs: the first that answers, starting
+        from the one that answered last).  A hub that cannot be reached -- the call fails
+        UNAVAILABLE while its channel is not connected -- passes the attempt on to the
+        next hub at once; any status the hub itself gives (PERMISSION_DENIED, remote not
+        connected, the remote's dial refused) is the answer.  Cancelling the Deferred
+        abandons the dial (``ConnectingCancelledError``)."""
+        if len(self.hub.targets) == 1:
+            return self._connect_via(self.hub, protocolFactory).addErrback(self._explain, self.hub)
+        return self._connect_any(protocolFactory)
+
+    def _connect_via(self, cfg: HubConfig, protocolFactory: Any) -> defer.Deferred:
         try:
-            make = hub_call_factory(self.hub, self.remote, self.endpoint)
-            d = connectNetConn(make, self.address or self.endpoint or "", protocolFactory,
-                               timeout=self.timeout, reactor=self.reactor, bridge=self.bridge)
+            make = hub_call_factory(cfg, self.remote, self.endpoint)
+            return connectNetConn(make, self.address or self.endpoint or "", protocolFactory,
+                                  timeout=self.timeout, reactor=self.reactor, bridge=self.bridge)
         except Exception:  # noqa: BLE001
             return defer.fail()
-        return d.addErrback(self._explain)
 
-    def _explain(self, f: Any) -> Any:
+    def _connect_any(self, protocolFactory: Any) -> defer.Deferred:
+        from sesame.bridge import to_deferred
+        from sesame.netconn import NetConnError
+
+        order = hub_order(self.hub)
+        bridge = self.bridge or get_bridge()
+        inner: list[defer.Deferred] = []  # the attempt in flight
+        unreached: list[str] = []
+
+        def cancel(_: defer.Deferred) -> None:
+            if inner and not inner[0].called:
+                inner[0].cancel()  # its ConnectingCancelledError becomes ours
+
+        outer = defer.Deferred(cancel)
+
+        def attempt(i: int) -> None:
+            cfg = self.hub.for_target(order[i])
+            d = self._connect_via(cfg, protocolFactory)
+            inner[:] = [d]
+            d.addCallbacks(connected, failed, callbackArgs=(cfg,), errbackArgs=(i, cfg))
+
+        def connected(proto: Any, cfg: HubConfig) -> None:
+            _answered[self.hub.targets] = cfg.target
+            if not outer.called:
+                outer.callback(proto)
+
+        def failed(f: Any, i: int, cfg: HubConfig) -> None:
+            if outer.called:
+                return
+            if not (f.check(NetConnError) and f.value.code == grpc.StatusCode.UNAVAILABLE):
+                if f.check(NetConnError):  # the hub answered, with a refusal
+                    _answered[self.hub.targets] = cfg.target
+                return finish(f)
+
+            def checked(answered: bool) -> Any:
+                if outer.called:
+                    return None
+                if answered:
+                    _answered[self.hub.targets] = cfg.target
+                    return finish(f)
+                unreached.append(f"{cfg.target}: {f.value.details}")
+                if i + 1 < len(order):
+                    log.info("hub {hub} did not answer ({why}); trying {next}", hub=cfg.target,
+                             why=f.value.details, next=order[i + 1])
+                    return attempt(i + 1)
+                last = f if len(unreached) == 1 else Failure(NetConnError(
+                    grpc.StatusCode.UNAVAILABLE, f"no hub answered ({'; '.join(unreached)})"))
+                return defer.maybeDeferred(self._explain, last, cfg).addBoth(finish)
+
+            check = to_deferred(bridge.submit(_hub_answered(cfg)))
+            check.addErrback(lambda _: False).addCallback(checked)
+
+        def finish(result: Any) -> None:
+            if not outer.called:
+                outer.errback(result)
+
+        attempt(0)
+        return outer
+
+    def _explain(self, f: Any, cfg: HubConfig) -> Any:
         """An mTLS hub drops a client without a certificate after the handshake, which grpc
         reports only as UNAVAILABLE "Socket closed": probe once (in a thread) and say so."""
         from sesame.netconn import NetConnError
 
         if not (f.check(NetConnError) and f.value.code == grpc.StatusCode.UNAVAILABLE
-                and self.hub.tls and self.hub.cert is None):
+                and cfg.tls and cfg.cert is None):
             return f
         from twisted.internet import threads
 
@@ -268,7 +634,7 @@ class SesameClientEndpoint:
             raise NetConnError(grpc.StatusCode.UNAVAILABLE, why)
 
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                         client_cert_required, self.hub).addCallback(reason)
+                                         client_cert_required, cfg).addCallback(reason)
 
 
 def client_from_kwargs(reactor: Any, kw: Mapping[str, str],
@@ -332,11 +698,17 @@ def _parse_timeout(text: str) -> float:
 @implementer(interfaces.IAddress)
 @dataclass(frozen=True)
 class SesameAddress:
-    """Where a ``sesame:`` server endpoint listens: ``endpoint`` of ``remote`` via ``hub``."""
+    """Where a ``sesame:`` server endpoint listens: ``endpoint`` of ``remote`` via ``hub``
+    (with several hubs: all of them, comma-separated as in ``hub=``; ``hubs`` lists them)."""
 
     hub: str
     remote: str
     endpoint: str
+    hubs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.hubs:
+            object.__setattr__(self, "hubs", tuple(self.hub.split(",")))
 
 
 @implementer(interfaces.IListeningPort)
@@ -355,6 +727,7 @@ class SesameListeningPort:
         pass
 
     def stopListening(self) -> defer.Deferred:
+        """Unregister from every hub, then close the loopback port."""
         from sesame.bridge import to_deferred
 
         d = to_deferred(self.bridge.submit(self.session.astop()))
@@ -367,7 +740,9 @@ class SesameServerEndpoint:
     """
     Serve ``endpoint`` of ``remote``: connections the hub routes there reach
     the factory.  The factory listens on an ephemeral loopback port that only
-    this session dials (it is never announced).
+    this session dials (it is never announced).  With several hubs
+    (``hub.targets``; a DNS name with several addresses counts as one hub per
+    address) it registers with each; ``listen()`` fires once one has accepted.
     """
 
     REGISTER_WAIT = 10.0
@@ -381,41 +756,36 @@ class SesameServerEndpoint:
         self.bridge = bridge or get_bridge()
 
     async def _listen(self, factory: Any) -> SesameListeningPort:
-        from sesame.bridge import to_deferred
-        from sesame.remote import FixedTargetServicer, RemoteSession, netconn_registry
+        from twisted.internet import threads
 
+        from sesame.bridge import to_deferred
+        from sesame.remote import FixedTargetServicer, netconn_registry
+
+        hubs = None
+        if needs_resolving(self.hub):  # DNS in a thread, never on the reactor
+            hubs = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                                   resolve_hubs, self.hub)
         tcp = await TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(factory)
         local = f"127.0.0.1:{tcp.getHost().port}"
-        session = RemoteSession(
-            self.hub.target, self.remote, self.hub.token,
+        session = RemoteSessions.for_hubs(
+            self.hub, self.remote,
             {self.endpoint: netconn_registry(
                 FixedTargetServicer(local, reactor=self.reactor, bridge=self.bridge))},
-            credentials=self.hub.credentials(), bridge=self.bridge,
-        )
+            hubs=hubs, bridge=self.bridge)
         await to_deferred(self.bridge.submit(session.astart()))
-
-        async def first_registration() -> bool:
-            import asyncio
-
-            deadline = asyncio.get_running_loop().time() + self.REGISTER_WAIT
-            while asyncio.get_running_loop().time() < deadline:
-                if session.registered.is_set():
-                    return True
-                if session.fatal:
-                    return False
-                await asyncio.sleep(0.05)
-            return False
-
-        ok = await to_deferred(self.bridge.submit(first_registration()))
+        ok = await to_deferred(self.bridge.submit(session.first_registration(self.REGISTER_WAIT)))
+        where = ",".join(self.hub.targets)
         if not ok and session.fatal:
             await to_deferred(self.bridge.submit(session.astop()))
             await tcp.stopListening()
-            raise ConnectionRefusedError(f"hub {self.hub.target} refused {self.remote}: {session.fatal}")
+            raise ConnectionRefusedError(f"hub {session.target} refused {self.remote}: "
+                                         f"{session.fatal}")
         if not ok:
             log.warn("hub {hub} not reachable yet ({why}); {remote} keeps trying",
-                     hub=self.hub.target, why=session.last_error, remote=self.remote)
-        return SesameListeningPort(SesameAddress(self.hub.target, self.remote, self.endpoint),
-                                   session, tcp, self.bridge)
+                     hub=where, why=session.last_error, remote=self.remote)
+        return SesameListeningPort(
+            SesameAddress(where, self.remote, self.endpoint, self.hub.targets),
+            session, tcp, self.bridge)
 
     def listen(self, protocolFactory: Any) -> defer.Deferred:
         return defer.ensureDeferred(self._listen(protocolFactory))
@@ -444,11 +814,16 @@ def server_from_kwargs(reactor: Any, kw: Mapping[str, str],
 
 __all__ = [
     "HubConfig",
+    "RemoteSessions",
     "SesameAddress",
     "SesameClientEndpoint",
     "SesameServerEndpoint",
     "client_cert_required",
     "client_from_kwargs",
     "hub_config",
+    "hub_order",
+    "hub_targets",
+    "needs_resolving",
+    "resolve_hubs",
     "server_from_kwargs",
 ]

@@ -2,8 +2,9 @@
 ``twistd sesame``: the hub and the remote agent as Twisted services.
 
     twistd -n sesame hub [--listen tcp:7443:interface=127.0.0.1] [--data-dir ./.sesame]
-    twistd -n sesame remote --hub HOST:PORT --name edge-1 --token-file F --ca ca.pem \\
-        --allow 127.0.0.1:22
+        [--store redis://HOST:PORT/DB]
+    twistd -n sesame remote --hub HOST:PORT [--hub ...] --name edge-1 --token-file F \\
+        --ca ca.pem --allow 127.0.0.1:22
     twistd -n sesame host    # a bare tunnel host (loopback only), for tunnel experiments
 """
 
@@ -68,6 +69,11 @@ class HubOptions(usage.Options):
          f"(default {DEFAULT_LISTEN}; port 0 picks one)."],
         ["data-dir", "d", DEFAULT_DATA_DIR,
          "Directory for the SQLite store and generated TLS files (default ./.sesame)."],
+        ["store", None, None,
+         "Keep tokens, namespaces, remotes and routes in this store instead of "
+         "DATA_DIR/hub.db: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... (TLS; "
+         "?ssl_ca_certs=FILE), sqlite:///PATH (env SESAME_STORE; the password is never "
+         "logged)."],
         ["tls-cert", None, None, "PEM certificate to serve instead of the generated one."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["tls-ca", None, None,
@@ -96,6 +102,16 @@ class HubOptions(usage.Options):
             self.host, self.port = N.grpc_address(self["listen"])
         except ValueError as exc:
             raise usage.UsageError(f"--listen: {exc}") from None
+        if not self["store"]:
+            self["store"] = os.environ.get("SESAME_STORE") or None
+        if self["store"]:
+            from sesame.hub import check_store_url
+            from sesame.hub.store import InvalidArgument
+
+            try:
+                check_store_url(self["store"])
+            except InvalidArgument as exc:
+                raise usage.UsageError(f"--store: {exc.reason}") from None
         _routecli.check_hub_options(self)
         if self["http"]:
             from sesame.hub import check_http_endpoint
@@ -153,14 +169,14 @@ def _not_issued_by(chain_pem: bytes, ca_pem: bytes) -> str | None:
 
 
 class RemoteOptions(usage.Options):
-    synopsis = "--hub HOST:PORT --name NAME --token-file F [--ca FILE] --allow PATTERN..."
+    synopsis = "--hub HOST:PORT [--hub ...] --name NAME --token-file F [--ca FILE] --allow PATTERN..."
     longdesc = (
         "Run a remote agent: dial out to the hub, register as NAME, and let clients "
         "open TCP connections to the addresses --allow permits (none by default). "
-        "Reconnects with backoff when the hub goes away."
+        "Reconnects with backoff when the hub goes away. With several hubs (--hub "
+        "repeated, or a DNS name with several addresses) it keeps a session to each."
     )
     optParameters = [
-        ["hub", None, None, "The hub to dial: HOST:PORT or tcp:HOST:PORT (env SESAME_HUB)."],
         ["name", "n", None, "Remote name to register, or namespaces/NS/remotes/NAME."],
         ["token-file", None, None, "File holding this remote's token (env SESAME_TOKEN_FILE; "
                                    "or SESAME_TOKEN holds the token itself)."],
@@ -173,6 +189,12 @@ class RemoteOptions(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["allow"] = []
+        self["hub"] = []
+
+    def opt_hub(self, hub: str) -> None:
+        """The hub to dial: HOST:PORT or tcp:HOST:PORT; repeatable, or comma-separated, for a
+        session to each of several hubs (env SESAME_HUB, comma-separated)."""
+        self["hub"].append(hub)
 
     def opt_allow(self, pattern: str) -> None:
         """HOST:PORTS a client may reach from here; repeatable (127.0.0.1:*, 10.0.0.0/8:22,
@@ -188,12 +210,19 @@ class RemoteOptions(usage.Options):
     opt_a = opt_allow
 
     def postOptions(self) -> None:
-        from sesame.endpoints import hub_config
+        from sesame.endpoints import hub_config, hub_targets
 
         env = os.environ
         if not self["name"]:
             raise usage.UsageError("--name: which remote name to register")
-        kw = {"hub": self["hub"] or env.get("SESAME_HUB", "")}
+        if not self["hub"] and not env.get("SESAME_HUB"):
+            raise usage.UsageError("--hub: which hub to dial (HOST:PORT; or set SESAME_HUB)")
+        hubs, key = (self["hub"], "--hub") if self["hub"] else ([env["SESAME_HUB"]], "SESAME_HUB")
+        try:
+            targets = hub_targets(hubs, key)
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
+        kw = {"hub": ",".join(targets)}
         if self["token-file"]:
             kw["tokenFile"] = self["token-file"]
         if self["ca"]:
@@ -321,7 +350,14 @@ class HubService(service.Service):
         o = self.options
         data_dir = Path(o["data-dir"])
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = SQLiteStore(data_dir / "hub.db")
+        if o["store"]:
+            from sesame.hub import open_store_url
+            from sesame.hub.store import redact_url
+
+            store = open_store_url(o["store"])  # StoreUnavailable: the hub does not start
+            self.log.info("sesame hub store: {url}", url=redact_url(o["store"]))
+        else:
+            store = SQLiteStore(data_dir / "hub.db")
         creds = None
         ca_note = "no TLS (loopback only)"
         if not o["no-tls"]:
@@ -452,6 +488,11 @@ class HubService(service.Service):
 
 
 class RemoteService(service.Service):
+    """The remote agent: a :class:`sesame.endpoints.RemoteSessions` -- one session per hub
+    (``--hub`` repeated, or a DNS name resolved at start, in a thread, to several
+    addresses), each registering and reconnecting on its own -- offering NetConn behind
+    ``--allow``.  ``session`` is that group once started (``ready`` fired)."""
+
     log = Logger()
 
     def __init__(self, options: RemoteOptions) -> None:
@@ -461,13 +502,9 @@ class RemoteService(service.Service):
         self.on_start_failure: Any = _start_failed(self, "remote")
 
     def startService(self) -> None:
-        from functools import partial
+        from twisted.internet import defer, reactor, threads
 
-        from twisted.internet import reactor
-
-        from sesame.bridge import get_bridge
-        from sesame.endpoints import client_cert_required
-        from sesame.remote import RemoteSession, agent_offers
+        from sesame.endpoints import needs_resolving, resolve_hubs
 
         super().startService()
         _log_stdlib_to_twisted()
@@ -475,13 +512,33 @@ class RemoteService(service.Service):
         o = self.options
         if not o["allow"]:
             self.log.warn("no --allow patterns: every dial will be refused (default deny)")
-        self.session = RemoteSession(
-            o.hub.target, o["name"], o.hub.token, agent_offers(o["allow"], reactor=reactor),
-            credentials=o.hub.credentials(), explain=partial(client_cert_required, o.hub))
-        self.ready = get_bridge().deferred(self.session.astart())
+        where = ", ".join(o.hub.targets)
+        plural = "s" if len(o.hub.targets) > 1 else ""
+        self.log.info("sesame remote {name} dialling the hub{s} at {hub}; allowing {allow}",
+                      name=o["name"], s=plural, hub=where, allow=", ".join(o["allow"]) or "nothing")
+        if needs_resolving(o.hub):
+            # DNS in a thread, never on the reactor: a name with several addresses is a hub each
+            self.ready = threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                                   resolve_hubs, o.hub)
+        else:
+            self.ready = defer.succeed(None)
+        self.ready.addCallback(self._start_sessions)
         self.ready.addErrback(self.on_start_failure)
-        self.log.info("sesame remote {name} dialling the hub at {hub}; allowing {allow}",
-                      name=o["name"], hub=o.hub.target, allow=", ".join(o["allow"]) or "nothing")
+
+    def _start_sessions(self, hubs: Any) -> Any:
+        from twisted.internet import reactor
+
+        from sesame.bridge import get_bridge
+        from sesame.endpoints import RemoteSessions
+        from sesame.remote import agent_offers
+
+        if not self.running:  # stopped while resolving
+            return None
+        o = self.options
+        self.session = RemoteSessions.for_hubs(
+            o.hub, o["name"], agent_offers(o["allow"], reactor=reactor), hubs=hubs,
+            explain=True)
+        return get_bridge().deferred(self.session.astart())
 
     def stopService(self) -> Any:
         from sesame.bridge import get_bridge

@@ -355,3 +355,19 @@ def target():
     t = TargetServer()
     yield t
     t.close()
+
+
+# --- Redis (the Redis store and the cluster) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A throw-away redis-server (sesame.testing.redis.RedisServer) for the module, on a
+    free 127.0.0.1 port with its AOF in a temporary directory; stopped by PID at the end.
+    Skips only when redis-server is not installed."""
+    from sesame.testing.redis import RedisServer, redis_server_path
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

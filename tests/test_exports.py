@@ -30,6 +30,7 @@ PUBLIC_MODULES = [
     "sesame.tap",
     "sesame.testing.hub",
     "sesame.testing.interop",
+    "sesame.testing.redis",
 ]
 
 #: old name -> where it lives now

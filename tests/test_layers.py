@@ -46,10 +46,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("remote agent", ("sesame.remote",)),
     ("endpoints", ("sesame.endpoints",)),
     ("forward", ("sesame.forward",)),
-    ("hub", ("sesame.hub",)),
+    ("hub", ("sesame.hub", "sesame.hub.store", "sesame.hub._redisstore")),
     ("entry-point helpers", ("sesame._cliutil",)),
     ("entry points", ("sesame._routecli", "sesame.tap", "sesame.cli", "sesame.__main__",
-                      "sesame.testing", "sesame._regen")),
+                      "sesame.testing", "sesame.testing.redis", "sesame._regen")),
     ("one-release aliases", ("sesame.mgmt", "sesame.frontdoor", "sesame.metrics",
                              "sesame.dashboard", "sesame._bridge")),
 ]

@@ -1,11 +1,15 @@
-"""sesame.hub.store: tokens and hub state in a real SQLite file."""
+"""sesame.hub.store: tokens and hub state in a real SQLite file and in a real Redis
+(every test taking ``store`` or ``backend`` runs against both)."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +20,7 @@ from sesame.hub.store import (
     InvalidArgument,
     NotFound,
     SQLiteStore,
+    Store,
     StoreError,
     TokenInfo,
     parse_token,
@@ -36,8 +41,43 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "state.db"
 
 
+class Backend:
+    """Opens stores on one place: an SQLite file, or a prefix in the module's Redis."""
+
+    def __init__(self, kind: str, db_path: Path, redis_server: Any = None) -> None:
+        self.kind = kind
+        self.db_path = db_path
+        self.redis_server = redis_server
+        self.prefix = f"test-{secrets.token_hex(4)}:"  # a fresh key space for each test
+
+    def __call__(self, **kwargs: Any) -> Store:
+        if self.kind == "sqlite":
+            return SQLiteStore(self.db_path, **kwargs)
+        from sesame.hub import RedisStore
+
+        return RedisStore(self.redis_server.url, prefix=self.prefix, **kwargs)
+
+    def redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.redis_server.url)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, db_path: Path) -> Backend:
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    return Backend(request.param, db_path, server)
+
+
 @pytest.fixture
-def store(db_path: Path):
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend(clock=Clock())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[SQLiteStore]:
     s = SQLiteStore(db_path, clock=Clock())
     yield s
     s.close()
@@ -128,7 +168,9 @@ def test_list_tokens_has_no_secrets(store: SQLiteStore) -> None:
     assert excinfo.value.field == "token"
 
 
-def test_secrets_are_stored_only_as_salted_hashes(store: SQLiteStore, db_path: Path) -> None:
+def test_secrets_are_stored_only_as_salted_hashes(sqlite_store: SQLiteStore,
+                                                 db_path: Path) -> None:
+    store = sqlite_store
     made = [store.create_token("remote", remote="edge-1") for _ in range(3)]
     made.append(store.create_token("client"))
     rows = sqlite3.connect(db_path).execute("SELECT * FROM tokens").fetchall()
@@ -246,11 +288,11 @@ def test_namespaces(store: SQLiteStore) -> None:
     assert excinfo.value.field == "name"
 
     store.create_remote("edge-1", namespace="lab")
-    with pytest.raises(InvalidArgument, match="remotes"):
+    with pytest.raises(InvalidArgument, match="still has remotes"):
         store.delete_namespace("lab")
     store.delete_remote("edge-1", namespace="lab")
     token_id, _ = store.create_token("client", namespace="lab")
-    with pytest.raises(InvalidArgument, match="tokens"):
+    with pytest.raises(InvalidArgument, match="still has live tokens"):
         store.delete_namespace("lab")
     store.revoke(token_id)
     store.delete_namespace("lab")
@@ -376,8 +418,8 @@ def test_errors_name_their_grpc_code() -> None:
 # -- persistence, processes, threads ------------------------------------------------
 
 
-def test_state_survives_reopen(db_path: Path) -> None:
-    with SQLiteStore(db_path) as first:
+def test_state_survives_reopen(backend: Backend) -> None:
+    with backend() as first:
         token_id, token = first.create_token("remote", remote="edge-1")
         revoked_id, revoked = first.create_token("client")
         first.revoke(revoked_id)
@@ -385,17 +427,21 @@ def test_state_survives_reopen(db_path: Path) -> None:
         first.create_remote("edge-1", description="kept")
         first.create_endpoint("edge-1", "web")
         route = first.create_route("tcp", "2222", "t@r")
-    with SQLiteStore(db_path) as second:
+        assert first.shared_secret("kept", lambda: b"value") == b"value"
+    with backend() as second:
         assert second.verify(token).id == token_id
         assert second.verify(revoked) is None
         assert second.get_remote("edge-1").description == "kept"
         assert [e.name for e in second.list_endpoints("edge-1")] == ["web"]
         assert second.get_namespace("lab").name == "lab"
         assert second.list_routes() == [route]
-        assert second.schema_version() == SCHEMA_VERSION
+        assert second.shared_secret("kept", bytes) == b"value"
+        if isinstance(second, SQLiteStore):
+            assert second.schema_version() == SCHEMA_VERSION
 
 
-def test_file_mode_wal_and_schema_version(store: SQLiteStore, db_path: Path) -> None:
+@pytest.mark.usefixtures("sqlite_store")
+def test_file_mode_wal_and_schema_version(db_path: Path) -> None:
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
     raw = sqlite3.connect(db_path)
@@ -404,40 +450,89 @@ def test_file_mode_wal_and_schema_version(store: SQLiteStore, db_path: Path) -> 
         str(SCHEMA_VERSION),
     )
     tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"meta", "namespaces", "tokens", "remotes", "endpoints", "routes"} <= tables
+    assert {"meta", "namespaces", "tokens", "remotes", "endpoints", "routes", "kv"} <= tables
 
 
-def test_newer_schema_is_refused(db_path: Path) -> None:
-    SQLiteStore(db_path).close()
+def test_newer_schema_is_refused(backend: Backend) -> None:
+    backend().close()
+    if backend.kind == "sqlite":
+        raw = sqlite3.connect(backend.db_path)
+        raw.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+        raw.commit()
+        raw.close()
+    else:
+        backend.redis().set(f"{backend.prefix}schema", "99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        backend()
+
+
+#: Version 2 of the SQLite schema, as sesame before the ``kv`` table wrote it.
+_SCHEMA_V2 = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE namespaces (name TEXT PRIMARY KEY, create_time REAL NOT NULL)",
+    "CREATE TABLE tokens (id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('remote', "
+    "'client', 'admin')), namespace TEXT NOT NULL REFERENCES namespaces(name), remote TEXT, "
+    "pattern TEXT, kdf TEXT NOT NULL, iterations INTEGER NOT NULL, salt BLOB NOT NULL, "
+    "digest BLOB NOT NULL, create_time REAL NOT NULL, revoke_time REAL)",
+    "CREATE TABLE remotes (namespace TEXT NOT NULL REFERENCES namespaces(name), name TEXT NOT "
+    "NULL, display_name TEXT NOT NULL DEFAULT '', description TEXT NOT NULL DEFAULT '', "
+    "create_time REAL NOT NULL, PRIMARY KEY (namespace, name))",
+    "CREATE TABLE endpoints (namespace TEXT NOT NULL, remote TEXT NOT NULL, name TEXT NOT NULL, "
+    "display_name TEXT NOT NULL DEFAULT '', description TEXT NOT NULL DEFAULT '', create_time "
+    "REAL NOT NULL, PRIMARY KEY (namespace, remote, name), FOREIGN KEY (namespace, remote) "
+    "REFERENCES remotes(namespace, name) ON DELETE CASCADE)",
+    "CREATE TABLE routes (id TEXT PRIMARY KEY, kind TEXT NOT NULL, match TEXT NOT NULL, "
+    "target TEXT NOT NULL, created REAL NOT NULL, UNIQUE (kind, match))",
+    "CREATE INDEX tokens_revoke_time ON tokens(revoke_time)",
+    "INSERT INTO meta VALUES ('schema_version', '2')",
+    "INSERT INTO namespaces VALUES ('default', 1700000000.0)",
+    "INSERT INTO routes VALUES ('rt_000000000001', 'tcp', '2222', 'ssh@edge-1', 1700000001.0)",
+]
+
+
+def test_a_version_2_database_upgrades(db_path: Path) -> None:
+    db_path.parent.mkdir()
     raw = sqlite3.connect(db_path)
-    raw.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    for statement in _SCHEMA_V2:
+        raw.execute(statement)
     raw.commit()
     raw.close()
-    with pytest.raises(StoreError, match="schema version 99"):
-        SQLiteStore(db_path)
+    with SQLiteStore(db_path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert [r.id for r in store.list_routes()] == ["rt_000000000001"]  # data kept
+        token_id, token = store.create_token("client")
+        assert store.verify(token).id == token_id
+        assert store.shared_secret("peer", lambda: b"one") == b"one"
+    with SQLiteStore(db_path) as again:  # and the upgrade happens once
+        assert again.shared_secret("peer", lambda: b"two") == b"one"
+        assert again.schema_version() == 3
 
 
-def test_second_process_sees_creations_and_revocations(db_path: Path) -> None:
+def test_second_process_sees_creations_and_revocations(backend: Backend) -> None:
     """The hub keeps its store open while the ``sesame token`` CLI writes the same file."""
-    with SQLiteStore(db_path) as hub, SQLiteStore(db_path) as cli:
+    with backend() as hub, backend() as cli:
         token_id, token = cli.create_token("remote", remote="edge-1")
         assert hub.verify(token) is not None
         assert cli.revoke(token_id)
         assert hub.verify(token) is None
 
 
-def test_kdf_cost_is_per_token(db_path: Path) -> None:
-    with SQLiteStore(db_path, kdf_iterations=2_000) as old:
-        _, token = old.create_token("client")
-    with SQLiteStore(db_path) as new:
+def test_kdf_cost_is_per_token(backend: Backend) -> None:
+    with backend(kdf_iterations=2_000) as old:
+        token_id, token = old.create_token("client")
+    with backend() as new:
         assert new.verify(token) is not None
-        assert sqlite3.connect(db_path).execute("SELECT iterations FROM tokens").fetchone() == (
-            2_000,
-        )
+        if backend.kind == "sqlite":
+            stored = sqlite3.connect(backend.db_path).execute(
+                "SELECT iterations FROM tokens").fetchone()
+            assert stored == (2_000,)
+        else:
+            stored = backend.redis().hget(f"{backend.prefix}token:{token_id}", "iterations")
+            assert stored == b"2000"
 
 
-def test_closed_store_raises(db_path: Path) -> None:
-    s = SQLiteStore(db_path)
+def test_closed_store_raises(backend: Backend) -> None:
+    s = backend()
     s.close()
     s.close()
     with pytest.raises(StoreError, match="closed"):
@@ -467,3 +562,92 @@ def test_concurrent_use_from_threads_is_safe(store: SQLiteStore) -> None:
     assert errors == []
     assert len(made) == 60 and len(store.list_tokens()) == 60
     assert len(store.list_remotes()) == 60
+
+
+# -- shared secrets, revocations, change markers ---------------------------------------
+
+
+def test_shared_secret_is_created_once(store: Store) -> None:
+    calls: list[int] = []
+
+    def make() -> bytes:
+        calls.append(1)
+        return secrets.token_bytes(32)
+
+    first = store.shared_secret("peer-secret", make)
+    assert isinstance(first, bytes) and len(first) == 32
+    assert store.shared_secret("peer-secret", make) == first
+    assert len(calls) == 1  # not called while the value exists
+    assert store.shared_secret("cluster-ca", lambda: b"\x00\xffbinary") == b"\x00\xffbinary"
+    with pytest.raises(InvalidArgument) as excinfo:
+        store.shared_secret("bad name", make)
+    assert excinfo.value.field == "name"
+    with pytest.raises(InvalidArgument) as excinfo:
+        store.shared_secret("text", lambda: "not bytes")  # type: ignore[arg-type, return-value]
+    assert excinfo.value.field == "factory"
+
+
+def test_racing_shared_secret_callers_agree(backend: Backend) -> None:
+    stores = [backend() for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    got: list[bytes] = []
+
+    def slow_factory() -> bytes:
+        barrier.wait(10)  # every caller has found nothing and made its own value
+        return secrets.token_bytes(16)
+
+    def call(s: Store) -> None:
+        got.append(s.shared_secret("raced", slow_factory))
+
+    threads = [threading.Thread(target=call, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for s in stores:
+        s.close()
+    assert len(got) == 4 and len(set(got)) == 1
+
+
+def test_revoked_since_and_change_marker(store: Store) -> None:
+    marker = store.change_marker()
+    assert store.change_marker() == marker  # nothing changed
+    id1, _ = store.create_token("client")
+    id2, _ = store.create_token("client")
+    after_create = store.change_marker()
+    assert after_create != marker
+    assert store.revoked_since(0) == []
+    store.revoke(id1)
+    first_revoke = store.get_token(id1).revoke_time
+    assert store.change_marker() != after_create
+    store.revoke(id2)
+    assert sorted(store.revoked_since(0)) == sorted([id1, id2])
+    assert sorted(store.revoked_since(first_revoke)) == sorted([id1, id2])  # inclusive
+    assert store.revoked_since(first_revoke + 0.5) == [id2]
+    assert store.revoked_since(store.get_token(id2).revoke_time + 0.5) == []
+    for change in (lambda: store.create_namespace("lab"),
+                   lambda: store.create_remote("edge-1"),
+                   lambda: store.create_endpoint("edge-1", "web"),
+                   lambda: store.create_route("http", "a.example", "web@edge-1")):
+        before = store.change_marker()
+        change()
+        assert store.change_marker() != before
+
+
+def test_listing_orders_match(store: Store) -> None:
+    """Both backends list in the same order: tokens and routes by creation time then id,
+    namespaces by name, remotes by namespace then name, endpoints by name."""
+    for ns in ("zeta", "a-b", "a", "A"):
+        store.create_namespace(ns)
+    assert [n.name for n in store.list_namespaces()] == ["A", "a", "a-b", "default", "zeta"]
+    for ns, name in [("a-b", "x"), ("a", "y"), ("a", "X"), ("zeta", "b"), ("default", "m")]:
+        store.create_remote(name, namespace=ns)
+    assert [(r.namespace, r.name) for r in store.list_remotes()] == [
+        ("a", "X"), ("a", "y"), ("a-b", "x"), ("default", "m"), ("zeta", "b")]
+    for name in ("web", "API", "api", "z-1"):
+        store.create_endpoint("m", name)
+    assert [e.name for e in store.list_endpoints("m")] == ["API", "api", "web", "z-1"]
+    ids = [store.create_token("client")[0] for _ in range(5)]
+    assert [t.id for t in store.list_tokens()] == ids
+    routes = [store.create_route("http", f"h{i}.example", "web@m").id for i in range(5)]
+    assert [r.id for r in store.list_routes()] == routes

@@ -9,7 +9,8 @@ What is in the package (each module says more):
   tunnels), and ``_target`` — route targets (``host:port@remote``, ``endpoint@remote``);
 * ``frontdoor`` and ``_sniff`` — TCP port maps, HTTP ``Host`` virtual hosts, TLS SNI
   passthrough and gRPC ``:authority`` routing;
-* ``store`` — hashed tokens, namespaces, remotes, endpoints and routes (SQLite);
+* ``store`` — hashed tokens, namespaces, remotes, endpoints and routes (SQLite), and
+  ``_redisstore`` — the same in Redis, shared by several hubs (``open_store_url``);
 * ``mgmt`` (the gRPC management API), ``_rest`` (its JSON REST mapping), ``_http`` (the
   ``--http`` site), ``dashboard``, ``metrics`` and ``tls`` (the generated CA).
 
@@ -32,11 +33,16 @@ if TYPE_CHECKING:  # pragma: no cover - names for type checkers; loaded lazily b
     from sesame.hub._hub import StreamOuter as StreamOuter
     from sesame.hub._hub import unwrap_tunnel as unwrap_tunnel
     from sesame.hub._hub import wrap_tunnel as wrap_tunnel
+    from sesame.hub._redisstore import RedisStore as RedisStore
+    from sesame.hub._redisstore import check_store_url as check_store_url
+    from sesame.hub._redisstore import open_store_url as open_store_url
     from sesame.hub.frontdoor import FORWARDED_MODES as FORWARDED_MODES
     from sesame.hub.frontdoor import FrontDoors as FrontDoors
     from sesame.hub.store import SQLiteStore as SQLiteStore
     from sesame.hub.store import Store as Store
     from sesame.hub.store import StoreError as StoreError
+    from sesame.hub.store import StoreUnavailable as StoreUnavailable
+    from sesame.hub.store import redact_url as redact_url
     from sesame.hub.store import server_description_problem as server_description_problem
     from sesame.hub.tls import HubTLS as HubTLS
     from sesame.hub.tls import ensure_hub_tls as ensure_hub_tls
@@ -55,6 +61,11 @@ _LAZY = {
     "SQLiteStore": "store",
     "Store": "store",
     "StoreError": "store",
+    "StoreUnavailable": "store",
+    "redact_url": "store",
+    "RedisStore": "_redisstore",
+    "check_store_url": "_redisstore",
+    "open_store_url": "_redisstore",
     "server_description_problem": "store",
     "HubTLS": "tls",
     "ensure_hub_tls": "tls",

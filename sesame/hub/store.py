@@ -1,8 +1,11 @@
 """
 The hub's persistent state behind one interface, :class:`Store`: access tokens,
 namespaces, remotes, endpoints and front-door routes.  :class:`SQLiteStore` is
-the embedded default (one file, zero setup); a Redis store for several hubs
-can implement the same interface later.
+the embedded default (one file, zero setup); ``RedisStore``
+(``sesame.hub._redisstore``, ``sesame.hub.RedisStore``) keeps the same records in a
+Redis server that several hubs share.  ``sesame.hub.open_store_url`` opens either
+from a URL (``redis://``, ``rediss://``, ``sqlite:///path`` or a path); log such a
+URL only through :func:`redact_url`.
 
 Live connection state (which session serves which endpoint right now) is not
 here: it lives in the hub's memory and is rebuilt when remotes reconnect.
@@ -46,6 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode
 
 from sesame import _names as N
 
@@ -67,6 +71,7 @@ __all__ = [
     "StoreUnavailable",
     "TokenInfo",
     "parse_token",
+    "redact_url",
 ]
 
 DEFAULT_NAMESPACE = N.DEFAULT_NAMESPACE
@@ -75,7 +80,7 @@ TOKEN_KINDS: tuple[str, ...] = ("remote", "client", "admin")
 #: Front-door route kinds: a hub TCP listener, an HTTP virtual host, a TLS SNI name,
 #: a gRPC authority (or ``sesame-remote`` metadata value).
 ROUTE_KINDS: tuple[str, ...] = ("tcp", "http", "sni", "grpc")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TOKEN_PREFIX = "ses"
 _ID_HEX = 12
@@ -321,6 +326,151 @@ def _digest(secret: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", secret.encode("ascii"), salt, iterations)
 
 
+# -- what every backend does the same way ---------------------------------------------
+# (Backends in other modules reach these through :class:`Store`'s protected methods.)
+
+
+@dataclass(frozen=True, slots=True)
+class _TokenMaterial:
+    """A new token's secret and what a store keeps of it (never the secret)."""
+
+    secret: str
+    kdf: str
+    iterations: int
+    salt: bytes
+    digest: bytes
+
+    def text(self, token_id: str) -> str:
+        return f"{TOKEN_PREFIX}_{token_id}_{self.secret}"
+
+
+def _token_material(
+    kind: str, remote: str | None, pattern: str | None, iterations: int
+) -> _TokenMaterial:
+    """Check :meth:`Store.create_token`'s arguments (not the namespace) and make the secret."""
+    if kind not in TOKEN_KINDS:
+        raise InvalidArgument("kind", f"{kind!r} is not one of {', '.join(TOKEN_KINDS)}")
+    if kind == "remote":
+        if remote is None:
+            raise InvalidArgument("remote", "a remote token needs the remote's name")
+        _check_name("remote", remote)
+    elif remote is not None:
+        raise InvalidArgument("remote", f"only remote tokens name a remote, not {kind} tokens")
+    if pattern is not None:
+        if kind != "client":
+            raise InvalidArgument("pattern", "only client tokens take a remotes pattern")
+        if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
+            raise InvalidArgument(
+                "pattern",
+                f"{pattern!r} is not a remote-name glob (names plus * ? [...])",
+            )
+    secret = secrets.token_urlsafe(_SECRET_BYTES)
+    salt = secrets.token_bytes(_SALT_BYTES)
+    return _TokenMaterial(secret, _KDF, iterations, salt, _digest(secret, salt, iterations))
+
+
+def _new_token_id() -> str:
+    return secrets.token_hex(_ID_HEX // 2)
+
+
+def _secret_matches(secret: str, kdf: str, iterations: int, salt: bytes, stored: bytes) -> bool:
+    """Does ``secret`` hash to ``stored``?  (Constant time; False for an unknown KDF.)"""
+    if kdf != _KDF:
+        return False
+    return hmac.compare_digest(_digest(secret, salt, iterations), stored)
+
+
+def _token_id_of(token_id_or_token: str) -> str | None:
+    """The id :meth:`Store.revoke` means: of a whole token, or a well-formed id; else None."""
+    parsed = parse_token(token_id_or_token)
+    token_id = parsed[0] if parsed else token_id_or_token
+    if not isinstance(token_id, str) or not _ID_RE.match(token_id):
+        return None
+    return token_id
+
+
+def _check_texts(display_name: str | None, description: str | None) -> None:
+    """A remote's or endpoint's ``display_name`` and ``description`` (None: not given)."""
+    if display_name is not None:
+        _check_text("display_name", display_name, 256)
+    if description is not None:
+        _check_text("description", description)
+
+
+def _check_route_kind(kind: object) -> str:
+    if kind not in ROUTE_KINDS:
+        raise InvalidArgument("kind", f"{kind!r} is not one of {', '.join(ROUTE_KINDS)}")
+    return kind  # type: ignore[return-value]
+
+
+def _route_match(kind: str, match: str, target: str) -> str:
+    """Check :meth:`Store.create_route`'s arguments; the match as stored (host names in
+    lower case)."""
+    _check_route_kind(kind)
+    if not isinstance(match, str) or not match or any(c.isspace() for c in match):
+        raise InvalidArgument("match", "must be a non-empty string without spaces")
+    if kind == "tcp":
+        _check_tcp_match(match)
+    if kind in ("http", "sni"):
+        match = match.lower()
+    if not isinstance(target, str) or not target.strip():
+        raise InvalidArgument("target", "must be a non-empty string")
+    _check_text("target", target)
+    from sesame.hub._target import parse_target
+
+    try:
+        parse_target(target)
+    except ValueError as exc:
+        raise InvalidArgument("target", str(exc).removeprefix("target ")) from None
+    return match
+
+
+def _new_route_id() -> str:
+    return f"rt_{secrets.token_hex(6)}"
+
+
+# -- store URLs -------------------------------------------------------------------------
+
+_REDACTED = "***"
+#: A query parameter whose name holds one of these has a secret value (password,
+#: ssl_password, token, ...).
+_SECRET_WORDS = ("pass", "secret", "token", "auth")
+
+
+def _secret_param(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (``redis://:***@host:6379/0``): the
+    form to log or put in an error.  Never raises; an unparsable URL loses everything
+    that could be a password (the part before its last ``@``, secret query values)."""
+    if not isinstance(url, str):
+        return _REDACTED
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url  # a plain path: nothing secret in it
+    head, qsep, query = rest.partition("?")
+    if "@" in head and not rest.startswith("/"):  # (sqlite:///a@b.db has no user part)
+        userinfo, _, hostpart = head.rpartition("@")
+        if ":" in userinfo or "/" in userinfo:  # ("/": a password that broke the URL)
+            head = f"{userinfo.partition(':')[0].partition('/')[0]}:{_REDACTED}@{hostpart}"
+    elif "@" in query and not rest.startswith("/"):
+        # "?" inside a password ("redis://:pa?ss@host"): everything before the last @ goes
+        head, qsep, query = f":{_REDACTED}@{rest.rpartition('@')[2]}", "", ""
+    if query:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            if any(word in query.lower() for word in _SECRET_WORDS):
+                query = _REDACTED
+        else:
+            if any(_secret_param(k) for k, _ in pairs):
+                query = urlencode([(k, _REDACTED if _secret_param(k) else v) for k, v in pairs],
+                                  safe="*/:@")
+    return f"{scheme}://{head}{qsep}{query}"
+
+
 # -- interface --------------------------------------------------------------
 
 
@@ -330,7 +480,8 @@ class Store(abc.ABC):
     Names (namespaces, remotes, endpoints) are 1-63 characters of
     ``A-Z a-z 0-9 . _ -`` starting with a letter or digit.  Methods raise
     :class:`InvalidArgument`, :class:`NotFound` or :class:`AlreadyExists`, each
-    carrying the offending field's name in ``field``.
+    carrying the offending field's name in ``field``; a networked store also
+    :class:`StoreUnavailable` when its server does not answer.
     """
 
     #: True for a store that does network I/O (Redis): the hub never calls it on its
@@ -479,8 +630,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_route(self, route_id: str) -> None: ...
 
+    # cluster-wide values
+    @abc.abstractmethod
+    def shared_secret(self, name: str, factory: Callable[[], bytes]) -> bytes:
+        """The bytes stored under ``name`` (a name like a remote's); when there are none,
+        ``factory()`` stored atomically and returned.  Every caller, in any process
+        sharing the store, gets the same bytes: of two racing first callers one
+        ``factory()`` result wins and both return it.  For values the hubs of a cluster
+        must agree on (the peer secret, the cluster CA); never listed, never published."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the store is unusable afterwards."""
+
+    # -- for backends: the rules every store applies the same way ------------------------
+    # (Protected so that a backend in another module shares them instead of copying.)
+
+    #: Check a name (namespace, remote, endpoint, secret): InvalidArgument for ``field``.
+    _check_name = staticmethod(_check_name)
+    #: Check :meth:`create_token`'s arguments and make the new secret and its digest.
+    _token_material = staticmethod(_token_material)
+    #: A new random token id.
+    _new_token_id = staticmethod(_new_token_id)
+    #: Does a presented secret match a stored digest (constant time)?
+    _secret_matches = staticmethod(_secret_matches)
+    #: The token id :meth:`revoke` is about, or None.
+    _token_id_of = staticmethod(_token_id_of)
+    #: Check ``display_name`` and ``description`` (None: not given).
+    _check_texts = staticmethod(_check_texts)
+    #: Check a route kind.
+    _check_route_kind = staticmethod(_check_route_kind)
+    #: Check :meth:`create_route`'s arguments; the match as stored.
+    _route_match = staticmethod(_route_match)
+    #: A new random route id.
+    _new_route_id = staticmethod(_new_route_id)
 
     def __enter__(self) -> Store:
         return self
@@ -542,6 +724,8 @@ _MIGRATIONS: dict[int, str] = {
     0: _SCHEMA_V1,
     # 2: the hub asks for tokens revoked since a moment, several times a second
     1: "CREATE INDEX tokens_revoke_time ON tokens(revoke_time)",
+    # 3: values every hub of a deployment shares (Store.shared_secret)
+    2: "CREATE TABLE kv (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
 }
 
 
@@ -677,29 +861,11 @@ class SQLiteStore(Store):
         pattern: str | None = None,
         namespace: str = DEFAULT_NAMESPACE,
     ) -> tuple[str, str]:
-        if kind not in TOKEN_KINDS:
-            raise InvalidArgument("kind", f"{kind!r} is not one of {', '.join(TOKEN_KINDS)}")
-        if kind == "remote":
-            if remote is None:
-                raise InvalidArgument("remote", "a remote token needs the remote's name")
-            _check_name("remote", remote)
-        elif remote is not None:
-            raise InvalidArgument("remote", f"only remote tokens name a remote, not {kind} tokens")
-        if pattern is not None:
-            if kind != "client":
-                raise InvalidArgument("pattern", "only client tokens take a remotes pattern")
-            if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
-                raise InvalidArgument(
-                    "pattern",
-                    f"{pattern!r} is not a remote-name glob (names plus * ? [...])",
-                )
-        secret = secrets.token_urlsafe(_SECRET_BYTES)
-        salt = secrets.token_bytes(_SALT_BYTES)
-        digest = _digest(secret, salt, self._iterations)
+        new = _token_material(kind, remote, pattern, self._iterations)
         with self._tx() as db:
             self._require_namespace(db, namespace)
             while True:
-                token_id = secrets.token_hex(_ID_HEX // 2)
+                token_id = _new_token_id()
                 if not db.execute("SELECT 1 FROM tokens WHERE id=?", (token_id,)).fetchone():
                     break
             db.execute(
@@ -711,14 +877,14 @@ class SQLiteStore(Store):
                     namespace,
                     remote,
                     pattern,
-                    _KDF,
-                    self._iterations,
-                    salt,
-                    digest,
+                    new.kdf,
+                    new.iterations,
+                    new.salt,
+                    new.digest,
                     self._clock(),
                 ),
             )
-        return token_id, f"{TOKEN_PREFIX}_{token_id}_{secret}"
+        return token_id, new.text(token_id)
 
     _TOKEN_COLUMNS = "id, kind, namespace, remote, pattern, create_time, revoke_time"
 
@@ -734,18 +900,15 @@ class SQLiteStore(Store):
         if not rows:
             return None
         *info, kdf, iterations, salt, stored = rows[0]
-        if kdf != _KDF:
-            return None
         # Outside the lock: the KDF is the slow part and touches no shared state.
-        if not hmac.compare_digest(_digest(secret, salt, iterations), stored):
+        if not _secret_matches(secret, kdf, iterations, salt, stored):
             return None
         result = TokenInfo(*info)
         return None if result.revoked else result
 
     def revoke(self, token_id_or_token: str) -> bool:
-        parsed = parse_token(token_id_or_token)
-        token_id = parsed[0] if parsed else token_id_or_token
-        if not isinstance(token_id, str) or not _ID_RE.match(token_id):
+        token_id = _token_id_of(token_id_or_token)
+        if token_id is None:
             return False
         with self._tx() as db:
             cur = db.execute(
@@ -832,8 +995,7 @@ class SQLiteStore(Store):
         description: str = "",
     ) -> RemoteRecord:
         _check_name("name", name)
-        _check_text("display_name", display_name, 256)
-        _check_text("description", description)
+        _check_texts(display_name, description)
         with self._tx() as db:
             self._require_namespace(db, namespace)
             if db.execute(
@@ -883,10 +1045,7 @@ class SQLiteStore(Store):
         display_name: str | None = None,
         description: str | None = None,
     ) -> RemoteRecord:
-        if display_name is not None:
-            _check_text("display_name", display_name, 256)
-        if description is not None:
-            _check_text("description", description)
+        _check_texts(display_name, description)
         with self._tx() as db:
             old = self._get_remote(db, name, namespace)
             new = RemoteRecord(
@@ -920,8 +1079,7 @@ class SQLiteStore(Store):
         description: str = "",
     ) -> EndpointRecord:
         _check_name("name", name)
-        _check_text("display_name", display_name, 256)
-        _check_text("description", description)
+        _check_texts(display_name, description)
         with self._tx() as db:
             self._get_remote(db, remote, namespace)
             if db.execute(
@@ -976,10 +1134,7 @@ class SQLiteStore(Store):
         display_name: str | None = None,
         description: str | None = None,
     ) -> EndpointRecord:
-        if display_name is not None:
-            _check_text("display_name", display_name, 256)
-        if description is not None:
-            _check_text("description", description)
+        _check_texts(display_name, description)
         with self._tx() as db:
             old = self._get_endpoint(db, remote, name, namespace)
             new = EndpointRecord(
@@ -1010,29 +1165,13 @@ class SQLiteStore(Store):
     _ROUTE_COLUMNS = "id, kind, match, target, created"
 
     def create_route(self, kind: str, match: str, target: str) -> RouteRecord:
-        if kind not in ROUTE_KINDS:
-            raise InvalidArgument("kind", f"{kind!r} is not one of {', '.join(ROUTE_KINDS)}")
-        if not isinstance(match, str) or not match or any(c.isspace() for c in match):
-            raise InvalidArgument("match", "must be a non-empty string without spaces")
-        if kind == "tcp":
-            _check_tcp_match(match)
-        if kind in ("http", "sni"):
-            match = match.lower()
-        if not isinstance(target, str) or not target.strip():
-            raise InvalidArgument("target", "must be a non-empty string")
-        _check_text("target", target)
-        from sesame.hub._target import parse_target
-
-        try:
-            parse_target(target)
-        except ValueError as exc:
-            raise InvalidArgument("target", str(exc).removeprefix("target ")) from None
+        match = _route_match(kind, match, target)
         with self._tx() as db:
             if db.execute(
                 "SELECT 1 FROM routes WHERE kind=? AND match=?", (kind, match)
             ).fetchone():
                 raise AlreadyExists("match", f"{kind} {match}")
-            route_id = f"rt_{secrets.token_hex(6)}"
+            route_id = _new_route_id()
             now = self._clock()
             db.execute(
                 f"INSERT INTO routes ({self._ROUTE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
@@ -1050,8 +1189,7 @@ class SQLiteStore(Store):
         if kind is None:
             rows = self._read(f"SELECT {self._ROUTE_COLUMNS} FROM routes ORDER BY created, id")
         else:
-            if kind not in ROUTE_KINDS:
-                raise InvalidArgument("kind", f"{kind!r} is not one of {', '.join(ROUTE_KINDS)}")
+            _check_route_kind(kind)
             rows = self._read(
                 f"SELECT {self._ROUTE_COLUMNS} FROM routes WHERE kind=? ORDER BY created, id",
                 (kind,),
@@ -1063,3 +1201,18 @@ class SQLiteStore(Store):
             cur = db.execute("DELETE FROM routes WHERE id=?", (route_id,))
             if cur.rowcount != 1:
                 raise NotFound("route", route_id)
+
+    # -- shared values
+
+    def shared_secret(self, name: str, factory: Callable[[], bytes]) -> bytes:
+        _check_name("name", name)
+        rows = self._read("SELECT value FROM kv WHERE name=?", (name,))
+        if rows:
+            return bytes(rows[0][0])
+        value = factory()  # outside the lock and transaction: it may be slow (a CA key)
+        if not isinstance(value, bytes):
+            raise InvalidArgument("factory", f"must return bytes, not {type(value).__name__}")
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO kv (name, value) VALUES (?, ?)", (name, value))
+            (stored,) = db.execute("SELECT value FROM kv WHERE name=?", (name,)).fetchone()
+        return bytes(stored)
