@@ -74,6 +74,9 @@ class HubOptions(usage.Options):
          "DATA_DIR/hub.db: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... (TLS; "
          "?ssl_ca_certs=FILE), sqlite:///PATH (env SESAME_STORE; the password is never "
          "logged)."],
+        ["advertise", None, None,
+         "With a Redis --store (a cluster): HOST:PORT where the other hubs reach this one "
+         "(default: the --listen address; a wildcard host becomes this machine's name)."],
         ["tls-cert", None, None, "PEM certificate to serve instead of the generated one."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["tls-ca", None, None,
@@ -112,6 +115,11 @@ class HubOptions(usage.Options):
                 check_store_url(self["store"])
             except InvalidArgument as exc:
                 raise usage.UsageError(f"--store: {exc.reason}") from None
+        if self["advertise"]:
+            try:
+                N.hub_address(self["advertise"])
+            except ValueError as exc:
+                raise usage.UsageError(f"--advertise: {exc}") from None
         _routecli.check_hub_options(self)
         if self["http"]:
             from sesame.hub import check_http_endpoint
@@ -359,7 +367,13 @@ class HubService(service.Service):
         else:
             store = SQLiteStore(data_dir / "hub.db")
         creds = None
+        self.peer_ca: bytes | None = None  # what this hub trusts when it dials a peer hub
         ca_note = "no TLS (loopback only)"
+        if store.networked and not o["no-tls"] and not o["tls-cert"]:
+            # a cluster: every hub issues its certificate from the one CA in the store
+            from sesame.hub.tls import adopt_cluster_ca, cluster_ca_bundle
+
+            adopt_cluster_ca(data_dir, store.shared_secret("cluster-ca", cluster_ca_bundle))
         if not o["no-tls"]:
             import grpc
 
@@ -370,13 +384,17 @@ class HubService(service.Service):
                     root_certificates=client_ca, require_client_auth=client_ca is not None)
                 ca_note = f"TLS with {o['tls-cert']}" + (
                     f"; clients and remotes trust {o['tls-ca']}" if o["tls-ca"] else "")
+                self.peer_ca = Path(o["tls-ca"]).read_bytes() if o["tls-ca"] else None
             else:
                 hosts = [o.host] if o.host not in ("0.0.0.0", "::") else []
                 if not hosts:
                     import socket
 
                     hosts = [socket.getfqdn()]
+                if o["advertise"]:
+                    hosts.append(N.hub_address(o["advertise"])[0])
                 tls = ensure_hub_tls(data_dir, hosts)
+                self.peer_ca = tls.ca_pem
                 creds = tls.server_credentials(require_client_cert=client_ca is not None,
                                                client_ca=client_ca)
                 ca_note = f"TLS; clients and remotes trust {tls.ca_path}"
@@ -400,7 +418,35 @@ class HubService(service.Service):
         self._watch_files()
         self.ready.addErrback(_explain_bind, o.host, o.port)
         self.ready.addCallbacks(listening, self.on_start_failure)
+        if store.networked:
+            self.ready.addCallback(self._join_cluster)
         self.ready.addCallback(self._start_doors, store)
+
+    def _join_cluster(self, port: int | None) -> Any:
+        """A networked (Redis) store makes this hub a member of the cluster on it
+        (sesame.hub.cluster): lease, presence, the bus, the peer relay."""
+        from sesame.bridge import get_bridge
+        from sesame.hub.cluster import advertise_address, join
+
+        if self.hub is None or port is None:
+            return port
+        o = self.options
+        creds = None
+        if not o["no-tls"]:
+            import grpc
+
+            creds = grpc.ssl_channel_credentials(root_certificates=self.peer_ca)
+        advertise = advertise_address(o.host, port, o["advertise"])
+
+        def joined(cluster: Any) -> int:
+            self.log.info("sesame hub {id} joined the cluster ({n} other hub(s)); peers reach "
+                          "it at {advertise}", id=cluster.id, n=len(cluster.peers),
+                          advertise=advertise)
+            return port
+
+        d = get_bridge().deferred(join(self.hub, advertise=advertise, channel_credentials=creds))
+        d.addCallbacks(joined, self.on_start_failure)
+        return d
 
     def _watch_files(self) -> None:
         """Every 2 s count the open files (in a thread: ~1 us a file) and say when the hub

@@ -398,9 +398,11 @@ class RedisStore(Store):
         if kind != "redis":
             raise InvalidArgument("store", f"{self.url} is not a redis:// or rediss:// URL")
         options.pop("prefix", None)
+        self._client_url = urlunsplit(urlsplit(url)._replace(query=urlencode(options)))
+        self._timeout = timeout
         try:
             self._redis: redis.Redis | None = redis.Redis.from_url(
-                urlunsplit(urlsplit(url)._replace(query=urlencode(options))),
+                self._client_url,
                 socket_connect_timeout=timeout, socket_timeout=timeout,
                 retry=Retry(NoBackoff(), 0))
         except (ValueError, TypeError) as exc:
@@ -423,6 +425,15 @@ class RedisStore(Store):
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
+
+    def async_client(self) -> Any:
+        """A ``redis.asyncio.Redis`` on the same server, database and credentials (for
+        :mod:`sesame.hub.cluster`: the lease, presence and the bus on the bridge loop)."""
+        import redis.asyncio as aioredis
+
+        return aioredis.from_url(self._client_url, socket_connect_timeout=self._timeout,
+                                 socket_timeout=max(self._timeout, 5.0),
+                                 health_check_interval=10)
 
     def _reason(self, exc: BaseException) -> str:
         text = str(exc) or type(exc).__name__

@@ -184,7 +184,7 @@ class Cluster:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._renewer()), loop.create_task(self._listen()),
                        loop.create_task(self._sweeper())]
-        log.info("hub %s joined the cluster (advertising %s; %d other hub(s))", self.id,
+        log.debug("hub %s joined the cluster (advertising %s; %d other hub(s))", self.id,
                  self.advertise, len(self.peers))
 
     def _make_redis(self) -> Any:
@@ -425,7 +425,7 @@ class Cluster:
                 # messages published while we were away are lost: read the state instead
                 await self._resync()
                 while True:
-                    msg = await pubsub.get_message(timeout=5.0)
+                    msg = await pubsub.get_message(timeout=1.0)
                     if msg is None or msg.get("type") != "message":
                         continue
                     self._apply(msg["data"])
@@ -633,6 +633,45 @@ class Cluster:
                 done.set_result(None)
 
 
+def advertise_address(host: str, port: int, advertise: str | None = None) -> str:
+    """Where peers dial this hub: ``advertise`` when given (checked ``HOST:PORT``), else
+    the listen address, with a wildcard host (``0.0.0.0``, ``::``, empty) replaced by
+    this machine's name.
+
+    :raises ValueError: ``advertise`` is not ``HOST:PORT``.
+    """
+    if advertise:
+        h, p = N.hub_address(advertise)
+        return N.join_host_port(h, p)
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return N.join_host_port(host, port)
+
+
+async def join(hub: Any, *, advertise: str, channel_credentials: grpc.ChannelCredentials | None,
+               hub_id: str | None = None, lease: float = LEASE,
+               renew: float = RENEW) -> Cluster:
+    """Make ``hub`` (serving already; its store a networked one with ``prefix`` and
+    ``async_client()``, :class:`~sesame.hub._redisstore.RedisStore`) a member of the cluster on that store: the peer secret from the store,
+    the lease, the bus.  Returns the started :class:`Cluster` (``hub.cluster``).
+
+    :raises StoreUnavailable: Redis does not answer.
+    """
+    store = hub.store
+    secret = await hub.store_call(store.shared_secret, "cluster-peer-secret",
+                                  lambda: secrets.token_bytes(32))
+    cluster = Cluster(hub, store.url, prefix=store.prefix, advertise=advertise,
+                      peer_secret=secret, channel_credentials=channel_credentials,
+                      hub_id=hub_id, lease=lease, renew=renew,
+                      redis_factory=lambda _url: store.async_client())
+    cluster.on_store_change = hub.store_changed
+    await cluster.start()
+    hub.cluster = cluster
+    for session in hub.connected():  # registered while the hub was joining
+        await cluster.session_up(session, session.instance)
+    return cluster
+
+
 class _PeerGone(Exception):
     """A peer could not give a stream (skip it for the next candidate)."""
 
@@ -645,4 +684,5 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-__all__ = ["LEASE", "RENEW", "Cluster", "PeerHub", "Presence", "new_hub_id"]
+__all__ = ["LEASE", "RENEW", "Cluster", "PeerHub", "Presence", "advertise_address", "join",
+           "new_hub_id"]

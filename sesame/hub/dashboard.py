@@ -67,6 +67,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 #: Front-door routes in a poll (the total is given too), endpoints and peers per row.
 ROUTES_SHOWN = 50
+HUBS_SHOWN = 50  # hubs of a cluster listed on the page (the count says how many in all)
 ENDPOINTS_SHOWN = 16
 PEERS_SHOWN = 4
 
@@ -204,9 +205,23 @@ def state(hub: Any, store: Any, *, needle: str = "", page: int = 1,
         "remotes": out,
         "routes": route_rows, "routes_total": routes_total,
         "recent_errors": list(reversed(list(m.recent_errors))),
+        "cluster": cluster_state(hub),
         "dial_errors": m.dial_errors(),
         "auth_failures": m.auth_failures(),
     }
+
+
+def cluster_state(hub: Any) -> dict | None:
+    """The hubs of this hub's cluster and the sessions each holds (None: not in one)."""
+    cluster = getattr(hub, "cluster", None)
+    if cluster is None:
+        return None
+    hubs = [{"id": cluster.id, "advertise": cluster.advertise, "sessions": len(cluster.local),
+             "self": True}]
+    hubs += [{"id": p.id, "advertise": p.advertise, "sessions": len(p.sessions), "self": False}
+             for p in sorted(cluster.peers.values(), key=lambda p: p.id)]
+    return {"hub": cluster.id, "up": cluster.up, "hubs": hubs[:HUBS_SHOWN],
+            "hubs_total": len(hubs), "relayed": cluster.relayed}
 
 
 def history(hub: Any, remote: tuple[str, str] | None = None) -> dict:
@@ -538,6 +553,16 @@ _SCRIPT = r"""
         { text: rate(r.rate_out), cls: "num", title: bytes(r.bytes_out) + " in total" },
         { text: r.rtt_ms === null ? "-" : r.rtt_ms.toFixed(2) + " ms", cls: "num" }] };
     }), 9, s.filter ? "no connected remote matches" : "no remotes connected");
+    $("cluster").hidden = !s.cluster;
+    if (s.cluster) {
+      $("hub-count").textContent = "(" + count(s.cluster.hubs_total) +
+        (s.cluster.up ? "" : "; store unavailable") + ")";
+      fill($("hubs"), s.cluster.hubs.map(function (h) {
+        return { id: h.id, cls: h.self ? "selected" : "", cells: [
+          { text: h.id + (h.self ? " (this hub)" : ""), cls: "name" }, { text: h.advertise },
+          { text: count(h.sessions), cls: "num" }] };
+      }), 3, "no hubs");
+    }
     $("route-count").textContent = "(" + count(s.routes_total) +
       (s.routes_total > s.routes.length ? ", first " + s.routes.length + " shown" : "") + ")";
     fill($("routes"), s.routes.map(function (r) {
@@ -773,6 +798,9 @@ maxlength="63" autocomplete="off" spellcheck="false" aria-label="filter remotes 
 <table><thead><tr><th>Name</th><th>Namespace</th><th>Address</th><th>Connected</th>
 <th>Endpoints</th><th class="num">Conns</th><th class="num">In</th><th class="num">Out</th>
 <th class="num">RTT</th></tr></thead><tbody id="remotes"></tbody></table></section>
+<section id="cluster" hidden><h2>Hubs <span id="hub-count" class="count"></span></h2>
+<table><thead><tr><th>Hub</th><th>Peer address</th><th class="num">Remote sessions</th></tr></thead>
+<tbody id="hubs"></tbody></table></section>
 <section><h2>Routes <span id="route-count" class="count"></span></h2>
 <table><thead><tr><th>Kind</th><th>Match</th><th>Target</th><th>Id</th></tr></thead>
 <tbody id="routes"></tbody></table></section>
