@@ -298,7 +298,9 @@ def cmd_remotes(args: argparse.Namespace) -> int:
             for s in resp.sessions:
                 remote = s.name.rsplit("/sessions/", 1)[0]
                 e = live.setdefault(remote, {"connected_since": None, "endpoints": set(),
-                                             "connections": 0})
+                                             "connections": 0, "hubs": set()})
+                if s.hub:
+                    e["hubs"].add(s.hub)
                 since = s.connect_time.ToNanoseconds() / 1e9
                 if e["connected_since"] is None or since < e["connected_since"]:
                     e["connected_since"] = since
@@ -311,16 +313,19 @@ def cmd_remotes(args: argparse.Namespace) -> int:
         rows.append({"name": rid, "namespace": ns_id, "connected": e is not None,
                      "connected_since": e["connected_since"] if e else None,
                      "endpoints": sorted(e["endpoints"]) if e else [],
-                     "connections": e["connections"] if e else 0})
+                     "connections": e["connections"] if e else 0,
+                     "hubs": sorted(e["hubs"]) if e else []})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NAME':20} {'NAMESPACE':12} {'CONNECTED SINCE':20} {'CONNS':>5}  ENDPOINTS")
+    clustered = any(row["hubs"] for row in rows)
+    print(f"{'NAME':20} {'NAMESPACE':12} {'CONNECTED SINCE':20} {'CONNS':>5}  ENDPOINTS"
+          + ("  HUBS" if clustered else ""))
     for row in rows:
         since = (datetime.datetime.fromtimestamp(row["connected_since"]).strftime("%Y-%m-%d %H:%M:%S")
                  if row["connected"] else "offline")
         print(f"{row['name']:20} {row['namespace']:12} {since:20} {row['connections']:>5}  "
-              f"{','.join(row['endpoints'])}")
+              f"{','.join(row['endpoints'])}" + (f"  {','.join(row['hubs'])}" if clustered else ""))
     return 0
 
 

@@ -304,3 +304,42 @@ async def test_peer_stream_needs_the_peer_secret(world):
 
 def asyncio_gather(*coros) -> defer.Deferred:
     return defer.gatherResults([defer.ensureDeferred(c) for c in coros], consumeErrors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_sessions_on_any_hub_lists_the_whole_cluster_page_by_page(world, echo_port):
+    from sesame.admin.v1alpha1 import admin_pb2
+    from sesame.hub import dashboard, mgmt
+
+    a, b, c = [await world.add_hub() for _ in range(3)]
+    allow = [f"127.0.0.1:{echo_port}"]
+    for i, m in enumerate((a, b, c)):
+        await world.add_remote(m, f"edge-{i}", allow)
+    await world.add_remote(b, "edge-0", allow, instance="second")  # edge-0 on two hubs
+    await world.settle(lambda: sum(len(p.sessions) for p in c.cluster.peers.values()) == 3)
+    admin = world.store.create_token("admin")[1]
+    method = mgmt.ADMIN.methods_by_name["ListSessions"]
+
+    async def listing(member, size):
+        names, hubs, token = [], [], ""
+        while True:
+            req = admin_pb2.ListSessionsRequest(parent="namespaces/-/remotes/-",
+                                                page_size=size, page_token=token)
+            resp = await mgmt.for_hub(member.hub).call(method, req, admin)
+            names += [s.name for s in resp.sessions]
+            hubs += [s.hub for s in resp.sessions]
+            token = resp.next_page_token
+            if not token:
+                return names, hubs
+
+    for m in (a, b, c):
+        for size in (1, 100):
+            names, hubs = await on_loop(listing(m, size))
+            assert len(names) == len(set(names)) == 4, names
+            assert sorted(n.split("/")[3] for n in names) == ["edge-0", "edge-0", "edge-1",
+                                                             "edge-2"]
+            assert set(hubs) == {a.cluster.id, b.cluster.id, c.cluster.id}
+    state = dashboard.cluster_state(a.hub)
+    assert state["hubs_total"] == 3 and state["up"] is True
+    assert {h["id"]: h["sessions"] for h in state["hubs"]} == {
+        a.cluster.id: 1, b.cluster.id: 2, c.cluster.id: 1}

@@ -932,12 +932,19 @@ class Management:
                                "'_' or '-', starting with a letter or digit")
         return (None if ns == "-" else ns), (None if remote == "-" else remote)
 
-    @staticmethod
-    def _session_after(value: Any) -> tuple[str, str, int]:
-        ns, remote, sid = value
+    def _session_after(self, value: Any) -> tuple:
+        """A page token's place: (ns, remote, session id) on a single hub, (ns, remote,
+        hub id, session id) in a cluster."""
+        clustered = getattr(self.hub, "cluster", None) is not None
+        if clustered:
+            ns, remote, hub, sid = value
+            if not isinstance(hub, str):
+                raise TypeError
+        else:
+            ns, remote, sid = value
         if not (isinstance(ns, str) and isinstance(remote, str) and type(sid) is int):
             raise TypeError
-        return (ns, remote, sid)
+        return tuple(value)
 
     async def list_sessions(self, req: Any, info: TokenInfo) -> Message:
         ns, remote = self._session_parent(req.parent)
@@ -951,16 +958,26 @@ class Management:
             if ns is not None and ns != info.namespace:
                 return resp  # like ListRemotes: nothing of another namespace is visible
             ns = info.namespace
+        cluster = getattr(self.hub, "cluster", None)
+        rows = None
+        if cluster is not None:  # every hub's sessions, snapshotted here on the loop
+            rows = [((s.namespace, s.remote, cluster.id, s.id), s) for s in self.hub.connected()]
+            rows += [((p.namespace, p.remote, p.hub, _presence_id(p)), p)
+                     for p in cluster.remote_sessions()]
         return await self._off_loop(lambda: self._sessions_page(req, info, ns, remote, needle,
-                                                                size, after, resp))
+                                                                size, after, resp, rows))
 
     def _sessions_page(self, req: Any, info: TokenInfo, ns: str | None, remote: str | None,
-                       needle: str, size: int, after: tuple[str, str, int] | None,
-                       resp: Any) -> Message:
-        metrics = getattr(self.hub, "metrics", None)
-        view = metrics.fleet.view() if metrics is not None else FleetView.of(
-            list(self.hub.sessions.values()))
-        flat, sessions = view.flat, view.flat_sessions
+                       needle: str, size: int, after: tuple | None, resp: Any,
+                       rows: list | None = None) -> Message:
+        if rows is None:
+            metrics = getattr(self.hub, "metrics", None)
+            view = metrics.fleet.view() if metrics is not None else FleetView.of(
+                list(self.hub.sessions.values()))
+            flat, sessions = view.flat, view.flat_sessions
+        else:
+            rows.sort(key=lambda r: r[0])
+            flat, sessions = [r[0] for r in rows], [r[1] for r in rows]
         start = 0 if ns is None else bisect.bisect_left(
             flat, (ns,) if remote is None else (ns, remote))
         if after is not None:
@@ -973,7 +990,7 @@ class Management:
         stop = min(len(flat), start + SCAN_LIMIT)
         j = start
         while j < stop:
-            s_ns, s_remote, _ = flat[j]
+            s_ns, s_remote = flat[j][0], flat[j][1]
             if ns is not None and s_ns != ns:
                 break  # past the namespace (or the remote): nothing further matches
             if remote is not None and s_remote != remote:
@@ -987,16 +1004,27 @@ class Management:
             ok = visible.get((s_ns, s_remote))
             if ok is None:
                 ok = visible[(s_ns, s_remote)] = info.may_list(s_remote, s_ns)
-            if not ok or sessions[j - 1].closed:
+            if not ok or getattr(sessions[j - 1], "closed", False):
                 continue
             if len(page) == size:  # one more exists: the next page starts after the last
-                resp.next_page_token = _page_token(req, list(_session_key(page[-1])))
+                resp.next_page_token = _page_token(req, list(flat[page[-1]]))
                 break
-            page.append(sessions[j - 1])
+            page.append(j - 1)
         else:
             if j < len(flat):  # the scan limit, not the end: go on after what was scanned
                 resp.next_page_token = _page_token(req, list(flat[j - 1]))
-        resp.sessions.extend(session_pb(s, routes) for s in page)
+        cluster = getattr(self.hub, "cluster", None)
+        for i in page:
+            s = sessions[i]
+            if rows is None:
+                resp.sessions.append(session_pb(s, routes))
+            elif flat[i][2] == cluster.id:
+                pb = session_pb(s, routes)
+                pb.hub = cluster.id
+                pb.name = f"{N.resource_name(s.namespace, s.remote)}/sessions/{cluster.id}.{s.id}"
+                resp.sessions.append(pb)
+            else:
+                resp.sessions.append(presence_pb(s, cluster))
         return resp
 
 
@@ -1008,9 +1036,30 @@ def _not_served(name: str) -> Callable[..., Any]:
     return handle
 
 
-def _session_key(session: Any) -> tuple[str, str, int]:
-    """A session's place in :attr:`sesame.hub.metrics.FleetView.flat`."""
-    return (session.namespace, session.remote, session.id)
+def _presence_id(p: Any) -> int:
+    """The session id in a peer hub's presence key (``ns/remote#id``)."""
+    tail = p.key.rpartition("#")[2]
+    return int(tail) if tail.isascii() and tail.isdigit() else 0
+
+
+def presence_pb(p: Any, cluster: Any) -> admin_pb2.Session:
+    """A session on another hub of the cluster (:class:`sesame.hub.cluster.Presence`) as
+    an ``admin.v1alpha1.Session``: ``endpoints`` are those this hub would route to it.  In
+    a cluster a session's id is ``HUB.ID`` (ids are numbered per hub)."""
+    routed = []
+    for ep in sorted(p.endpoints):
+        try:
+            best = cluster.candidates(p.namespace, p.remote, ep)
+        except RuntimeError:  # the view changed under us (it lives on the loop)
+            best = []
+        if best and best[0] is p:
+            routed.append(ep)
+    pb = admin_pb2.Session(
+        name=f"{N.resource_name(p.namespace, p.remote)}/sessions/{p.hub}.{_presence_id(p)}",
+        peer=peer_address(p.peer), offered_endpoints=sorted(p.endpoints), endpoints=routed,
+        hub=p.hub)
+    _ts(pb.connect_time, p.since)
+    return pb
 
 
 def for_hub(hub: Any) -> Management:

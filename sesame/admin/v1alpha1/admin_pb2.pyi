@@ -169,7 +169,7 @@ class DeleteRouteRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("name", "peer", "connect_time", "offered_endpoints", "endpoints", "connections", "stream_requests_pending")
+    __slots__ = ("name", "peer", "connect_time", "offered_endpoints", "endpoints", "connections", "stream_requests_pending", "hub")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class Session(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     STREAM_REQUESTS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    HUB_FIELD_NUMBER: _ClassVar[int]
     name: str
     peer: str
     connect_time: _timestamp_pb2.Timestamp
@@ -184,7 +185,8 @@ class Session(_message.Message):
     endpoints: _containers.RepeatedScalarFieldContainer[str]
     connections: int
     stream_requests_pending: int
-    def __init__(self, name: _Optional[str] = ..., peer: _Optional[str] = ..., connect_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., offered_endpoints: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., connections: _Optional[int] = ..., stream_requests_pending: _Optional[int] = ...) -> None: ...
+    hub: str
+    def __init__(self, name: _Optional[str] = ..., peer: _Optional[str] = ..., connect_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., offered_endpoints: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., connections: _Optional[int] = ..., stream_requests_pending: _Optional[int] = ..., hub: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ("parent", "page_size", "page_token", "filter")
