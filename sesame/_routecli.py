@@ -128,13 +128,15 @@ def check_hub_options(options: Any) -> None:
             raise usage.UsageError(f"--{key}: {desc!r} is not a Twisted server endpoint: {why}")
 
 
-def front_doors(hub: Any, store: Any, options: Any, reactor: Any) -> Any:
+def front_doors(hub: Any, store: Any, options: Any, reactor: Any, *,
+                reuse_port: bool = False) -> Any:
     from sesame.hub.frontdoor import FrontDoors
 
     listeners = {kind: options[key] for kind, key in
                  (("http", "vhost"), ("sni", "sni"), ("grpc", "grpc-door")) if options[key]}
     return FrontDoors(hub, store, reactor, listeners=listeners,
-                      tcp_interface=options["front-interface"], forwarded=options["forwarded"])
+                      tcp_interface=options["front-interface"], forwarded=options["forwarded"],
+                      reuse_port=reuse_port)
 
 
 __all__ = ["HUB_OPTIONS", "add_parser", "check_hub_options", "cmd_route", "front_doors"]

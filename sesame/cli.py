@@ -80,6 +80,9 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
         return int(exc.code or 0)
     from sesame import tap
 
+    if make is tap.HubOptions and options["workers"] > 1 and tap.worker_index() is None:
+        return _supervise_workers(options, argv)
+
     observer = (json_log_observer() if options["log-format"] == "json"
                 else textFileLogObserver(sys.stderr))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
@@ -134,6 +137,107 @@ def _run_service(make: Any, argv: list[str], banner: Any = None) -> int:
             raise failed[0]
         raise CLIError(f"{type(failed[0]).__name__}: {failed[0]}")
     return 0
+
+
+def _supervise_workers(options: Any, argv: list[str]) -> int:
+    """``sesame hub --workers N``: run N hub processes on one port (SO_REUSEPORT), each a
+    member of the cluster on the Redis store with a peer port of its own; restart one that
+    dies (backoff 1 s doubling to 30 s); SIGTERM/SIGINT stop them all.  The exit status is
+    1 when a worker fails before all listen (a configuration error: its log says why)."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from sesame import _names as N
+    from sesame.hub.frontdoor import ReusePortEndpoint
+    from sesame.tap import WORKER_ENV
+
+    def free_port(interface: str) -> int:
+        import socket
+
+        with socket.socket(socket.AF_INET6 if ":" in interface else socket.AF_INET) as sock:
+            sock.bind((interface, 0))
+            return sock.getsockname()[1]
+
+    def tcp(interface: str, number: int) -> str:
+        escaped = interface.replace(":", "\\:")  # IPv6 colons, as endpoint strings escape them
+        return f"tcp:{number}:interface={escaped}"
+
+    n, host, port = options["workers"], options.host, options.port
+    if port == 0:  # every worker must bind the same port: pick it here
+        port = free_port(host)
+    extra = ["--listen", tcp(host, port)]
+    for flag in ("vhost", "sni", "grpc-door"):  # front doors on port 0: the same, picked here
+        ep = ReusePortEndpoint.parse(None, options[flag]) if options[flag] else None
+        if ep is not None and ep.port == 0:
+            interface = ep.interface or "0.0.0.0"
+            extra += [f"--{flag}", tcp(interface, free_port(interface))]
+    tmp = Path(tempfile.mkdtemp(prefix="sesame-workers-"))
+
+    def spawn(i: int) -> subprocess.Popen:
+        (tmp / f"{i}.port").unlink(missing_ok=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "sesame", "hub", *argv, *extra,
+             "--port-file", str(tmp / f"{i}.port")],
+            env={**os.environ, WORKER_ENV: str(i)}, stdin=subprocess.DEVNULL)
+
+    procs = {i: spawn(i) for i in range(n)}
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        deadline = time.monotonic() + 120
+        while not stopping and not all((tmp / f"{i}.port").exists() for i in procs):
+            for i, p in procs.items():
+                if p.poll() is not None:
+                    stop(signal.SIGTERM, None)
+                    for q in procs.values():
+                        q.wait()
+                    raise CLIError(f"hub worker {i} exited ({p.returncode}) before listening; "
+                                   "its log above says why")
+            if time.monotonic() > deadline:
+                stop(signal.SIGTERM, None)
+                raise CLIError("hub workers did not all listen within 120 s")
+            time.sleep(0.1)  # a supervisor's start-up wait, not a hot path
+        if not stopping:
+            if options["port-file"]:
+                Path(options["port-file"]).write_text(f"{port}\n")
+            where = N.join_host_port(host, port)
+            print(f"sesame hub: {n} workers listening on {where} (pids "
+                  f"{', '.join(str(p.pid) for p in procs.values())})", file=sys.stderr, flush=True)
+        backoff: dict[int, float] = {}
+        while True:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                return 0  # all gone
+            if stopping:
+                if all(p.poll() is not None for p in procs.values()):
+                    return 0
+                continue
+            for i, p in list(procs.items()):
+                if p.pid == pid:
+                    p.returncode = os.waitstatus_to_exitcode(status)
+                    delay = backoff.get(i, 0.5) * 2
+                    backoff[i] = min(delay, 30.0)
+                    print(f"sesame hub: worker {i} (pid {pid}) exited ({p.returncode}); "
+                          f"restarting it in {backoff[i]:g}s", file=sys.stderr, flush=True)
+                    time.sleep(backoff[i])
+                    if not stopping:
+                        procs[i] = spawn(i)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hub_banner(svc: Any) -> None:

@@ -74,6 +74,10 @@ class HubOptions(usage.Options):
          "DATA_DIR/hub.db: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... (TLS; "
          "?ssl_ca_certs=FILE), sqlite:///PATH (env SESAME_STORE; the password is never "
          "logged)."],
+        ["workers", None, "1",
+         "Run this many hub processes on the one --listen port (SO_REUSEPORT; front doors "
+         "too), each a member of the cluster on the Redis --store (required with more than "
+         "one). Default 1."],
         ["advertise", None, None,
          "With a Redis --store (a cluster): HOST:PORT where the other hubs reach this one "
          "(default: the --listen address; a wildcard host becomes this machine's name)."],
@@ -115,6 +119,17 @@ class HubOptions(usage.Options):
                 check_store_url(self["store"])
             except InvalidArgument as exc:
                 raise usage.UsageError(f"--store: {exc.reason}") from None
+        if not N.ascii_digits(self["workers"]) or not 1 <= int(self["workers"]) <= 64:
+            raise usage.UsageError(f"--workers: {self['workers']!r} is not a whole number "
+                                   "from 1 to 64")
+        self["workers"] = int(self["workers"])
+        if self["workers"] > 1 and not (self["store"] or "").startswith(("redis://",
+                                                                          "rediss://")):
+            raise usage.UsageError("--workers: several hub processes share their state through "
+                                   "a Redis --store (redis://HOST:PORT/DB)")
+        if self["advertise"] and self["workers"] > 1:
+            raise usage.UsageError("--advertise: with --workers each process advertises a port "
+                                   "of its own (on the --listen host); leave --advertise out")
         if self["advertise"]:
             try:
                 N.hub_address(self["advertise"])
@@ -182,7 +197,9 @@ class RemoteOptions(usage.Options):
         "Run a remote agent: dial out to the hub, register as NAME, and let clients "
         "open TCP connections to the addresses --allow permits (none by default). "
         "Reconnects with backoff when the hub goes away. With several hubs (--hub "
-        "repeated, or a DNS name with several addresses) it keeps a session to each."
+        "repeated, or a DNS name with several addresses) it keeps a session to each, "
+        "or with --homes N to the first N that accept it, moving to the next hub when "
+        "one of those is lost."
     )
     optParameters = [
         ["name", "n", None, "Remote name to register, or namespaces/NS/remotes/NAME."],
@@ -191,6 +208,9 @@ class RemoteOptions(usage.Options):
         ["ca", None, None, "The hub's CA certificate, e.g. the hub's .sesame/ca.pem (env SESAME_CA)."],
         ["cert", None, None, "Client certificate for a hub started with --client-ca (env SESAME_CERT)."],
         ["key", None, None, "Private key of --cert (env SESAME_KEY)."],
+        ["homes", None, None, "Keep sessions to at most N of the hubs (env SESAME_HOMES; "
+                              "default: all): the first N that accept, moving to the next "
+                              "one when one of them is lost."],
     ]
     optFlags = [["no-tls", None, "Plain gRPC to a loopback hub started with --no-tls."]]
 
@@ -198,6 +218,9 @@ class RemoteOptions(usage.Options):
         super().__init__()
         self["allow"] = []
         self["hub"] = []
+        #: ``--homes`` (or ``SESAME_HOMES``): how many of the hubs to keep sessions to
+        #: (None: all of them).
+        self.homes: int | None = None
 
     def opt_hub(self, hub: str) -> None:
         """The hub to dial: HOST:PORT or tcp:HOST:PORT; repeatable, or comma-separated, for a
@@ -218,7 +241,7 @@ class RemoteOptions(usage.Options):
     opt_a = opt_allow
 
     def postOptions(self) -> None:
-        from sesame.endpoints import hub_config, hub_targets
+        from sesame.endpoints import hub_config, hub_targets, parse_homes
 
         env = os.environ
         if not self["name"]:
@@ -230,6 +253,13 @@ class RemoteOptions(usage.Options):
             targets = hub_targets(hubs, key)
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from None
+        homes, key = ((self["homes"], "--homes") if self["homes"] is not None
+                      else (env.get("SESAME_HOMES") or None, "SESAME_HOMES"))
+        if homes is not None:
+            try:
+                self.homes = parse_homes(homes, len(targets), key)
+            except ValueError as exc:
+                raise usage.UsageError(str(exc)) from None
         kw = {"hub": ",".join(targets)}
         if self["token-file"]:
             kw["tokenFile"] = self["token-file"]
@@ -283,6 +313,16 @@ def _raise_file_limit(log: Any, what: str) -> Any:
         log.info("sesame {what}: raised the open-file limit from {before} to {after}",
                  what=what, before=before, after=after)
     return _limits.FileBudget.for_limit(_limits.open_file_limit())
+
+
+#: Set by ``sesame hub --workers N`` in each hub process it runs (0 .. N-1).
+WORKER_ENV = "SESAME_HUB_WORKER"
+
+
+def worker_index() -> int | None:
+    """Which of ``sesame hub --workers N``'s processes this is, or None (a lone hub)."""
+    text = os.environ.get(WORKER_ENV, "")
+    return int(text) if N.ascii_digits(text) else None
 
 
 def _start_failed(svc: service.Service, what: str) -> Any:
@@ -401,7 +441,9 @@ class HubService(service.Service):
                 if tls.created:
                     ca_note += " (new CA created)"
         self.hub = Hub(store)
-        if o["http"]:
+        if o["http"] and (worker_index() or 0) > 0:
+            self.log.info("--http: served by worker 0 only")
+        elif o["http"]:
             self._start_http(o["http"], store)
 
         def listening(port: int) -> int:
@@ -414,7 +456,9 @@ class HubService(service.Service):
 
         # (Not grpc.max_allowed_incoming_connections: once reached, it kept refusing new
         # connections after others had closed -- see docs/PERFORMANCE.md, fleet.)
-        self.ready = get_bridge().deferred(self.hub.start(o.host, o.port, creds))
+        worker = worker_index()
+        self.ready = get_bridge().deferred(self.hub.start(
+            o.host, o.port, creds, peer_port=0 if worker is not None else None))
         self._watch_files()
         self.ready.addErrback(_explain_bind, o.host, o.port)
         self.ready.addCallbacks(listening, self.on_start_failure)
@@ -436,7 +480,10 @@ class HubService(service.Service):
             import grpc
 
             creds = grpc.ssl_channel_credentials(root_certificates=self.peer_ca)
-        advertise = advertise_address(o.host, port, o["advertise"])
+        if worker_index() is not None and self.hub.peer_port:
+            advertise = advertise_address(o.host, self.hub.peer_port)  # this process's own
+        else:
+            advertise = advertise_address(o.host, port, o["advertise"])
 
         def joined(cluster: Any) -> int:
             self.log.info("sesame hub {id} joined the cluster ({n} other hub(s)); peers reach "
@@ -484,7 +531,8 @@ class HubService(service.Service):
 
         if self.hub is None or port is None:  # stopped, or the start failed
             return port
-        self.doors = _routecli.front_doors(self.hub, store, self.options, reactor)
+        self.doors = _routecli.front_doors(self.hub, store, self.options, reactor,
+                                           reuse_port=worker_index() is not None)
         self.hub.on_routes_changed = self.doors.changed
         self.doors_ready = defer.ensureDeferred(self.doors.start())
         self.doors_ready.addErrback(self.on_start_failure)
@@ -536,8 +584,10 @@ class HubService(service.Service):
 class RemoteService(service.Service):
     """The remote agent: a :class:`sesame.endpoints.RemoteSessions` -- one session per hub
     (``--hub`` repeated, or a DNS name resolved at start, in a thread, to several
-    addresses), each registering and reconnecting on its own -- offering NetConn behind
-    ``--allow``.  ``session`` is that group once started (``ready`` fired)."""
+    addresses), each registering and reconnecting on its own, or with ``--homes N``
+    sessions to N of the hubs, moving to the next hub when one is lost -- offering
+    NetConn behind ``--allow``.  ``session`` is that group once started (``ready``
+    fired)."""
 
     log = Logger()
 
@@ -560,6 +610,9 @@ class RemoteService(service.Service):
             self.log.warn("no --allow patterns: every dial will be refused (default deny)")
         where = ", ".join(o.hub.targets)
         plural = "s" if len(o.hub.targets) > 1 else ""
+        homes = getattr(o, "homes", None)
+        if homes is not None and homes < len(o.hub.targets):
+            where += f" (homed on {homes} of them at a time)"
         self.log.info("sesame remote {name} dialling the hub{s} at {hub}; allowing {allow}",
                       name=o["name"], s=plural, hub=where, allow=", ".join(o["allow"]) or "nothing")
         if needs_resolving(o.hub):
@@ -583,7 +636,7 @@ class RemoteService(service.Service):
         o = self.options
         self.session = RemoteSessions.for_hubs(
             o.hub, o["name"], agent_offers(o["allow"], reactor=reactor), hubs=hubs,
-            explain=True)
+            explain=True, homes=getattr(o, "homes", None))
         return get_bridge().deferred(self.session.astart())
 
     def stopService(self) -> Any:

@@ -140,6 +140,7 @@ class Hub:
         self.routes: dict[tuple[str, str, str], Session] = {}
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.peer_port: int | None = None  # see start()
         self.metrics = HubMetrics(self)  # /metrics and the dashboard (sesame.hub.metrics)
         #: The cluster this hub is a member of (:mod:`sesame.hub.cluster`), or None.
         self.cluster: Any = None
@@ -754,10 +755,13 @@ class Hub:
         return _HubHandler(self)
 
     async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None,
-                    options: Sequence[tuple[str, Any]] = ()) -> int:
+                    options: Sequence[tuple[str, Any]] = (), *,
+                    peer_port: int | None = None) -> int:
         """On the bridge loop: serve the hub on ``host:port`` (TLS with ``credentials``,
         plain text when None; extra grpc server ``options``) with health and reflection;
-        the bound port (useful with port 0)."""
+        the bound port (useful with port 0).  With ``peer_port`` (0: any) it also serves
+        on a port of its own, :attr:`peer_port`: how the other hubs of a cluster reach
+        this one when several hub processes share ``port`` (``sesame hub --workers``)."""
         opts = [
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
@@ -777,6 +781,10 @@ class Hub:
         address = N.join_host_port(host, port)
         bound = (server.add_secure_port(address, credentials) if credentials
                  else server.add_insecure_port(address))
+        if peer_port is not None:
+            own = N.join_host_port(host, peer_port)
+            self.peer_port = (server.add_secure_port(own, credentials) if credentials
+                              else server.add_insecure_port(own))
         await server.start()
         self.server = server
         self.port = bound

@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sesame import _names as N
 from sesame.hub import _sniff as S
 from sesame.hub._calls import HubEndpoint, Target, parse_target
 from sesame.relay import Side, half_close, pair
@@ -416,6 +417,49 @@ class _Misdirected(S.SniffError):
     pass
 
 
+@implementer(interfaces.IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """TCP on ``interface:port`` with ``SO_REUSEPORT`` set before ``bind``, so several
+    processes listen on one port (each gets a share of the connections)."""
+
+    def __init__(self, reactor: Any, port: int, interface: str = "", backlog: int = 50) -> None:
+        self.reactor, self.port, self.interface, self.backlog = reactor, port, interface, backlog
+
+    @classmethod
+    def parse(cls, reactor: Any, desc: str) -> ReusePortEndpoint | None:
+        """``tcp:PORT[:interface=HOST][:backlog=N]`` as such an endpoint; None for any
+        other description (TLS, UNIX sockets, other options)."""
+        args, kwargs = N.split_endpoint_description(desc)
+        if not args or args[0] not in ("tcp", "tcp6") or set(kwargs) - {"interface", "backlog",
+                                                                           "port"}:
+            return None
+        port_text = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+        if not N.ascii_digits(port_text) or not N.ascii_digits(kwargs.get("backlog", "50")):
+            return None
+        default = "::" if args[0] == "tcp6" else ""
+        return cls(reactor, int(port_text), kwargs.get("interface", default),
+                   int(kwargs.get("backlog", "50")))
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        import socket
+
+        try:
+            family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self.interface, self.port))
+                sock.listen(self.backlog)
+                sock.setblocking(False)
+                port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
+            finally:
+                sock.close()  # the reactor holds its own duplicate
+        except Exception:  # noqa: BLE001 - the failure is the Deferred's
+            return defer.fail()
+        return defer.succeed(port)
+
+
 class DoorFactory(Factory):
     protocol = _Door
 
@@ -437,12 +481,16 @@ class FrontDoors:
     :param listeners: ``{"http": desc, "sni": desc, "grpc": desc}`` — server
         endpoint descriptions of the shared listeners (any may be missing).
     :param tcp_interface: where a ``tcp`` route given as a bare port binds.
+    :param reuse_port: bind TCP listeners with ``SO_REUSEPORT`` (``sesame hub --workers``:
+        the hub processes of one machine share every port; the kernel spreads the
+        connections).
     """
 
     def __init__(self, hub: Any, store: Any, reactor: Any = None, *,
                  listeners: dict[str, str] | None = None, tcp_interface: str = "127.0.0.1",
                  forwarded: str = "replace", watch_interval: float = 2.0,
-                 sniff_timeout: float = 15.0, listen_retry: float = LISTEN_RETRY) -> None:
+                 sniff_timeout: float = 15.0, listen_retry: float = LISTEN_RETRY,
+                 reuse_port: bool = False) -> None:
         if forwarded not in FORWARDED_MODES:
             raise ValueError(f"forwarded: {forwarded!r} is not one of {', '.join(FORWARDED_MODES)}")
         if reactor is None:
@@ -458,6 +506,7 @@ class FrontDoors:
         self.watch_interval = watch_interval
         self.sniff_timeout = sniff_timeout  # seconds to send a request head / ClientHello
         self.listen_retry = listen_retry  # seconds between tries to bind a failed tcp route
+        self.reuse_port = reuse_port
         self.http: dict[str, Route] = {}
         self.sni: dict[str, Route] = {}
         self.grpc: dict[str, Route] = {}
@@ -484,13 +533,22 @@ class FrontDoors:
 
     async def start(self) -> None:
         for kind, desc in self.listener_specs.items():
-            ep = endpoints.serverFromString(self.reactor, desc)
+            ep = self._server_endpoint(desc)
             self.ports[kind] = await ep.listen(DoorFactory(self, kind))
             log.info("front door {kind} listening on {desc}", kind=kind, desc=desc)
         await defer.maybeDeferred(self.reconcile)
         self._watch = LoopingCall(self.reconcile)
         self._watch.clock = self.reactor
         self._watch.start(self.watch_interval, now=False)
+
+    def _server_endpoint(self, desc: str) -> Any:
+        """The server endpoint for ``desc``; a plain ``tcp:`` one with SO_REUSEPORT when
+        :attr:`reuse_port` (other kinds as given)."""
+        if self.reuse_port:
+            ep = ReusePortEndpoint.parse(self.reactor, desc)
+            if ep is not None:
+                return ep
+        return endpoints.serverFromString(self.reactor, desc)
 
     def address(self, kind: str) -> Any:
         """The bound address of a shared listener (``http``, ``sni``, ``grpc``)."""
@@ -588,8 +646,7 @@ class FrontDoors:
         token = _Pending()
         self._tcp_ports[route.id] = (spec, token)
         try:
-            d = endpoints.serverFromString(self.reactor, desc).listen(
-                DoorFactory(self, "tcp", route))
+            d = self._server_endpoint(desc).listen(DoorFactory(self, "tcp", route))
         except Exception as exc:  # noqa: BLE001 - bad description: say so, keep the others
             d = defer.fail(exc)
 
