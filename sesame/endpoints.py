@@ -18,6 +18,9 @@ roots are used), ``token`` / ``tokenFile`` (or ``$SESAME_TOKEN`` /
 loopback hubs started with ``--no-tls`` only),
 ``timeout`` (client: dial timeout seconds), ``cert`` / ``key`` (a client
 certificate for hubs that require one; or ``$SESAME_CERT`` / ``$SESAME_KEY``).
+
+Server only: ``homes`` (or ``$SESAME_HOMES``): with several hubs, keep sessions to at
+most that many of them, moving to the next hub when one is lost (default: all).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ log = Logger()
 CLIENT_KEYS = {"remote", "host", "port", "endpoint", "hub", "ca", "token", "tokenFile",
                "namespace", "tls", "timeout", "cert", "key"}
 SERVER_KEYS = {"remote", "endpoint", "hub", "ca", "token", "tokenFile", "namespace", "tls",
-               "cert", "key"}
+               "cert", "key", "homes"}
 
 
 @dataclass(frozen=True)
@@ -390,31 +393,70 @@ def resolve_hubs(cfg: HubConfig, getaddrinfo: Callable[..., Any] | None = None
     return hubs
 
 
+def parse_homes(text: str, hubs: int, key: str = "homes") -> int:
+    """How many hubs a remote keeps sessions to (``--homes N``, ``homes=N``,
+    ``SESAME_HOMES``): a whole number from 1 to ``hubs``, the number of hubs given.
+
+    :raises ValueError: starting with ``key``: ``"homes: 'x' is not a number of hubs"``,
+        ``"homes: must be at least 1"``, ``"homes: 3 is more than the 2 hubs given"``.
+    """
+    value = text.strip()
+    if not re.fullmatch(r"-?[0-9]{1,6}", value):
+        shown = repr(text) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} characters)"
+        raise ValueError(f"{key}: {shown} is not a number of hubs")
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"{key}: must be at least 1 (got {n})")
+    if n > hubs:
+        raise ValueError(f"{key}: {n} is more than the {hubs} hub{'s' if hubs != 1 else ''} "
+                         "given")
+    return n
+
+
 class RemoteSessions:
     """One remote registered with several hubs: a :class:`~sesame.remote.RemoteSession`
-    per hub (same remote, token, offers and ``sesame-instance``), each registering and
-    reconnecting on its own.  Quacks like one session where the CLI asks (``target``,
-    ``registrations``, ``fatal``, ``last_error``).
+    per hub (same remote, token, offers and ``sesame-instance``).  Quacks like one session
+    where the CLI asks (``target``, ``registrations``, ``fatal``, ``last_error``).
 
-    :param sessions: the sessions, one per hub.
+    With ``homes`` (default: every hub) smaller than the number of hubs, the remote keeps
+    sessions to at most ``homes`` of them: the first ones in order, and when a session is
+    lost (its hub went away) or a hub does not register the remote (unreachable, or it
+    refused), that session hands over to the next hub not in use, rotating through the
+    list, with the backoff the session would have retried with (at once -- within a
+    second -- after a healthy link dropped).  A hub that comes back is used again only
+    when another is lost.  Otherwise each session registers and reconnects on its own.
+    Either way :attr:`fatal` is set only once every hub has refused the remote.
+
+    :param sessions: the sessions, one per hub, in the order the hubs were given.
+    :param homes: how many of them to keep in use, 1 to ``len(sessions)``.
     """
 
-    def __init__(self, sessions: Sequence[Any], bridge: Bridge | None = None) -> None:
+    def __init__(self, sessions: Sequence[Any], bridge: Bridge | None = None,
+                 homes: int | None = None) -> None:
         if not sessions:
             raise ValueError("no sessions")
         self.sessions = list(sessions)
         self.bridge = bridge or self.sessions[0].bridge
+        count = len(self.sessions)
+        if homes is not None and not 1 <= homes <= count:
+            raise ValueError(f"homes: {homes} is not between 1 and the {count} hubs")
+        #: How many hubs the remote keeps sessions to at a time.
+        self.homes = count if homes is None else homes
+        self._in_use: list[Any] = []  # the sessions started (rotating: at most ``homes``)
+        self._stopping = False
 
     @classmethod
     def for_hubs(cls, cfg: HubConfig, remote: str, offers: Mapping[str, Any], *,
                  hubs: Sequence[tuple[str, str | None]] | None = None,
                  explain: bool = False, bridge: Bridge | None = None,
-                 **kw: Any) -> RemoteSessions:
+                 homes: int | None = None, **kw: Any) -> RemoteSessions:
         """A session for each of ``hubs`` (``(target, server_name)`` pairs from
         :func:`resolve_hubs`; by default ``cfg.targets`` as they are).  ``explain``: a
         session whose hub drops it after the TLS handshake says whether the hub wants a
-        client certificate (:func:`client_cert_required`).  ``kw`` goes to every
-        :class:`~sesame.remote.RemoteSession`."""
+        client certificate (:func:`client_cert_required`).  ``homes``: keep sessions to
+        at most that many of them (:class:`RemoteSessions`; more than there are hubs
+        after resolving -- two names for one address -- means all of them).  ``kw`` goes
+        to every :class:`~sesame.remote.RemoteSession`."""
         from functools import partial
 
         from sesame.remote import RemoteSession
@@ -433,7 +475,26 @@ class RemoteSessions:
                 target, remote, cfg.token, offers, credentials=cfg.credentials(),
                 options=options, bridge=bridge,
                 explain=partial(client_cert_required, probe) if explain else None, **kw))
-        return cls(sessions, bridge)
+        if homes is not None and homes > len(sessions):
+            log.warn("homes {homes}: there are {n} hubs; keeping a session to each",
+                     homes=homes, n=len(sessions))
+            homes = len(sessions)
+        return cls(sessions, bridge, homes)
+
+    @property
+    def rotating(self) -> bool:
+        """Whether the remote is homed on fewer hubs than it has (``homes`` < hubs)."""
+        return self.homes < len(self.sessions)
+
+    @property
+    def homed(self) -> tuple[str, ...]:
+        """The hubs the remote is registered with right now, in the order they were given."""
+        return tuple(s.target for s in self.sessions if s.registered.is_set())
+
+    @property
+    def in_use(self) -> tuple[str, ...]:
+        """The hubs it has a session to (registered or trying), at most ``homes``."""
+        return tuple(s.target for s in self.sessions if s in self._in_use)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -475,20 +536,64 @@ class RemoteSessions:
         return [s for s in self.sessions if s.registered.is_set()]
 
     async def astart(self) -> None:
-        """On the bridge loop: start every session (each logs naming its hub)."""
+        """On the bridge loop: start a session to each hub -- or to the first ``homes`` of
+        them, the others taking over as sessions are lost -- (each logs naming its hub)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         if len(self.sessions) == 1:
+            self._in_use = list(self.sessions)
             await self.sessions[0].astart()
             return
         remote_log = logging.getLogger("sesame.remote")
         if _name_the_hub not in remote_log.filters:
             remote_log.addFilter(_name_the_hub)
-        for s in self.sessions:
-            ctx = contextvars.copy_context()
-            ctx.run(_SESSION_HUB.set, s.target)
-            await loop.create_task(s.astart(), context=ctx)
+        if self.rotating:
+            for s in self.sessions:
+                s.handoff = self._handoff
+                s.on_registered = self._registered
+        self._in_use = self.sessions[:self.homes]
+        for s in self._in_use:
+            await loop.create_task(s.astart(), context=self._context(s))
+
+    @staticmethod
+    def _context(session: Any) -> contextvars.Context:
+        """A context naming ``session``'s hub for :class:`_NameTheHub`."""
+        ctx = contextvars.copy_context()
+        ctx.run(_SESSION_HUB.set, session.target)
+        return ctx
+
+    def _registered(self, session: Any) -> None:
+        """(bridge loop) ``session`` registered: say where the remote is homed now."""
+        homed = self.homed
+        logging.getLogger("sesame.remote").info(
+            "homed on %s (%d of %d hubs)", ", ".join(homed), len(homed), len(self.sessions))
+
+    def _handoff(self, session: Any, registered: bool, wait: float, delay: float) -> bool:
+        """(bridge loop) ``session``'s attempt ended: hand the remote over to the next hub
+        not in use, rotating through the list, starting it after ``wait`` seconds with
+        backoff ``delay``.  False (the session retries its own hub) when stopping."""
+        import asyncio
+
+        if self._stopping or session not in self._in_use:
+            return False
+        i = self.sessions.index(session)
+        n = len(self.sessions)
+        following = (self.sessions[(i + k) % n] for k in range(1, n))
+        nxt = next((s for s in following if s not in self._in_use), None)
+        if nxt is None:
+            return False
+        self._in_use[self._in_use.index(session)] = nxt
+        remote_log = logging.getLogger("sesame.remote")
+        if registered:
+            remote_log.warning("lost hub %s; moving to %s", session.target, nxt.target)
+        else:
+            how = "refused" if session.fatal else "did not register"
+            remote_log.warning("hub %s %s %s (%s); trying %s in %.1fs", session.target, how,
+                               session.resource, session.last_error, nxt.target, wait)
+        asyncio.get_running_loop().create_task(nxt.astart(wait, delay),
+                                               context=self._context(nxt))
+        return True
 
     def start(self) -> RemoteSessions:
         """:meth:`astart` from another thread (not the bridge loop's).  Returns ``self``."""
@@ -513,6 +618,7 @@ class RemoteSessions:
         """On the bridge loop: stop every session (each says goodbye to its hub), at once."""
         import asyncio
 
+        self._stopping = True
         await asyncio.gather(*(s.astop() for s in self.sessions), return_exceptions=True)
 
     def stop(self) -> None:
@@ -742,18 +848,20 @@ class SesameServerEndpoint:
     the factory.  The factory listens on an ephemeral loopback port that only
     this session dials (it is never announced).  With several hubs
     (``hub.targets``; a DNS name with several addresses counts as one hub per
-    address) it registers with each; ``listen()`` fires once one has accepted.
+    address) it registers with each -- or with ``homes`` of them, moving to another
+    when one is lost (:class:`RemoteSessions`); ``listen()`` fires once one has accepted.
     """
 
     REGISTER_WAIT = 10.0
 
     def __init__(self, reactor: Any, hub: HubConfig, remote: str, endpoint: str,
-                 bridge: Bridge | None = None) -> None:
+                 bridge: Bridge | None = None, homes: int | None = None) -> None:
         self.reactor = reactor
         self.hub = hub
         self.remote = remote
         self.endpoint = endpoint
         self.bridge = bridge or get_bridge()
+        self.homes = homes
 
     async def _listen(self, factory: Any) -> SesameListeningPort:
         from twisted.internet import threads
@@ -771,7 +879,7 @@ class SesameServerEndpoint:
             self.hub, self.remote,
             {self.endpoint: netconn_registry(
                 FixedTargetServicer(local, reactor=self.reactor, bridge=self.bridge))},
-            hubs=hubs, bridge=self.bridge)
+            hubs=hubs, bridge=self.bridge, homes=self.homes)
         await to_deferred(self.bridge.submit(session.astart()))
         ok = await to_deferred(self.bridge.submit(session.first_registration(self.REGISTER_WAIT)))
         where = ",".join(self.hub.targets)
@@ -799,8 +907,12 @@ def server_from_kwargs(reactor: Any, kw: Mapping[str, str],
     ``kw`` and ``env`` are as for :func:`client_from_kwargs`; nothing connects until
     ``listen`` is called.
 
+    ``homes`` (or ``SESAME_HOMES``) keeps sessions to at most that many of the hubs
+    (:func:`parse_homes`, :class:`RemoteSessions`).
+
     :raises ValueError: naming the offending key (unknown key, no ``endpoint=``, an
-        invalid or reserved endpoint name, bad hub keys).
+        invalid or reserved endpoint name, bad hub keys, ``homes`` not from 1 to the
+        number of hubs).
     """
     _check_keys(kw, SERVER_KEYS, "server")
     remote = _remote(kw)
@@ -809,7 +921,14 @@ def server_from_kwargs(reactor: Any, kw: Mapping[str, str],
         raise ValueError("endpoint: missing (e.g. sesame:remote=edge-1:endpoint=web)")
     if not N.valid_name(endpoint) or endpoint == N.NETCONN_ENDPOINT:
         raise ValueError(f"endpoint: {endpoint!r} is not a valid endpoint name")
-    return SesameServerEndpoint(reactor, hub_config(kw, env), remote, endpoint)
+    cfg = hub_config(kw, env)
+    env = os.environ if env is None else env
+    homes = None
+    if "homes" in kw:
+        homes = parse_homes(kw["homes"], len(cfg.targets))
+    elif env.get("SESAME_HOMES"):
+        homes = parse_homes(env["SESAME_HOMES"], len(cfg.targets), "SESAME_HOMES")
+    return SesameServerEndpoint(reactor, cfg, remote, endpoint, homes=homes)
 
 
 __all__ = [
@@ -824,6 +943,7 @@ __all__ = [
     "hub_order",
     "hub_targets",
     "needs_resolving",
+    "parse_homes",
     "resolve_hubs",
     "server_from_kwargs",
 ]

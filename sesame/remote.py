@@ -139,7 +139,17 @@ class RemoteSession:
         self._streams: set[TunnelConnection] = set()
         self._call: Any = None  # the live control call
         self._stopping = False
+        self._handed_over = False
         self.fatal: str | None = None
+        #: Called (on the bridge loop) each time the hub accepts the registration.
+        self.on_registered: Callable[[RemoteSession], None] | None = None
+        #: Called (on the bridge loop) when an attempt ended -- the link was lost after
+        #: registering (``registered`` True) or the hub did not register it -- with the wait
+        #: and backoff delay the session would retry with.  Returning True hands the remote
+        #: over to another hub: this session closes its channel and tunnels and stops (a
+        #: later :meth:`astart` resumes it).  How :class:`sesame.endpoints.RemoteSessions`
+        #: keeps a remote homed on N of its hubs.
+        self.handoff: Callable[[RemoteSession, bool, float, float], bool] | None = None
 
     @property
     def resource(self) -> str:
@@ -162,10 +172,21 @@ class RemoteSession:
         self.bridge.run(go())
         return self
 
-    async def astart(self) -> None:
-        """:meth:`start`, on the bridge loop."""
+    async def astart(self, wait: float = 0.0, delay: float | None = None) -> None:
+        """:meth:`start`, on the bridge loop.  ``wait``: seconds before the first attempt;
+        ``delay``: the backoff to start from (default ``min_backoff``) -- a session taking
+        over from another hub's carries on with its backoff.  A session stopped
+        (:meth:`astop`) stays stopped; one that handed over (:attr:`handoff`) resumes."""
+        if self._stopping:
+            return
+        prev = self._task
+        if self._handed_over and prev is not None and not prev.done():
+            await asyncio.wait([prev])  # still closing its links after the hand-over
+            if self._stopping:
+                return
+        self._handed_over = False
         self.registered = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run(wait, delay))
 
     def wait_registered(self, timeout: float | None = None) -> bool:
         """Block until the hub has accepted the registration; False if ``timeout``
@@ -200,11 +221,15 @@ class RemoteSession:
                 await self._task
             except BaseException:  # noqa: BLE001
                 pass
+        await self._close_links()
+
+    async def _close_links(self) -> None:
+        """Close every tunnel and the channel (a new one is made on the next attempt)."""
         for conn in list(self._streams):
             await conn.aclose(grace=0)
         if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+            channel, self._channel = self._channel, None
+            await channel.close()
 
     def stop(self) -> None:
         """:meth:`astop` from another thread, waiting for it (at most 20 s)."""
@@ -217,8 +242,10 @@ class RemoteSession:
             return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
         return grpc.aio.insecure_channel(self.target, options=self.options)
 
-    async def _run(self) -> None:
-        delay = self.min_backoff
+    async def _run(self, wait: float = 0.0, delay: float | None = None) -> None:
+        delay = self.min_backoff if delay is None else delay
+        if wait > 0:
+            await asyncio.sleep(wait)
         while not self._stopping:
             if self._channel is None:
                 self._channel = self._make_channel()
@@ -255,7 +282,8 @@ class RemoteSession:
             self.registered.clear()
             if self._stopping:
                 return
-            if self.registrations > before:
+            registered = self.registrations > before
+            if registered:
                 # this attempt registered: the link was healthy and the hub went away
                 # later (a restart?), so try again at once -- spread over up to a second
                 # so a fleet does not come back in one burst -- then back off afresh
@@ -263,10 +291,14 @@ class RemoteSession:
                 wait = random.uniform(0, min(1.0, self.min_backoff))
             else:
                 wait = delay * random.uniform(0.8, 1.2)
+            after = delay if registered else min(delay * 2, self.max_backoff)
+            if self.handoff is not None and self.handoff(self, registered, wait, after):
+                self._handed_over = True
+                await self._close_links()  # another hub takes over, with this backoff
+                return
             log.info("reconnecting to the hub in %.1fs", wait)
             await asyncio.sleep(wait)
-            if self.registrations == before:
-                delay = min(delay * 2, self.max_backoff)
+            delay = after
 
     async def _control(self) -> None:
         assert self._channel is not None
@@ -289,6 +321,8 @@ class RemoteSession:
             self.registered.set()
             log.info("registered %s with the hub at %s offering %s", self.resource, self.target,
                      ",".join(sorted(self.offers)))
+            if self.on_registered is not None:
+                self.on_registered(self)
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:

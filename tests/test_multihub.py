@@ -10,7 +10,12 @@ independent in-process hubs sharing one data directory (so one CA and one token 
 * ``sesame remote --hub A --hub B`` as a process registers on both, names the hub in its
   log lines, stays on B when A stops (clients through B keep working) and leaves both
   when stopped;
-* bad ``--hub`` / ``hub=`` / ``SESAME_HUB`` values are usage errors naming the bad part.
+* ``--homes N`` / ``homes=N``: a remote homed on N of its hubs -- the first N, moving to
+  the next hub not in use when one is lost (in-process hubs stopped, and a ``sesame hub``
+  process killed with SIGKILL under ``sesame remote --homes 1``), back within a bound;
+  a hub refusing it passes it on, every hub refusing it is fatal;
+* bad ``--hub`` / ``hub=`` / ``SESAME_HUB`` / ``--homes`` / ``homes=`` values are usage
+  errors naming the bad part.
 
 Real grpc and sockets on 127.0.0.1 (and ::1); every wait is on a Deferred, a hub-state
 predicate or a log line, with a deadline.
@@ -19,9 +24,12 @@ predicate or a log line, with a deadline.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -30,7 +38,7 @@ import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, threads
 
 from sesame import endpoints as sesame_endpoints
-from sesame.bridge import to_deferred
+from sesame.bridge import get_bridge, to_deferred
 from sesame.endpoints import HubConfig, RemoteSessions, hub_config, hub_targets, resolve_hubs
 from sesame.hub.store import SQLiteStore
 from sesame.hub.tls import ensure_hub_tls
@@ -39,7 +47,7 @@ from sesame.remote import agent_offers
 from sesame.tap import RemoteOptions
 from sesame.testing.hub import HubFixture, escape
 from tests import test_hub
-from tests.e2e_support import SESAME, Procs, child_env, free_port, sesame, wait_until
+from tests.e2e_support import SESAME, Procs, child_env, free_port, sesame, start_hub, wait_until
 
 Conn, EchoFactory, within = test_hub.Conn, test_hub.EchoFactory, test_hub.within
 T = 10.0
@@ -318,13 +326,203 @@ async def test_sesame_hub_env_with_commas_for_a_remote(hubs, echo, tmp_path: Pat
         await threads.deferToThread(procs.stop_all)
 
 
+# --- --homes N: a remote homed on N of its hubs ----------------------------------------------
+
+BOUND = 5.0  # seconds from losing a hub to being registered on the next one
+
+
+def homed_sessions(hubs: list[HubFixture], token: str, allow: str, homes: int,
+                   ca: Path) -> RemoteSessions:
+    """``edge-1`` (NetConn behind ``allow``) for ``hubs`` in order, homed on ``homes``."""
+    cfg = hub_config({"hub": ",".join(h.target for h in hubs), "ca": str(ca), "token": token},
+                     env={})
+    return RemoteSessions.for_hubs(cfg, "edge-1", agent_offers([allow], reactor=reactor),
+                                   homes=homes)
+
+
+def logged(caplog, text: str) -> bool:
+    return any(text in r.getMessage() for r in list(caplog.records))
+
+
+async def elapsed_until(hub: HubFixture, predicate, what: str) -> float:
+    """Seconds until ``predicate`` holds (checked on the grpc loop; at most ``T``)."""
+    t0 = time.monotonic()
+    await hub.wait_for(predicate, timeout=T, what=what)
+    return time.monotonic() - t0
+
+
+@pytest_twisted.ensureDeferred
+async def test_homes_1_is_on_the_first_hub_and_moves_when_it_is_lost(hubs, echo, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="sesame.remote")
+    a, b = hubs
+    port = echo.getHost().port
+    sessions = homed_sessions([a, b], a.remote_token("edge-1"), f"127.0.0.1:{port}", 1,
+                              a.ca_path)
+    ct = a.client_token()
+    try:
+        await to_deferred(sessions.bridge.submit(sessions.astart()))
+        await a.wait_for(lambda: a.routed("edge-1") and sessions.homed == (a.target,),
+                         what="edge-1 homed on A")
+        await sha256_echo(client([a.target], a.ca_path, ct, port))
+        assert sessions.in_use == (a.target,) and sessions.rotating
+        assert b.hub.connected() == [] and calls_seen(b) == NOTHING  # B never saw it
+        assert logged(caplog, f"homed on {a.target} (1 of 2 hubs)")
+
+        # A dies: the remote moves to B within a bound, and clients get through B
+        await a.stop_hub()
+        took = await elapsed_until(b, lambda: b.routed("edge-1") and sessions.homed
+                                   == (b.target,), "edge-1 registered on B")
+        assert took < BOUND, took
+        assert logged(caplog, f"lost hub {a.target}; moving to {b.target}")
+        assert sessions.homed == sessions.in_use == (b.target,)
+        await sha256_echo(client([a.target, b.target], a.ca_path, ct, port))
+
+        # A comes back: not needed, not used -- until B goes away
+        await a.restart_hub()
+        await sha256_echo(client([b.target], a.ca_path, ct, port), 4096)
+        assert not a.routed("edge-1") and sessions.in_use == (b.target,)
+        await b.stop_hub()
+        took = await elapsed_until(a, lambda: a.routed("edge-1") and sessions.homed
+                                   == (a.target,), "edge-1 back on A")
+        assert took < BOUND, took
+        assert sessions.homed == (a.target,) and sessions.registrations == 3
+        # (this process's shared channel to A may still be backing off from A's death)
+        await to_deferred(get_bridge().submit(sesame_endpoints.close_hub_channels(a.target)))
+        await sha256_echo(client([a.target], a.ca_path, ct, port), 4096)
+    finally:
+        await to_deferred(sessions.bridge.submit(sessions.astop()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_endpoint_homes_2_of_3_hubs_keeps_exactly_2(hubs, tmp_path: Path) -> None:
+    a, b = hubs
+    c = HubFixture(tmp_path / "data")
+    await c.start()
+    try:
+        token = a.remote_token("edge-1")
+        ep = endpoints.serverFromString(
+            reactor, "sesame:remote=edge-1:endpoint=web:homes=2:"
+            + hub_keys([a.target, b.target, c.target], a.ca_path, token))
+        assert ep.homes == 2
+        port = await within(ep.listen(EchoFactory()))
+        session = port.session
+
+        def homed() -> tuple[bool, ...]:
+            return tuple(h.routed("edge-1", "web") for h in (a, b, c))
+
+        try:
+            await a.wait_for(lambda: homed() == (True, True, False)
+                             and len(session.homed) == 2, what="web on A and B")
+            assert c.hub.connected() == [] and session.homed == (a.target, b.target)
+            await a.stop_hub()
+            took = await elapsed_until(c, lambda: homed() == (False, True, True)
+                                       and len(session.homed) == 2, "web moved from A to C")
+            assert took < BOUND, took
+            assert session.homed == session.in_use == (b.target, c.target)
+            ct = a.client_token()
+            for hub in (b, c):
+                await sha256_echo(endpoints.clientFromString(
+                    reactor, "sesame:remote=edge-1:endpoint=web:" + hub.endpoint_kwargs(ct)),
+                    65536)
+            assert len(b.hub.connected()) == len(c.hub.connected()) == 1
+        finally:
+            await within(port.stopListening())
+        await b.wait_for(lambda: homed() == (False, False, False), what="web gone everywhere")
+    finally:
+        await c.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_homes_a_refusing_hub_passes_the_remote_on_and_all_refusing_is_fatal(
+        hubs, echo, tmp_path: Path) -> None:
+    """X shares the CA but not the token store (so it refuses the token, UNAUTHENTICATED):
+    ``homes=1`` over X, B registers on B; a token no hub knows is refused by both, and
+    ``listen()`` fails with the refusal."""
+    a, b = hubs
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    for name in ("ca.pem", "ca-key.pem"):
+        shutil.copy(a.data_dir / name, other / name)
+    x = HubFixture(other)
+    await x.start()
+    sessions = None
+    try:
+        sessions = homed_sessions([x, b], b.remote_token("edge-1"),
+                                  f"127.0.0.1:{echo.getHost().port}", 1, a.ca_path)
+        await to_deferred(sessions.bridge.submit(sessions.astart()))
+        await b.wait_for(lambda: b.routed("edge-1") and sessions.homed == (b.target,),
+                         timeout=T, what="edge-1 registered on B")
+        assert sessions.homed == (b.target,) and sessions.fatal is None
+        assert "UNAUTHENTICATED" in sessions.sessions[0].fatal
+
+        ep = endpoints.serverFromString(
+            reactor, "sesame:remote=edge-2:endpoint=web:homes=1:"
+            + hub_keys([x.target, b.target], a.ca_path, "not-a-token"))
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionRefusedError) as info:
+            await within(ep.listen(EchoFactory()), T)
+        assert time.monotonic() - t0 < BOUND
+        assert "UNAUTHENTICATED" in str(info.value)
+        assert b.hub.metrics.auth_failures() and x.hub.metrics.auth_failures()
+    finally:
+        if sessions is not None:
+            await to_deferred(sessions.bridge.submit(sessions.astop()))
+        await x.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sesame_remote_homes_1_moves_when_its_hub_is_killed(echo, tmp_path: Path) -> None:
+    """``sesame remote --homes 1 --hub A --hub B`` with two ``sesame hub`` processes (one
+    data directory): on A only; ``kill -9`` A and it registers on B within the bound."""
+    data = tmp_path / "data"
+    port = echo.getHost().port
+    procs = Procs()
+    targets: list[str] = []
+    try:
+        hub_a = await threads.deferToThread(start_hub, procs, data, name="hub-a")
+        hub_b = await threads.deferToThread(start_hub, procs, data, name="hub-b")
+        targets = [hub_a.address, hub_b.address]
+        token_file = await threads.deferToThread(hub_a.token_file, tmp_path / "edge-1.token",
+                                                 "--remote", "edge-1")
+        ct = await threads.deferToThread(hub_a.token, "--client")
+        remote = procs.start("remote", [
+            *SESAME, "remote", "--homes", "1", "--hub", hub_a.address, "--hub", hub_b.address,
+            "--name", "edge-1", "--token-file", str(token_file), "--ca", str(hub_a.ca),
+            "--allow", f"127.0.0.1:{port}"], cwd=tmp_path)
+        await threads.deferToThread(
+            remote.wait_line, rf"homed on {re.escape(hub_a.address)} \(1 of 2 hubs\)", 20)
+        await sha256_echo(client([hub_a.address], hub_a.ca, ct, port))
+        with pytest.raises(NetConnError) as info:  # B has no session of edge-1
+            await within(client([hub_b.address], hub_a.ca, ct, port).connect(
+                protocol.Factory.forProtocol(Conn)))
+        assert "not connected" in info.value.details, info.value
+
+        mark = remote.mark()
+        killed = time.monotonic()
+        await threads.deferToThread(hub_a.proc.kill9)
+        await threads.deferToThread(
+            remote.wait_line, rf"lost hub {re.escape(hub_a.address)}; moving to "
+            rf"{re.escape(hub_b.address)}", 10, start=mark)
+        _, at, _ = await threads.deferToThread(
+            remote.wait_line_at, rf"registered \S+ with the hub at {re.escape(hub_b.address)}",
+            10, start=mark)
+        assert at - killed < BOUND, at - killed
+        await sha256_echo(client(targets, hub_a.ca, ct, port))
+        assert remote.alive()
+    finally:
+        await threads.deferToThread(procs.stop_all)
+        for target in targets:
+            await to_deferred(get_bridge().submit(sesame_endpoints.close_hub_channels(target)))
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
 def _remote_options(*args: str, env: dict[str, str] | None = None, tmp_path: Path) -> str:
     token = tmp_path / "t"
     token.write_text("tok\n")
-    saved = os.environ.pop("SESAME_HUB", None)
+    names = ("SESAME_HUB", "SESAME_HOMES")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
     if env:
         os.environ.update(env)
     try:
@@ -333,10 +531,10 @@ def _remote_options(*args: str, env: dict[str, str] | None = None, tmp_path: Pat
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {exc}"
     finally:
-        os.environ.pop("SESAME_HUB", None)
-        if saved is not None:
-            os.environ["SESAME_HUB"] = saved
-    return f"ok {','.join(o.hub.targets)}"
+        for k in names:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+    return f"ok {','.join(o.hub.targets)} homes={o.homes}"
 
 
 @pytest.mark.parametrize(("args", "env", "said"), [
@@ -396,3 +594,69 @@ def test_sesame_remote_bad_hub_is_one_line(tmp_path: Path) -> None:
                "--token-file", str(tmp_path / "t"), env=child_env())
     assert r.returncode != 0
     assert "--hub: 'nope': expected HOST:PORT" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "said"), [
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2"], None,
+     "ok 127.0.0.1:1,127.0.0.1:2 homes=None"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "1"], None,
+     "ok 127.0.0.1:1,127.0.0.1:2 homes=1"),
+    (["--hub", "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", "--homes", "3"], None, "ok "
+     "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3 homes=3"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2"], {"SESAME_HOMES": "1"},
+     "ok 127.0.0.1:1,127.0.0.1:2 homes=1"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "2"], {"SESAME_HOMES": "9"},
+     "ok 127.0.0.1:1,127.0.0.1:2 homes=2"),  # the flag wins
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "3"], None,
+     "UsageError: --homes: 3 is more than the 2 hubs given"),
+    (["--hub", "127.0.0.1:1", "--homes", "2"], None,
+     "UsageError: --homes: 2 is more than the 1 hub given"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "0"], None,
+     "UsageError: --homes: must be at least 1 (got 0)"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "-1"], None,
+     "UsageError: --homes: must be at least 1 (got -1)"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "one"], None,
+     "UsageError: --homes: 'one' is not a number of hubs"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "1.5"], None,
+     "UsageError: --homes: '1.5' is not a number of hubs"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", ""], None,
+     "UsageError: --homes: '' is not a number of hubs"),
+    (["--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2"], {"SESAME_HOMES": "3"},
+     "UsageError: SESAME_HOMES: 3 is more than the 2 hubs given"),
+])
+def test_remote_homes_option(args, env, said, tmp_path: Path) -> None:
+    got = _remote_options(*args, env=env, tmp_path=tmp_path)
+    assert got == said if said.startswith("ok") else got.startswith(said), got
+
+
+@pytest.mark.parametrize(("kw", "env", "said"), [
+    ({"homes": "0"}, {}, "homes: must be at least 1 (got 0)"),
+    ({"homes": "3"}, {}, "homes: 3 is more than the 2 hubs given"),
+    ({"homes": "x"}, {}, "homes: 'x' is not a number of hubs"),
+    ({}, {"SESAME_HOMES": "-2"}, "SESAME_HOMES: must be at least 1 (got -2)"),
+])
+def test_endpoint_homes_key(kw, env, said) -> None:
+    base = {"remote": "edge-1", "endpoint": "web", "token": "t", "hub": "127.0.0.1:1,127.0.0.1:2"}
+    with pytest.raises(ValueError) as info:
+        sesame_endpoints.server_from_kwargs(reactor, {**base, **kw}, env)
+    assert str(info.value) == said
+
+
+def test_endpoint_homes_is_for_servers_only() -> None:
+    base = {"remote": "edge-1", "endpoint": "web", "token": "t", "hub": "127.0.0.1:1,127.0.0.1:2"}
+    assert sesame_endpoints.server_from_kwargs(reactor, {**base, "homes": "1"}, {}).homes == 1
+    assert sesame_endpoints.server_from_kwargs(reactor, base, {"SESAME_HOMES": "2"}).homes == 2
+    assert sesame_endpoints.server_from_kwargs(reactor, base, {}).homes is None
+    with pytest.raises(ValueError, match="^homes: unknown key for a sesame client endpoint"):
+        sesame_endpoints.client_from_kwargs(reactor, {**base, "homes": "1"}, {})
+    with pytest.raises(ValueError, match="homes: 3 is not between 1 and the 2 hubs"):
+        RemoteSessions([object(), object()], bridge=get_bridge(), homes=3)
+
+
+def test_sesame_remote_bad_homes_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("tok\n")
+    r = sesame("remote", "--hub", "127.0.0.1:1", "--hub", "127.0.0.1:2", "--homes", "3",
+               "--name", "edge-1", "--token-file", str(tmp_path / "t"), env=child_env())
+    assert r.returncode != 0
+    assert "--homes: 3 is more than the 2 hubs given" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
