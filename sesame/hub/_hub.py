@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
 import time
@@ -152,17 +153,22 @@ class Hub:
     # --- auth ----------------------------------------------------------------------
 
     async def _authorize(self, context: Any, who: str, what: str, need: Need | None = None,
-                         info: Any = None, *, drain: bool = True) -> Any:
+                         info: Any = None, *, drain: bool = True,
+                         degraded: bool = False) -> Any:
         """The call's live token meeting ``need`` (:func:`sesame.hub._auth.authorize`; only
         ``need`` is checked when ``info``, the token, is known already).  A refusal is
         counted as an auth failure of ``who`` (``remote`` or ``client``) in ``what`` (the
         method) and aborts the call with its code and message (:meth:`_refuse`; ``drain``
-        false once the call's first message has been read)."""
+        false once the call's first message has been read).  With ``degraded``, a store
+        that does not answer gives None instead of a refusal (the caller checks the token
+        another way)."""
         try:
             if info is None:
                 return await self.store_call(authorize, self.store, context_token(context), need)
             return info if need is None else need.check(info)
         except StoreUnavailable as exc:
+            if degraded:
+                return None
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc), drain=drain)
         except Refused as exc:
             self.metrics.auth_failure(who, exc.remote, f"{what}: {exc.reason}")
@@ -482,9 +488,12 @@ class Hub:
     async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         """``TunnelService/Stream``: a remote answering one of our stream requests (by
         ``sesame-stream-id``) with the tunnel that carries one connection; it is handed to
-        whoever asked (:meth:`request_stream`).  Same refusals as :meth:`tunnel`."""
+        whoever asked (:meth:`request_stream`).  Same refusals as :meth:`tunnel`.  While
+        the store does not answer (degraded mode) a call carrying the very token the
+        asking session registered with (checked then) is accepted: the sessions a hub
+        holds keep serving."""
         md = tuple(context.invocation_metadata() or ())
-        info = await self._authorize(context, "remote", "Stream")
+        info = await self._authorize(context, "remote", "Stream", degraded=True)
         sid = N.md_get(md, N.MD_STREAM_ID)
         first = await context.read()
         if first is grpc.aio.EOF:
@@ -498,16 +507,22 @@ class Hub:
         except ValueError as exc:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                         f"connect.remote: {exc}", drain=False)
-        await self._authorize(context, "remote", "Stream", Need("serve", ns, name), info,
-                              drain=False)
+        if info is not None:
+            await self._authorize(context, "remote", "Stream", Need("serve", ns, name), info,
+                                  drain=False)
         pending = None
         if sid and sid.isascii() and sid.isdigit() and len(sid) <= 20:
             entry = self._pending.get(int(sid))
             # the request of a session of this very remote (another remote's token may
-            # not answer it)
-            if entry is not None and (entry[0].namespace, entry[0].remote) == (ns, name):
+            # not answer it); in degraded mode, only with that session's own token
+            if entry is not None and (entry[0].namespace, entry[0].remote) == (ns, name) and (
+                    info is not None or (entry[0].token and hmac.compare_digest(
+                        (context_token(context) or "").encode(), entry[0].token.encode()))):
                 del self._pending[int(sid)]
                 pending = entry[0].pending.pop(int(sid))
+        if info is None and pending is None:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               "store unavailable (the token cannot be checked)", drain=False)
         if pending is None or pending.future.done():
             await self._refuse(context, grpc.StatusCode.NOT_FOUND,
                                 f"no outstanding stream request {sid!r} for remote {name}",

@@ -32,6 +32,12 @@ and the remote, flow control included.  A peer that fails before the stream
 is up is skipped for the next candidate, so a dead hub whose lease has not
 run out yet costs no connection.
 
+Lease timing: :data:`LEASE` and :data:`RENEW` unless the environment of the hub
+process sets ``SESAME_CLUSTER_LEASE`` and/or ``SESAME_CLUSTER_RENEW`` (seconds;
+the renewal must be shorter than the lease), read by :func:`join`.  A short lease
+(tests, a small lab) makes a killed hub disappear sooner at the cost of more
+Redis traffic.
+
 Degraded mode: while Redis is unreachable the hub keeps its sessions, its
 view of the others and the routes it holds; registrations and token checks
 it cannot make fail with UNAVAILABLE "store unavailable" (see
@@ -118,6 +124,10 @@ class PeerHub:
     until: float  # time.monotonic() when its lease runs out
     sessions: dict[str, Presence] = field(default_factory=dict)
     since: float = field(default_factory=time.time)
+    #: A relay to it failed before its stream was up and no lease renewal came since:
+    #: its sessions are tried after every other candidate (a dead hub whose lease has
+    #: not run out yet costs one failed relay per renewal, not one per connection).
+    suspect: bool = False
 
 
 class Cluster:
@@ -162,6 +172,7 @@ class Cluster:
         self.bus_messages = 0
         self.on_store_change: Callable[[dict[str, Any]], None] | None = None
         self._republish = asyncio.Event()
+        self._expired: set[str] = set()  # hubs dropped because their lease ran out
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -226,28 +237,32 @@ class Cluster:
     _RENEW_LUA = """
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local had = redis.call('EXISTS', KEYS[2])
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
     redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
     redis.call('PEXPIRE', KEYS[3], ARGV[2])
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
     redis.call('PUBLISH', KEYS[4], ARGV[4])
-    return now
+    return had
     """
 
-    async def _renew_lease(self) -> None:
+    async def _renew_lease(self) -> bool:
+        """Renew the lease; whether it was still running (False: it had run out, and the
+        presence hash with it -- a hub stalled longer than the lease)."""
         ttl_ms = int(self.lease * 1000)
         info = json.dumps({"advertise": self.advertise, "pid": os.getpid(), "since": time.time()})
-        await self.redis.eval(self._RENEW_LUA, 4, self._k("hubs"), self._k("hub", self.id),
-                              self._k("presence", self.id), self._k("bus"),
-                              self.id, ttl_ms, info,
-                              self._msg("lease", ttl=ttl_ms, advertise=self.advertise))
+        return bool(await self.redis.eval(
+            self._RENEW_LUA, 4, self._k("hubs"), self._k("hub", self.id),
+            self._k("presence", self.id), self._k("bus"), self.id, ttl_ms, info,
+            self._msg("lease", ttl=ttl_ms, advertise=self.advertise)))
 
     async def _renewer(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._republish.wait(), self.renew)
-            except TimeoutError:
-                pass
+            if self.up:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._republish.wait(), self.renew)
+            # else: Redis was away at the last attempt (which waited a second since):
+            # try again now, not a whole renewal period later
             try:
                 if self._republish.is_set() or not self.up:
                     # after an outage (Redis restarted, maybe empty): everything again
@@ -255,8 +270,12 @@ class Cluster:
                     await self._publish_all()
                     await self._renew_lease()
                     await self._resync()
-                else:
-                    await self._renew_lease()
+                elif not await self._renew_lease():
+                    # the lease ran out while this hub was stalled: the others forgot
+                    # it and its sessions, and its presence expired -- publish it again
+                    log.warning("this hub's lease had run out (stalled for over %gs): "
+                                "re-publishing its %d session(s)", self.lease, len(self.local))
+                    await self._publish_all()
                 self._recovered()
             except asyncio.CancelledError:
                 raise
@@ -290,6 +309,17 @@ class Cluster:
 
     # --- sessions of this hub ------------------------------------------------------------
 
+    # The presence hash expires with the lease (the hub key's TTL), not a whole lease
+    # after the last registration: a killed hub leaves no key behind its lease.
+    _UP_LUA = """
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    local ttl = redis.call('PTTL', KEYS[2])
+    if ttl <= 0 then ttl = tonumber(ARGV[3]) end
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PUBLISH', KEYS[3], ARGV[4])
+    return ttl
+    """
+
     async def session_up(self, session: Any, instance: str) -> int:
         """Publish a new local session; its epoch.  :class:`StoreUnavailable` when Redis
         does not answer (the registration is refused)."""
@@ -308,11 +338,10 @@ class Cluster:
         self._index_add(p)
         data = json.dumps(p.to_json())
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(self._k("presence", self.id), key, data)
-            pipe.pexpire(self._k("presence", self.id), int(self.lease * 1000))
-            pipe.publish(self._k("bus"), self._msg("up", key=key, p=p.to_json()))
-            await pipe.execute()
+            await self.redis.eval(self._UP_LUA, 3, self._k("presence", self.id),
+                                  self._k("hub", self.id), self._k("bus"), key, data,
+                                  int(self.lease * 1000),
+                                  self._msg("up", key=key, p=p.to_json()))
         except Exception as exc:  # noqa: BLE001 - published again when Redis is back
             self._lost(exc)
             self._republish.set()
@@ -461,9 +490,15 @@ class Cluster:
         hub_id = m.get("hub")
         if not isinstance(hub_id, str) or hub_id == self.id:
             return
+        if t in ("lease", "up") and hub_id in self._expired:
+            # a hub dropped when its lease ran out is alive after all (it, or this hub,
+            # stalled): what it published meanwhile was missed -- read it all again
+            self._expired.discard(hub_id)
+            asyncio.get_running_loop().create_task(self._resync_quietly())
         try:
-            if t == "lease":
-                self._peer(hub_id, str(m.get("advertise") or ""), float(m["ttl"]) / 1000.0)
+            if t == "lease":  # a renewal: the hub is alive (again)
+                self._peer(hub_id, str(m.get("advertise") or ""),
+                           float(m["ttl"]) / 1000.0).suspect = False
             elif t == "up":
                 peer = self._peer(hub_id)
                 p = Presence.from_json(hub_id, str(m["key"]), m["p"])
@@ -496,6 +531,9 @@ class Cluster:
             now = time.monotonic()
             for hub_id in [h for h, p in self.peers.items() if p.until < now]:
                 self._drop_peer(hub_id, "its lease ran out")
+                if len(self._expired) > 10000:  # dead hubs' ids: keep it bounded
+                    self._expired.clear()
+                self._expired.add(hub_id)
 
     # --- routing -------------------------------------------------------------------------
 
@@ -509,8 +547,12 @@ class Cluster:
             return []
         best = max(entries, key=lambda p: p.epoch)
         mine = [p for p in entries if p.instance == best.instance]
-        mine.sort(key=lambda p: (p.hub != self.id, -p.epoch))
+        mine.sort(key=lambda p: (p.hub != self.id, self._suspect(p.hub), -p.epoch))
         return mine
+
+    def _suspect(self, hub_id: str) -> bool:
+        peer = self.peers.get(hub_id)
+        return peer is not None and peer.suspect
 
     def offers(self, namespace: str, remote: str) -> bool:
         """Whether any hub holds a session of ``remote``."""
@@ -549,13 +591,17 @@ class Cluster:
               ("sesame-peer-session", p.key))
         call = self._channel(peer).stream_stream(PEER_METHOD)(metadata=md)
         try:
-            initial = await asyncio.wait_for(call.initial_metadata(), PEER_OPEN_TIMEOUT)
-        except TimeoutError:
-            call.cancel()
-            raise _PeerGone(f"hub {p.hub} did not answer in {PEER_OPEN_TIMEOUT:g}s") from None
-        if call.done():  # the peer refused before any stream: its status says why
-            code = await call.code()
-            raise _PeerGone(f"hub {p.hub}: {code.name}: {await call.details()}")
+            try:
+                initial = await asyncio.wait_for(call.initial_metadata(), PEER_OPEN_TIMEOUT)
+            except TimeoutError:
+                call.cancel()
+                raise _PeerGone(f"hub {p.hub} did not answer in {PEER_OPEN_TIMEOUT:g}s") from None
+            if call.done():  # the peer refused before any stream: its status says why
+                code = await call.code()
+                raise _PeerGone(f"hub {p.hub}: {code.name}: {await call.details()}")
+        except Exception:
+            peer.suspect = True  # tried last until its next lease renewal
+            raise
         done = asyncio.get_running_loop().create_future()
         done.add_done_callback(lambda _f: call.cancel())
         outer = StreamOuter(call.read, call.write, tunnel_pb2.StreamRequest,
@@ -648,15 +694,52 @@ def advertise_address(host: str, port: int, advertise: str | None = None) -> str
     return N.join_host_port(host, port)
 
 
+def lease_timing(lease: float | None = None, renew: float | None = None,
+                 environ: Any = None) -> tuple[float, float]:
+    """``(lease, renew)``: the given values, else ``SESAME_CLUSTER_LEASE`` /
+    ``SESAME_CLUSTER_RENEW`` from ``environ`` (default ``os.environ``), else
+    :data:`LEASE` / :data:`RENEW`.
+
+    :raises ValueError: a value that is not a positive number of seconds, or a renewal
+        not shorter than the lease.
+    """
+    env = os.environ if environ is None else environ
+
+    def pick(given: float | None, name: str, default: float) -> float:
+        if given is not None:
+            return float(given)
+        raw = (env.get(name) or "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+        if not 0 < value < 1e6:
+            raise ValueError(f"{name}={raw!r} is not a positive number of seconds")
+        return value
+
+    lease_s = pick(lease, "SESAME_CLUSTER_LEASE", LEASE)
+    renew_s = pick(renew, "SESAME_CLUSTER_RENEW", min(RENEW, lease_s / 3))
+    if not renew_s < lease_s:
+        raise ValueError(f"the lease renewal ({renew_s:g}s) must be shorter than the lease "
+                         f"({lease_s:g}s)")
+    return lease_s, renew_s
+
+
 async def join(hub: Any, *, advertise: str, channel_credentials: grpc.ChannelCredentials | None,
-               hub_id: str | None = None, lease: float = LEASE,
-               renew: float = RENEW) -> Cluster:
+               hub_id: str | None = None, lease: float | None = None,
+               renew: float | None = None) -> Cluster:
     """Make ``hub`` (serving already; its store a networked one with ``prefix`` and
     ``async_client()``, :class:`~sesame.hub._redisstore.RedisStore`) a member of the cluster on that store: the peer secret from the store,
     the lease, the bus.  Returns the started :class:`Cluster` (``hub.cluster``).
+    ``lease``/``renew`` default to :func:`lease_timing` (the environment, else
+    :data:`LEASE`/:data:`RENEW`).
 
     :raises StoreUnavailable: Redis does not answer.
+    :raises ValueError: bad ``SESAME_CLUSTER_LEASE`` / ``SESAME_CLUSTER_RENEW``.
     """
+    lease, renew = lease_timing(lease, renew)
     store = hub.store
     secret = await hub.store_call(store.shared_secret, "cluster-peer-secret",
                                   lambda: secrets.token_bytes(32))
@@ -685,4 +768,4 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = ["LEASE", "RENEW", "Cluster", "PeerHub", "Presence", "advertise_address", "join",
-           "new_hub_id"]
+           "lease_timing", "new_hub_id"]
