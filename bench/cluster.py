@@ -328,6 +328,11 @@ def main() -> None:
         out: dict = {"remotes": n, "hubs": 3, "tokens_s": round(time.monotonic() - t, 2)}
         children, counts = [], [0] * k
         cond = threading.Condition()
+        reg_cpu = e2e.ProcCPU()
+        for i in range(3):
+            reg_cpu.add(f"hub reg-{i}", cl.procs[f"reg-{i}"].pid)
+        reg_cpu.add("redis-server", cl.redis.pid, main="process")
+        before = reg_cpu.snapshot()
         t0 = time.monotonic()
         for c in range(k):
             idx = range(c * n // k, (c + 1) * n // k)
@@ -340,6 +345,7 @@ def main() -> None:
                                   env=cl.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=open(cl.dir / f"fleet.{c}.log", "w"), text=True, bufsize=1)
             children.append(ch)
+            reg_cpu.add(f"fleet child {c}", ch.pid, main="process")
 
             def read(c=c, ch=ch) -> None:
                 for line in ch.stdout:
@@ -356,6 +362,7 @@ def main() -> None:
         with cond:
             ok = cond.wait_for(lambda: sum(counts) >= n, timeout=600)
         out["all_registered_s"] = round(time.monotonic() - t0, 2)
+        out["cpu_s"] = reg_cpu.delta(before, reg_cpu.snapshot())
         if not ok:
             failures.append(f"registration: {sum(counts)} of {n} registered")
         # the cluster-wide listing on hub A

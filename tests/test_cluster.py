@@ -343,3 +343,45 @@ async def test_list_sessions_on_any_hub_lists_the_whole_cluster_page_by_page(wor
     assert state["hubs_total"] == 3 and state["up"] is True
     assert {h["id"]: h["sessions"] for h in state["hubs"]} == {
         a.cluster.id: 1, b.cluster.id: 2, c.cluster.id: 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resync_keeps_what_the_bus_said_while_it_read(world, echo_port):
+    """A full re-read of a peer's presence that is in flight while the bus announces a
+    new session (or the end of one) must not undo the announcement (a registration storm
+    lost sessions from other hubs' views this way until the next resync)."""
+    import json as _json
+
+    a, b = await world.add_hub(), await world.add_hub()
+    allow = [f"127.0.0.1:{echo_port}"]
+    await world.add_remote(b, "edge-1", allow)
+    await world.settle(lambda: world.sees(a, "edge-1"))
+    gone_key = next(iter(b.cluster.local))
+
+    async def go():
+        real = a.cluster.redis.hgetall
+        reading, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_hgetall(key):
+            out = await real(key)  # the snapshot, taken before the bus messages below
+            reading.set()
+            await release.wait()
+            return out
+
+        a.cluster.redis.hgetall = slow_hgetall
+        try:
+            task = asyncio.ensure_future(a.cluster._resync())
+            await reading.wait()
+            new = {"ns": "default", "remote": "edge-9", "endpoints": ["netconn"], "epoch": 10**9,
+                   "instance": "x", "since": 0.0, "peer": ""}
+            a.cluster._apply(_json.dumps({"t": "up", "hub": b.cluster.id, "key": "default/edge-9#99",
+                                          "p": new}))
+            a.cluster._apply(_json.dumps({"t": "down", "hub": b.cluster.id, "key": gone_key}))
+            release.set()
+            await task
+        finally:
+            a.cluster.redis.hgetall = real
+
+    await on_loop(go())
+    assert world.sees(a, "edge-9")
+    assert not world.sees(a, "edge-1")

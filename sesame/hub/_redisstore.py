@@ -358,7 +358,8 @@ class RedisStore(Store):
         (TLS; ``?ssl_ca_certs=FILE``, ``ssl_cert_reqs=`` and redis-py's other URL
         options).  Never logged: :attr:`url` is the redacted form.
     :param prefix: the first characters of every key (several deployments can share
-        one Redis database with different prefixes).
+        one Redis database with different prefixes); the URL's ``?prefix=`` when this
+        is left at the default.
     :param clock: returns the current POSIX time; injected for tests.
     :param kdf_iterations: PBKDF2 rounds for new tokens.
     :param timeout: seconds to connect and to wait for each answer.
@@ -397,7 +398,9 @@ class RedisStore(Store):
         kind, options = _parse_url(url)
         if kind != "redis":
             raise InvalidArgument("store", f"{self.url} is not a redis:// or rediss:// URL")
-        options.pop("prefix", None)
+        url_prefix = options.pop("prefix", None)
+        if url_prefix is not None and prefix == DEFAULT_PREFIX:
+            self.prefix = prefix = url_prefix  # the URL's ?prefix= unless one was passed
         self._client_url = urlunsplit(urlsplit(url)._replace(query=urlencode(options)))
         self._timeout = timeout
         try:

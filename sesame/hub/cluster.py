@@ -70,6 +70,9 @@ log = logging.getLogger("sesame.hub.cluster")
 #: Seconds between lease renewals; and the lease's time to live.
 RENEW = 5.0
 LEASE = 15.0
+#: Every this many renewals the hub re-reads the whole cluster's presence (a safety net
+#: under the bus, which delivers at most once).
+RESYNC_EVERY = 12
 #: How often the hub drops peers whose lease ran out (seconds).
 SWEEP = 1.0
 #: The peer relay method (raw tunnel frames both ways).
@@ -124,6 +127,8 @@ class PeerHub:
     until: float  # time.monotonic() when its lease runs out
     sessions: dict[str, Presence] = field(default_factory=dict)
     since: float = field(default_factory=time.time)
+    #: key -> the view generation of the last bus message about it (see Cluster._resync)
+    touched: dict[str, int] = field(default_factory=dict)
     #: A relay to it failed before its stream was up and no lease renewal came since:
     #: its sessions are tried after every other candidate (a dead hub whose lease has
     #: not run out yet costs one failed relay per renewal, not one per connection).
@@ -173,6 +178,7 @@ class Cluster:
         self.on_store_change: Callable[[dict[str, Any]], None] | None = None
         self._republish = asyncio.Event()
         self._expired: set[str] = set()  # hubs dropped because their lease ran out
+        self._gen = 0  # counts up/down messages applied (a resync keeps what came after)
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -257,6 +263,7 @@ class Cluster:
             self._msg("lease", ttl=ttl_ms, advertise=self.advertise)))
 
     async def _renewer(self) -> None:
+        renewals = 0
         while True:
             if self.up:
                 with contextlib.suppress(TimeoutError):
@@ -276,6 +283,10 @@ class Cluster:
                     log.warning("this hub's lease had run out (stalled for over %gs): "
                                 "re-publishing its %d session(s)", self.lease, len(self.local))
                     await self._publish_all()
+                renewals += 1
+                if renewals % RESYNC_EVERY == 0:
+                    # anti-entropy: pub/sub delivers at most once; the store is the truth
+                    await self._resync()
                 self._recovered()
             except asyncio.CancelledError:
                 raise
@@ -428,7 +439,12 @@ class Cluster:
             seen.add(hub_id)
             peer = self._peer(hub_id, str(info.get("advertise") or ""),
                               max(0.0, (float(score) - now_ms) / 1000.0))
+            # Bus messages keep arriving while the read is in flight: what they said about
+            # a session (up or down) is newer than the read and stays.
+            before = self._gen
             fields = await self.redis.hgetall(self._k("presence", hub_id))
+            if self.peers.get(hub_id) is not peer:
+                continue  # dropped (bye) meanwhile
             fresh: dict[str, Presence] = {}
             for k, v in fields.items():
                 key = k.decode() if isinstance(k, bytes) else str(k)
@@ -436,11 +452,18 @@ class Cluster:
                     fresh[key] = Presence.from_json(hub_id, key, json.loads(v))
                 except (ValueError, KeyError, TypeError):
                     log.warning("ignoring a malformed presence entry %r of hub %s", key, hub_id)
-            for p in peer.sessions.values():
-                self._index_remove(p)
-            peer.sessions = fresh
-            for p in fresh.values():
+            for key in [k for k in peer.sessions
+                        if k not in fresh and peer.touched.get(k, 0) <= before]:
+                self._index_remove(peer.sessions.pop(key))
+            for key, p in fresh.items():
+                if peer.touched.get(key, 0) > before:
+                    continue
+                old = peer.sessions.get(key)
+                if old is not None:
+                    self._index_remove(old)
+                peer.sessions[key] = p
                 self._index_add(p)
+            peer.touched = {k: g for k, g in peer.touched.items() if g > before}
         for hub_id in [h for h in self.peers if h not in seen]:
             self._drop_peer(hub_id, "no lease in the store")
 
@@ -507,11 +530,17 @@ class Cluster:
                     self._index_remove(old)
                 peer.sessions[p.key] = p
                 self._index_add(p)
+                self._gen += 1
+                peer.touched[p.key] = self._gen
             elif t == "down":
                 peer = self.peers.get(hub_id)
-                p = peer.sessions.pop(str(m["key"]), None) if peer is not None else None
+                key = str(m["key"])
+                p = peer.sessions.pop(key, None) if peer is not None else None
                 if p is not None:
                     self._index_remove(p)
+                if peer is not None:
+                    self._gen += 1
+                    peer.touched[key] = self._gen
             elif t == "bye":
                 self._drop_peer(hub_id, "stopped")
             elif t == "resync":

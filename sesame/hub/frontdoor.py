@@ -507,6 +507,7 @@ class FrontDoors:
         self.sniff_timeout = sniff_timeout  # seconds to send a request head / ClientHello
         self.listen_retry = listen_retry  # seconds between tries to bind a failed tcp route
         self.reuse_port = reuse_port
+        self._unreadable = False  # the store could not be read at the last look
         self.http: dict[str, Route] = {}
         self.sni: dict[str, Route] = {}
         self.grpc: dict[str, Route] = {}
@@ -589,9 +590,15 @@ class FrontDoors:
 
     def _routes_unreadable(self, why: Any) -> None:
         text = why.getErrorMessage() if hasattr(why, "getErrorMessage") else str(why)
+        if self._unreadable:
+            return  # said once per outage (every watch interval would flood the log)
+        self._unreadable = True
         log.warn("front doors: cannot read routes (keeping the ones in force): {why}", why=text)
 
     def _apply_routes(self, records: list) -> None:
+        if self._unreadable:
+            self._unreadable = False
+            log.info("front doors: routes readable again")
         key = tuple((r.id, r.kind, r.match, r.target) for r in records)
         if key == self._known:
             self._sync_tcp()  # only retries of listeners that failed
