@@ -359,6 +359,11 @@ def main() -> None:
                             cond.notify_all()
 
             threading.Thread(target=read, daemon=True).start()
+        if os.environ.get("SESAME_BENCH_PROFILE"):  # py-spy on hub reg-0 while they register
+            subprocess.Popen(["py-spy", "record", "-p", str(cl.procs["reg-0"].pid), "-d", "25",
+                              "-r", "50", "--format", "raw", "-o",
+                              os.environ["SESAME_BENCH_PROFILE"]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with cond:
             ok = cond.wait_for(lambda: sum(counts) >= n, timeout=600)
         out["all_registered_s"] = round(time.monotonic() - t0, 2)

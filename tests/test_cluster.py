@@ -385,3 +385,26 @@ async def test_a_resync_keeps_what_the_bus_said_while_it_read(world, echo_port):
     await on_loop(go())
     assert world.sees(a, "edge-9")
     assert not world.sees(a, "edge-1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_dropped_from_the_view_comes_back_with_its_sessions(tmp_path, redis,
+                                                                          echo_port):
+    """However a peer left this hub's view (its lease seemed gone while one of them
+    stalled, a resync found no lease), its next renewal brings it back *with* the
+    sessions it published meanwhile."""
+    w = World(tmp_path, redis, lease=3.0, renew=0.5)
+    try:
+        a, b = await w.add_hub(), await w.add_hub()
+        await w.add_remote(b, "edge-1", [f"127.0.0.1:{echo_port}"])
+        await w.settle(lambda: w.sees(a, "edge-1"))
+
+        async def drop() -> None:
+            a.cluster._drop_peer(b.cluster.id, "as if its lease had run out")
+
+        await on_loop(drop())
+        assert not w.sees(a, "edge-1")
+        await w.settle(lambda: w.sees(a, "edge-1"), timeout=5.0)
+        await sha_roundtrip(a, w.client, "edge-1", echo_port, 4096)
+    finally:
+        await w.stop()

@@ -177,8 +177,8 @@ class Cluster:
         self.bus_messages = 0
         self.on_store_change: Callable[[dict[str, Any]], None] | None = None
         self._republish = asyncio.Event()
-        self._expired: set[str] = set()  # hubs dropped because their lease ran out
         self._gen = 0  # counts up/down messages applied (a resync keeps what came after)
+        self._resyncing = False  # a resync started by the bus is running
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -513,11 +513,13 @@ class Cluster:
         hub_id = m.get("hub")
         if not isinstance(hub_id, str) or hub_id == self.id:
             return
-        if t in ("lease", "up") and hub_id in self._expired:
-            # a hub dropped when its lease ran out is alive after all (it, or this hub,
-            # stalled): what it published meanwhile was missed -- read it all again
-            self._expired.discard(hub_id)
-            asyncio.get_running_loop().create_task(self._resync_quietly())
+        if t in ("lease", "up") and hub_id not in self.peers:
+            # a hub this view does not hold: new, or dropped (its lease ran out while it
+            # or this hub stalled, or a resync found no lease) and alive after all --
+            # what it published meanwhile was missed: read it all again (once at a time)
+            if not self._resyncing:
+                self._resyncing = True
+                asyncio.get_running_loop().create_task(self._resync_quietly())
         try:
             if t == "lease":  # a renewal: the hub is alive (again)
                 self._peer(hub_id, str(m.get("advertise") or ""),
@@ -549,8 +551,11 @@ class Cluster:
             log.warning("ignoring a malformed %r bus message from hub %s", t, hub_id)
 
     async def _resync_quietly(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._resync()
+        try:
+            with contextlib.suppress(Exception):
+                await self._resync()
+        finally:
+            self._resyncing = False
 
     async def _sweeper(self) -> None:
         while True:
@@ -560,9 +565,6 @@ class Cluster:
             now = time.monotonic()
             for hub_id in [h for h, p in self.peers.items() if p.until < now]:
                 self._drop_peer(hub_id, "its lease ran out")
-                if len(self._expired) > 10000:  # dead hubs' ids: keep it bounded
-                    self._expired.clear()
-                self._expired.add(hub_id)
 
     # --- routing -------------------------------------------------------------------------
 
