@@ -408,3 +408,22 @@ async def test_a_peer_dropped_from_the_view_comes_back_with_its_sessions(tmp_pat
         await sha_roundtrip(a, w.client, "edge-1", echo_port, 4096)
     finally:
         await w.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_have_the_cluster_family(world, echo_port):
+    a, b = await world.add_hub(), await world.add_hub()
+    await world.add_remote(b, "edge-1", [f"127.0.0.1:{echo_port}"])
+    await world.settle(lambda: world.sees(a, "edge-1"))
+    await sha_roundtrip(a, world.client, "edge-1", echo_port, 4096)  # one relayed connection
+
+    text = a.hub.metrics.render()[0].decode()
+    lines = {ln.split(" ")[0]: ln.rsplit(" ", 1)[1] for ln in text.splitlines()
+             if ln.startswith("sesame_cluster_")}
+    assert float(lines["sesame_cluster_up"]) == 1
+    assert float(lines["sesame_cluster_peers"]) == 1
+    assert float(lines[f'sesame_cluster_hub_sessions{{hub="{b.cluster.id}"}}']) == 1
+    assert float(lines[f'sesame_cluster_hub_sessions{{hub="{a.cluster.id}"}}']) == 0
+    assert float(lines["sesame_cluster_relayed_connections_total"]) == 1
+    assert float(lines["sesame_cluster_bus_messages_total"]) >= 1
+    assert "sesame_cluster_bus_lag_seconds" in lines
