@@ -327,6 +327,7 @@ def main() -> None:
         tokens = [cl.store.create_token("remote", remote=f"fleet-{i:05d}")[1] for i in range(n)]
         out: dict = {"remotes": n, "hubs": 3, "tokens_s": round(time.monotonic() - t, 2)}
         children, counts = [], [0] * k
+        seen_errors: dict[str, int] = {}  # the children's unregistered sessions' last errors
         cond = threading.Condition()
         reg_cpu = e2e.ProcCPU()
         for i in range(3):
@@ -356,6 +357,8 @@ def main() -> None:
                     if "registered" in msg:
                         with cond:
                             counts[c] = msg["registered"]
+                            for why, k in (msg.get("errors") or {}).items():
+                                seen_errors[why] = max(seen_errors.get(why, 0), k)
                             cond.notify_all()
 
             threading.Thread(target=read, daemon=True).start()
@@ -368,6 +371,7 @@ def main() -> None:
             ok = cond.wait_for(lambda: sum(counts) >= n, timeout=600)
         out["all_registered_s"] = round(time.monotonic() - t0, 2)
         out["cpu_s"] = reg_cpu.delta(before, reg_cpu.snapshot())
+        out["child_errors_seen"] = dict(sorted(seen_errors.items(), key=lambda kv: -kv[1])[:5])
         if not ok:
             failures.append(f"registration: {sum(counts)} of {n} registered")
         # the cluster-wide listing on hub A

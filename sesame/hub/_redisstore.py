@@ -432,11 +432,9 @@ class RedisStore(Store):
     def async_client(self) -> Any:
         """A ``redis.asyncio.Redis`` on the same server, database and credentials (for
         :mod:`sesame.hub.cluster`: the lease, presence and the bus on the bridge loop)."""
-        import redis.asyncio as aioredis
+        from sesame.hub.cluster import async_redis
 
-        return aioredis.from_url(self._client_url, socket_connect_timeout=self._timeout,
-                                 socket_timeout=max(self._timeout, 5.0),
-                                 health_check_interval=10)
+        return async_redis(self._client_url, connect_timeout=self._timeout)
 
     def _reason(self, exc: BaseException) -> str:
         text = str(exc) or type(exc).__name__

@@ -207,10 +207,7 @@ class Cluster:
     def _make_redis(self) -> Any:
         if self._redis_factory is not None:
             return self._redis_factory(self.url)
-        import redis.asyncio as aioredis
-
-        return aioredis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5,
-                                 health_check_interval=10)
+        return async_redis(self.url)
 
     async def stop(self) -> None:
         """Leave: cancel the tasks, drop this hub's lease and presence (others forget
@@ -708,6 +705,24 @@ class Cluster:
             session.connections -= 1
             if not done.done():
                 done.set_result(None)
+
+
+#: Connections of a hub's asyncio Redis client; more concurrent commands wait for one
+#: (a registration storm must queue, not fail: redis-py's default pool raises "Too
+#: many connections" past 100, which a storm of 10,000 remotes reached).
+REDIS_CONNECTIONS = 32
+
+
+def async_redis(url: str, *, connect_timeout: float = 2.0) -> Any:
+    """A ``redis.asyncio.Redis`` for ``url`` whose pool blocks (up to 10 s) for a free
+    connection instead of failing when :data:`REDIS_CONNECTIONS` are busy."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_CONNECTIONS, timeout=10,
+        socket_connect_timeout=connect_timeout, socket_timeout=max(connect_timeout, 5.0),
+        health_check_interval=10)
+    return aioredis.Redis.from_pool(pool)  # its aclose() closes the pool too
 
 
 def advertise_address(host: str, port: int, advertise: str | None = None) -> str:
