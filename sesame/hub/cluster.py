@@ -18,9 +18,10 @@ module keeps, per hub:
   (``sesame-instance`` metadata; one per remote process) of the session with
   the highest epoch owns it; among that instance's sessions (a remote homed
   on several hubs) a local one is preferred.
-* **the bus** -- pub/sub channel ``{p}bus``: presence changes ("up", "down",
-  "lease", "bye") from hubs and "store" changes from the store (tokens,
-  routes, namespaces) reach every hub at once and are applied there.
+* **the bus** -- pub/sub channel ``{p}bus``: presence changes from hubs ("up"/"ups",
+  "down"/"downs" -- batched while registrations arrive together -- "lease", "bye",
+  "resync") and "store" changes from the store (tokens, routes, namespaces) reach
+  every hub at once and are applied there.
 
 A hub whose best session for a call is on another hub opens
 ``/sesame.cluster.v1.Peer/Stream`` on that hub, authenticated by the
@@ -73,6 +74,8 @@ LEASE = 15.0
 #: Every this many renewals the hub re-reads the whole cluster's presence (a safety net
 #: under the bus, which delivers at most once).
 RESYNC_EVERY = 12
+#: Registrations (and ends of sessions) written to Redis in one go, at most.
+UP_BATCH = 500
 #: How often the hub drops peers whose lease ran out (seconds).
 SWEEP = 1.0
 #: The peer relay method (raw tunnel frames both ways).
@@ -178,6 +181,10 @@ class Cluster:
         self.on_store_change: Callable[[dict[str, Any]], None] | None = None
         self._republish = asyncio.Event()
         self._gen = 0  # counts up/down messages applied (a resync keeps what came after)
+        self._ups: list[tuple[Any, str, asyncio.Future]] = []  # waiting for _write_ups
+        self._downs: list[str] = []  # waiting for _write_downs
+        self._up_writer: asyncio.Task[None] | None = None
+        self._down_writer: asyncio.Task[None] | None = None
         self._resyncing = False  # a resync started by the bus is running
 
     # --- keys ----------------------------------------------------------------------------
@@ -212,8 +219,9 @@ class Cluster:
     async def stop(self) -> None:
         """Leave: cancel the tasks, drop this hub's lease and presence (others forget
         it at once through "bye"), close peer channels and the Redis client."""
-        for t in self._tasks:
-            t.cancel()
+        for t in (*self._tasks, self._up_writer, self._down_writer):
+            if t is not None:
+                t.cancel()
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
@@ -319,61 +327,90 @@ class Cluster:
 
     # The presence hash expires with the lease (the hub key's TTL), not a whole lease
     # after the last registration: a killed hub leaves no key behind its lease.
-    _UP_LUA = """
-    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    _UPS_LUA = """
+    -- KEYS: presence hash, lease key, bus; ARGV: default TTL, bus message, then
+    -- field, value pairs.  The presence hash expires with the lease.
+    for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
     local ttl = redis.call('PTTL', KEYS[2])
-    if ttl <= 0 then ttl = tonumber(ARGV[3]) end
+    if ttl <= 0 then ttl = tonumber(ARGV[1]) end
     redis.call('PEXPIRE', KEYS[1], ttl)
-    redis.call('PUBLISH', KEYS[3], ARGV[4])
+    redis.call('PUBLISH', KEYS[3], ARGV[2])
     return ttl
     """
 
     async def session_up(self, session: Any, instance: str) -> int:
         """Publish a new local session; its epoch.  :class:`StoreUnavailable` when Redis
-        does not answer (the registration is refused)."""
+        does not answer (the registration is refused).  Registrations arriving together
+        are written together (:data:`UP_BATCH` at a time: one ``INCRBY`` of the epoch,
+        one script, one bus message), so a storm costs Redis round trips per batch."""
         if not self.up:
             raise StoreUnavailable("store unavailable (Redis is not answering)")
-        try:
-            epoch = int(await self.redis.incr(self._k("epoch")))
-        except Exception as exc:  # noqa: BLE001 - refuse while Redis is away
-            self._lost(exc)
-            raise StoreUnavailable(f"store unavailable: {_reason(exc)}") from None
-        key = f"{session.namespace}/{session.remote}#{session.id}"
-        p = Presence(self.id, key, session.namespace, session.remote,
-                     frozenset(session.endpoints), epoch, instance or key, session.since,
-                     session.peer, session)
-        self.local[key] = p
-        self._index_add(p)
-        data = json.dumps(p.to_json())
-        try:
-            await self.redis.eval(self._UP_LUA, 3, self._k("presence", self.id),
-                                  self._k("hub", self.id), self._k("bus"), key, data,
-                                  int(self.lease * 1000),
-                                  self._msg("up", key=key, p=p.to_json()))
-        except Exception as exc:  # noqa: BLE001 - published again when Redis is back
-            self._lost(exc)
-            self._republish.set()
-        return epoch
+        fut = asyncio.get_running_loop().create_future()
+        self._ups.append((session, instance, fut))
+        if self._up_writer is None or self._up_writer.done():
+            self._up_writer = asyncio.get_running_loop().create_task(self._write_ups())
+        return await fut
+
+    async def _write_ups(self) -> None:
+        while self._ups:
+            batch, self._ups = self._ups[:UP_BATCH], self._ups[UP_BATCH:]
+            try:
+                last = int(await self.redis.incrby(self._k("epoch"), len(batch)))
+            except Exception as exc:  # noqa: BLE001 - refuse while Redis is away
+                self._lost(exc)
+                err = StoreUnavailable(f"store unavailable: {_reason(exc)}")
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            items = []
+            for i, (session, instance, fut) in enumerate(batch):
+                epoch = last - len(batch) + 1 + i
+                if not session.closed and not fut.done():  # else it left while waiting
+                    key = f"{session.namespace}/{session.remote}#{session.id}"
+                    p = Presence(self.id, key, session.namespace, session.remote,
+                                 frozenset(session.endpoints), epoch, instance or key,
+                                 session.since, session.peer, session)
+                    self.local[key] = p
+                    self._index_add(p)
+                    items.append([key, p.to_json()])
+                if not fut.done():
+                    fut.set_result(epoch)
+            if not items:
+                continue
+            fields = [x for key, d in items for x in (key, json.dumps(d))]
+            try:
+                await self.redis.eval(self._UPS_LUA, 3, self._k("presence", self.id),
+                                      self._k("hub", self.id), self._k("bus"),
+                                      int(self.lease * 1000), self._msg("ups", items=items),
+                                      *fields)
+            except Exception as exc:  # noqa: BLE001 - published again when Redis is back
+                self._lost(exc)
+                self._republish.set()
 
     def session_down(self, session: Any) -> None:
-        """Forget a local session here and (in the background) in the cluster."""
+        """Forget a local session here and (in the background, batched) in the cluster."""
         key = f"{session.namespace}/{session.remote}#{session.id}"
         p = self.local.pop(key, None)
         if p is None:
             return
         self._index_remove(p)
         if self.up:
-            asyncio.get_running_loop().create_task(self._publish_down(key))
+            self._downs.append(key)
+            if self._down_writer is None or self._down_writer.done():
+                self._down_writer = asyncio.get_running_loop().create_task(self._write_downs())
 
-    async def _publish_down(self, key: str) -> None:
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hdel(self._k("presence", self.id), key)
-            pipe.publish(self._k("bus"), self._msg("down", key=key))
-            await pipe.execute()
-        except Exception as exc:  # noqa: BLE001
-            self._lost(exc)
-            self._republish.set()
+    async def _write_downs(self) -> None:
+        while self._downs:
+            keys, self._downs = self._downs[:UP_BATCH], self._downs[UP_BATCH:]
+            try:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hdel(self._k("presence", self.id), *keys)
+                pipe.publish(self._k("bus"), self._msg("downs", keys=keys))
+                await pipe.execute()
+            except Exception as exc:  # noqa: BLE001
+                self._lost(exc)
+                self._republish.set()
 
     # --- the view ------------------------------------------------------------------------
 
@@ -510,7 +547,7 @@ class Cluster:
         hub_id = m.get("hub")
         if not isinstance(hub_id, str) or hub_id == self.id:
             return
-        if t in ("lease", "up") and hub_id not in self.peers:
+        if t in ("lease", "up", "ups") and hub_id not in self.peers:
             # a hub this view does not hold: new, or dropped (its lease ran out while it
             # or this hub stalled, or a resync found no lease) and alive after all --
             # what it published meanwhile was missed: read it all again (once at a time)
@@ -521,25 +558,28 @@ class Cluster:
             if t == "lease":  # a renewal: the hub is alive (again)
                 self._peer(hub_id, str(m.get("advertise") or ""),
                            float(m["ttl"]) / 1000.0).suspect = False
-            elif t == "up":
+            elif t in ("up", "ups"):
                 peer = self._peer(hub_id)
-                p = Presence.from_json(hub_id, str(m["key"]), m["p"])
-                old = peer.sessions.pop(p.key, None)
-                if old is not None:
-                    self._index_remove(old)
-                peer.sessions[p.key] = p
-                self._index_add(p)
-                self._gen += 1
-                peer.touched[p.key] = self._gen
-            elif t == "down":
-                peer = self.peers.get(hub_id)
-                key = str(m["key"])
-                p = peer.sessions.pop(key, None) if peer is not None else None
-                if p is not None:
-                    self._index_remove(p)
-                if peer is not None:
+                items = [(m["key"], m["p"])] if t == "up" else m["items"]
+                for key, d in items:
+                    p = Presence.from_json(hub_id, str(key), d)
+                    old = peer.sessions.pop(p.key, None)
+                    if old is not None:
+                        self._index_remove(old)
+                    peer.sessions[p.key] = p
+                    self._index_add(p)
                     self._gen += 1
-                    peer.touched[key] = self._gen
+                    peer.touched[p.key] = self._gen
+            elif t in ("down", "downs"):
+                peer = self.peers.get(hub_id)
+                for key in [m["key"]] if t == "down" else m["keys"]:
+                    key = str(key)
+                    p = peer.sessions.pop(key, None) if peer is not None else None
+                    if p is not None:
+                        self._index_remove(p)
+                    if peer is not None:
+                        self._gen += 1
+                        peer.touched[key] = self._gen
             elif t == "bye":
                 self._drop_peer(hub_id, "stopped")
             elif t == "resync":
