@@ -14,16 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import SESAME, Procs, sesame, wait_until
+from tests.e2e_support import SESAME, Procs, sesame, wait_until  # procs: conftest.py
 
 ECHO_BYTES = 256 * 1024
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    yield p
-    p.stop_all()
 
 
 @pytest.fixture
