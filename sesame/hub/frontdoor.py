@@ -422,7 +422,7 @@ class ReusePortEndpoint:
     """TCP on ``interface:port`` with ``SO_REUSEPORT`` set before ``bind``, so several
     processes listen on one port (each gets a share of the connections)."""
 
-    def __init__(self, reactor: Any, port: int, interface: str = "", backlog: int = 50) -> None:
+    def __init__(self, reactor: Any, port: int, interface: str = "", backlog: int = 1024) -> None:
         self.reactor, self.port, self.interface, self.backlog = reactor, port, interface, backlog
 
     @classmethod
@@ -434,11 +434,11 @@ class ReusePortEndpoint:
                                                                            "port"}:
             return None
         port_text = kwargs.get("port") or (args[1] if len(args) > 1 else "")
-        if not N.ascii_digits(port_text) or not N.ascii_digits(kwargs.get("backlog", "50")):
+        backlog = kwargs.get("backlog", str(BACKLOG))
+        if not N.ascii_digits(port_text) or not N.ascii_digits(backlog):
             return None
         default = "::" if args[0] == "tcp6" else ""
-        return cls(reactor, int(port_text), kwargs.get("interface", default),
-                   int(kwargs.get("backlog", "50")))
+        return cls(reactor, int(port_text), kwargs.get("interface", default), int(backlog))
 
     def listen(self, factory: Any) -> defer.Deferred:
         import socket
@@ -458,6 +458,13 @@ class ReusePortEndpoint:
         except Exception:  # noqa: BLE001 - the failure is the Deferred's
             return defer.fail()
         return defer.succeed(port)
+
+
+#: Listen backlog of the front doors' TCP listeners.  Twisted's default, 50, is a burst of
+#: 50 connections: past it the kernel drops handshakes, and a client that already sent
+#: its data sees the connection reset (bench/e2e.py's 200-connection burst through a
+#: port map lost up to 57 of 200 that way).
+BACKLOG = 1024
 
 
 class DoorFactory(Factory):
@@ -544,7 +551,11 @@ class FrontDoors:
 
     def _server_endpoint(self, desc: str) -> Any:
         """The server endpoint for ``desc``; a plain ``tcp:`` one with SO_REUSEPORT when
-        :attr:`reuse_port` (other kinds as given)."""
+        :attr:`reuse_port` (other kinds as given).  TCP and TLS listeners get a backlog
+        of :data:`BACKLOG` unless the description sets one."""
+        kind = desc.split(":", 1)[0]
+        if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in desc:
+            desc += f":backlog={BACKLOG}"
         if self.reuse_port:
             ep = ReusePortEndpoint.parse(self.reactor, desc)
             if ep is not None:
