@@ -262,3 +262,18 @@ def _add_parameter(parts: list[str], args: list[str], kwargs: dict[str, str]) ->
         args.append(parts[0])
     else:
         kwargs[parts[0]] = parts[1]
+
+
+#: Listen backlog sesame gives the TCP/TLS listeners it makes from a description (front
+#: doors, ``sesame forward``).  Twisted's default is 50: a burst past it has the kernel
+#: drop handshakes, and a client that already sent data sees a reset.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """A ``tcp:``/``tcp6:``/``ssl:`` server endpoint description with ``backlog=`` added
+    unless it sets one; any other description unchanged."""
+    if description.split(":", 1)[0] in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+

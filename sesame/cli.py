@@ -478,7 +478,9 @@ def cmd_forward(args: argparse.Namespace) -> int:
     from twisted.internet import defer, endpoints, reactor
 
     try:
-        listen = endpoints.serverFromString(reactor, args.listen)
+        from sesame import _names as N
+
+        listen = endpoints.serverFromString(reactor, N.with_backlog(args.listen))
     except ValueError as exc:
         raise CLIError(f"LISTEN_ENDPOINT: {exc}") from None
     connect = _connect_endpoint(reactor, args.connect)

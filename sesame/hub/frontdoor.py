@@ -460,11 +460,10 @@ class ReusePortEndpoint:
         return defer.succeed(port)
 
 
-#: Listen backlog of the front doors' TCP listeners.  Twisted's default, 50, is a burst of
-#: 50 connections: past it the kernel drops handshakes, and a client that already sent
-#: its data sees the connection reset (bench/e2e.py's 200-connection burst through a
-#: port map lost up to 57 of 200 that way).
-BACKLOG = 1024
+#: Listen backlog of the front doors' TCP listeners (:data:`sesame._names.LISTEN_BACKLOG`;
+#: bench/e2e.py's 200-connection burst through a port map lost up to 57 of 200 with
+#: Twisted's default of 50).
+BACKLOG = N.LISTEN_BACKLOG
 
 
 class DoorFactory(Factory):
@@ -553,9 +552,7 @@ class FrontDoors:
         """The server endpoint for ``desc``; a plain ``tcp:`` one with SO_REUSEPORT when
         :attr:`reuse_port` (other kinds as given).  TCP and TLS listeners get a backlog
         of :data:`BACKLOG` unless the description sets one."""
-        kind = desc.split(":", 1)[0]
-        if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in desc:
-            desc += f":backlog={BACKLOG}"
+        desc = N.with_backlog(desc, BACKLOG)
         if self.reuse_port:
             ep = ReusePortEndpoint.parse(self.reactor, desc)
             if ep is not None:
