@@ -346,6 +346,30 @@ def cmd_token(args: argparse.Namespace) -> int:
 # --- remotes --------------------------------------------------------------------------------
 
 
+def _answers(channel: Any, timeout: float) -> bool:
+    """Whether ``channel`` connects within ``timeout`` seconds (False at once when the
+    first attempt fails: a refused or unreachable hub, not a wait for its backoff)."""
+    import threading
+
+    import grpc
+
+    seen: list[Any] = []
+    settled = threading.Event()
+
+    def watch(state: Any) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            seen.append(state)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(watch)
+    return bool(seen) and seen[0] == grpc.ChannelConnectivity.READY
+
+
 def cmd_remotes(args: argparse.Namespace) -> int:
     """``sesame remotes``: the registered remotes the token may list (``Sesame/ListRemotes``)
     joined with the live sessions of the connected ones (``Admin/ListSessions``), both
@@ -370,8 +394,22 @@ def cmd_remotes(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     creds = cfg.credentials()
-    channel = (grpc.secure_channel(cfg.target, creds) if creds
-               else grpc.insecure_channel(cfg.target))
+
+    def open_channel(target: str) -> grpc.Channel:
+        return (grpc.secure_channel(target, creds) if creds
+                else grpc.insecure_channel(target))
+
+    if len(cfg.targets) == 1:
+        channel = open_channel(cfg.target)  # its own error says why, from the calls below
+    else:  # several hubs (one cluster: any lists it all): the first that answers
+        for target in cfg.targets:
+            channel = open_channel(target)
+            if _answers(channel, 10.0):
+                break
+            channel.close()
+        else:
+            raise CLIError(f"UNAVAILABLE: no hub answered ({', '.join(cfg.targets)})")
+        cfg = cfg.for_target(target)
 
     def pages(call: Any, request: Any) -> Any:
         while True:

@@ -930,3 +930,32 @@ def test_racing_registrations_of_one_name_agree_on_the_winner(lab: Lab) -> None:
                                        if k.startswith("sesame_cluster_hub_sessions{")) == 0,
                        what=f"hub {h.name}: no sessions left")
     print("race: " + "; ".join(winners) + "; both hubs agreed every time")
+
+
+def test_sesame_remotes_asks_the_first_hub_that_answers(lab: Lab) -> None:
+    """``sesame remotes --hub DEAD,LIVE`` lists the cluster through the live hub at once
+    (a refused hub is skipped on its first failed attempt, not after a timeout); with
+    no hub answering it says so in one line."""
+    import socket as _socket
+
+    (a,) = lab.start_hubs("a")
+    target = lab.target()
+    lab.start_remote("edge-1", [a], [f"127.0.0.1:{target.port}"])
+    _, admin = lab.store.create_token("admin")
+    with _socket.socket() as s1, _socket.socket() as s2:
+        s1.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        # bound, never listening: connections are refused
+        dead1, dead2 = (f"127.0.0.1:{s.getsockname()[1]}" for s in (s1, s2))
+        t0 = time.monotonic()
+        r = sesame("remotes", "--json", "--hub", f"{dead1},{a.address}", "--ca", str(a.ca),
+                   env=child_env(SESAME_TOKEN=admin))
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        rows = {row["name"]: row for row in json.loads(r.stdout)}
+        assert rows["edge-1"]["connected"] and rows["edge-1"]["hubs"], rows
+        assert took < 8.0, took  # not the 10 s a dead hub may take
+        r = sesame("remotes", "--hub", f"{dead1},{dead2}", "--ca", str(a.ca),
+                   env=child_env(SESAME_TOKEN=admin))
+    assert r.returncode != 0
+    assert "no hub answered" in r.stderr and dead1 in r.stderr and dead2 in r.stderr, r.stderr
