@@ -219,12 +219,12 @@ class Cluster:
     async def stop(self) -> None:
         """Leave: cancel the tasks, drop this hub's lease and presence (others forget
         it at once through "bye"), close peer channels and the Redis client."""
-        for t in (*self._tasks, self._up_writer, self._down_writer):
-            if t is not None:
-                t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        # every step bounded: a hub stops even when Redis or a peer does not answer
+        tasks = [t for t in (*self._tasks, self._up_writer, self._down_writer) if t is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         self._tasks = []
         if self.redis is not None:
             with contextlib.suppress(Exception):
@@ -234,10 +234,10 @@ class Cluster:
                 pipe.publish(self._k("bus"), self._msg("bye"))
                 await asyncio.wait_for(pipe.execute(), 2.0)
             with contextlib.suppress(Exception):
-                await self.redis.aclose()
+                await asyncio.wait_for(self.redis.aclose(), 2.0)
         for ch in self._channels.values():
             with contextlib.suppress(Exception):
-                await ch.close()
+                await asyncio.wait_for(ch.close(), 2.0)
         self._channels.clear()
 
     def _msg(self, t: str, **kw: Any) -> str:
@@ -524,7 +524,7 @@ class Cluster:
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        await asyncio.wait_for(pubsub.aclose(), 1.0)
 
     def _apply(self, data: bytes | str) -> None:
         try:
