@@ -81,7 +81,8 @@ SWEEP = 1.0
 #: The peer relay method (raw tunnel frames both ways).
 PEER_METHOD = "/sesame.cluster.v1.Peer/Stream"
 MD_PEER_AUTH = "sesame-peer-auth"
-MD_PEER_HUB = "sesame-peer-hub"
+#: The presence key of the session a relay asks for (the holding hub prefers it).
+MD_PEER_SESSION = "sesame-peer-session"
 #: Keys of the remote's tunnel extension metadata, forwarded by the peer.
 _EXT_KEYS = ("sesame-tunnel-window", "sesame-tunnel-chunk")
 #: Seconds a peer has to answer a relay with its stream before the next is tried.
@@ -654,9 +655,9 @@ class Cluster:
         peer = self.peers.get(p.hub)
         if peer is None or not peer.advertise:
             raise _PeerGone(f"hub {p.hub} left the cluster")
-        md = ((MD_PEER_AUTH, self._secret), (MD_PEER_HUB, self.id),
+        md = ((MD_PEER_AUTH, self._secret),
               (N.MD_REMOTE, N.resource_name(p.namespace, p.remote)), (N.MD_ENDPOINT, endpoint),
-              ("sesame-peer-session", p.key))
+              (MD_PEER_SESSION, p.key))
         call = self._channel(peer).stream_stream(PEER_METHOD)(metadata=md)
         try:
             try:
@@ -696,7 +697,7 @@ class Cluster:
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{N.MD_REMOTE}: {exc}")
         endpoint = N.md_get(md, N.MD_ENDPOINT) or N.NETCONN_ENDPOINT
-        wanted = N.md_get(md, "sesame-peer-session") or ""
+        wanted = N.md_get(md, MD_PEER_SESSION) or ""
         p = self.local.get(wanted)
         session = p.session if p is not None and endpoint in p.endpoints else None
         if session is None or session.closed:
