@@ -9,6 +9,7 @@ for its :class:`~sesame.netconn._transport.NetConnTransport` on the reactor.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,6 +123,7 @@ class _ClientLoopSide:
         self._flush_scheduled = False
         self._down: list[bytes] = []
         self._down_scheduled = False
+        self._lock = threading.Lock()
         self._in_flight = 0
         self._held_in_flight = False
         self._held_by_transport = False
@@ -199,7 +201,8 @@ class _ClientLoopSide:
         self._down.append(data)
         if not self._down_scheduled:
             self._down_scheduled = True
-            self.hop.to_loop(self._flush_down)
+            # on the loop already: the rest of this batch of reads joins the delivery
+            (self._call_soon or asyncio.get_running_loop().call_soon)(self._flush_down)
 
     def _flush_down(self) -> None:
         self._down_scheduled = False
@@ -208,9 +211,14 @@ class _ClientLoopSide:
             n = sum(len(c) for c in chunks)
             # Bytes handed to the reactor but not yet taken by it: a busy
             # reactor must slow the gRPC reads down, not grow this queue.
-            self._in_flight += n
-            if self._in_flight > HIGH_WATER and not self._held_in_flight:
-                self._held_in_flight = True
+            # (_in_flight and _held_in_flight change under _lock: the reactor takes bytes
+            # off in _deliver and hops back only when the hold can go)
+            with self._lock:
+                self._in_flight += n
+                hold = self._in_flight > HIGH_WATER and not self._held_in_flight
+                if hold:
+                    self._held_in_flight = True
+            if hold:
                 self._apply_hold()
             self.hop.to_reactor(self._deliver, chunks, n)
 
@@ -218,12 +226,18 @@ class _ClientLoopSide:
         try:
             callWithLogger(self.transport, self.transport._data, chunks)
         finally:
-            self.hop.to_loop(self._delivered, n)
+            with self._lock:
+                self._in_flight -= n
+                release = self._held_in_flight and self._in_flight <= LOW_WATER
+            if release:
+                self.hop.to_loop(self._delivered)
 
-    def _delivered(self, n: int) -> None:
-        self._in_flight -= n
-        if self._held_in_flight and self._in_flight <= LOW_WATER:
-            self._held_in_flight = False
+    def _delivered(self) -> None:
+        with self._lock:
+            release = self._held_in_flight and self._in_flight <= LOW_WATER
+            if release:
+                self._held_in_flight = False
+        if release:
             self._apply_hold()
 
     def _apply_hold(self) -> None:
@@ -287,7 +301,7 @@ class _ClientLoopSide:
                 self.hop.to_reactor(self.transport._pause_writers)
         if n:
             # after _pause_writers: a producer held by the hand-off is not resumed in between
-            self.hop.to_reactor(self.transport._flushed, n)
+            self.transport._framed(n)
 
     def half_close(self) -> None:
         if self._flush_scheduled:

@@ -3,13 +3,18 @@ The reactor side of a NetConn client connection: :class:`NetConnTransport`,
 what the protocol sees as its ``transport``.
 
 Everything here runs on the reactor.  The transport talks to its loop side
-(the bridge-loop half that drives the gRPC call, :mod:`._client`) only
-through :class:`~sesame.bridge.Hop` hand-offs, and the loop side calls back
-the ``_``-methods under "from the loop".
+(the bridge-loop half that drives the gRPC call, :mod:`._client`) through
+:class:`~sesame.bridge.Hop` hand-offs, and the loop side calls back the
+``_``-methods under "from the loop".  The one exception is the count of bytes
+written but not yet framed: the loop side takes them off under the
+transport's lock (:meth:`NetConnTransport._framed`, on the loop) and hops
+back only when that crosses a water mark, so plain bulk writes cost one
+hand-off each instead of two.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -84,8 +89,12 @@ class NetConnTransport:
         self._streaming = False
         self._producer_paused = False
         self._writers_paused = False  # the loop side asked us to hold writers back
-        self._handed = 0  # written, not yet framed by the loop side
+        # written, not yet framed by the loop side; these three change under _lock only
+        # (the loop side takes bytes off in _framed, on the loop)
+        self._lock = threading.Lock()
+        self._handed = 0
         self._handoff_full = False
+        self._pull_waiting = False  # a pull producer is registered: tell it when _handed is 0
         self._paused = False  # our consumer paused us (IPushProducer)
         self._inq: deque[bytes] = deque()
         self._inq_bytes = 0
@@ -116,23 +125,41 @@ class NetConnTransport:
         """
         if not data or self._write_closed or self._lost or self.loop_side is None:
             return
-        self.hop.to_loop(self.loop_side.send, bytes(data))
+        data = bytes(data)
         # Bytes handed to the bridge loop but not yet framed there: when the
         # loop is starved the producer must stop here, not fill its queue.
-        self._handed += len(data)
-        if self._handed > HIGH_WATER and not self._handoff_full:
-            self._handoff_full = True
+        pull = self._producer is not None and not self._streaming
+        with self._lock:
+            self._handed += len(data)
+            full = self._handed > HIGH_WATER and not self._handoff_full
+            if full:
+                self._handoff_full = True
+        self.hop.to_loop(self.loop_side.send, data)
+        if full:
             self._update_producer()
-        if self._producer is not None and not self._streaming:
+        if pull:
             self._ask_pull_producer()
 
-    def _flushed(self, n: int) -> None:
-        """The loop framed ``n`` more bytes (called via the hop)."""
-        self._handed -= n
-        if self._handoff_full and self._handed <= LOW_WATER:
-            self._handoff_full = False
+    def _framed(self, n: int) -> None:
+        """The loop side framed ``n`` more bytes (runs *on the loop*): hop to the reactor
+        only when that lets a held producer go or a pull producer wait for it."""
+        with self._lock:
+            self._handed -= n
+            tell = (self._handoff_full and self._handed <= LOW_WATER) or (
+                self._pull_waiting and self._handed == 0)
+        if tell:
+            self.hop.to_reactor(self._flushed)
+
+    def _flushed(self) -> None:
+        """What :meth:`_framed` found worth telling the reactor, checked again here."""
+        with self._lock:
+            resume = self._handoff_full and self._handed <= LOW_WATER
+            if resume:
+                self._handoff_full = False
+            drained = self._handed == 0
+        if resume:
             self._update_producer()
-        elif self._handed == 0 and self._producer is not None and not self._streaming:
+        elif drained and self._producer is not None and not self._streaming:
             # everything written has moved on: like a TCP transport whose buffer drained,
             # ask a pull producer for more (it may have written before it was registered)
             self._ask_pull_producer()
@@ -311,9 +338,17 @@ class NetConnTransport:
             raise RuntimeError("a producer is already registered")
         self._producer = producer
         self._streaming = bool(streaming)
+        with self._lock:
+            self._pull_waiting = not streaming
         if not streaming:
             producer.resumeProducing()
-        elif self._writers_paused:
+            with self._lock:
+                drained = self._handed == 0
+            if drained and self._producer is producer:
+                # what it wrote before registering may be framed already (that told no
+                # one): ask again, as a TCP transport does once its buffer has drained
+                self._ask_pull_producer()
+        elif self._writers_paused or self._handoff_full:
             self._producer_paused = True
             producer.pauseProducing()
 
@@ -323,6 +358,8 @@ class NetConnTransport:
         that was waiting for it goes ahead now.
         """
         self._producer = None
+        with self._lock:
+            self._pull_waiting = False
         if self.disconnecting:
             self._finish_lose()
 
