@@ -15,17 +15,23 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from sesame.bridge._loop import Bridge, Inbox, get_bridge
+from sesame.bridge._loop import Bridge, Inbox, get_bridge, running_loop
 
 log = Logger()
 
 
 def reactor_inbox(reactor: Any) -> Inbox:
     """The :class:`~sesame.bridge._loop.Inbox` into ``reactor``: woken with
-    ``callFromThread``, failures logged (``reactor hand-off failed``)."""
+    ``callFromThread`` (``call_soon`` when the poster already runs on an asyncio reactor's
+    loop), failures logged (``reactor hand-off failed``)."""
+
+    loop = getattr(reactor, "_asyncioEventloop", None)  # Twisted's asyncio reactor
 
     def wake(drain: Callable[[], None]) -> None:
-        reactor.callFromThread(drain)
+        if loop is not None and running_loop() is loop:
+            loop.call_soon(drain)  # already on the reactor's loop: no self-pipe wake-up
+        else:
+            reactor.callFromThread(drain)
 
     def failed(exc: BaseException) -> None:
         log.failure("reactor hand-off failed")  # (the Failure of the exception being handled)

@@ -77,13 +77,25 @@ class Inbox:
                 self._failed(exc)
 
 
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None (no exception to catch)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def loop_inbox(loop: asyncio.AbstractEventLoop) -> Inbox:
-    """The :class:`Inbox` into ``loop``: woken with ``call_soon_threadsafe`` (nothing once
-    the loop is closed), failures go to the loop's exception handler."""
+    """The :class:`Inbox` into ``loop``: woken with ``call_soon_threadsafe`` from other
+    threads and plain ``call_soon`` from the loop's own (nothing once the loop is closed),
+    failures go to the loop's exception handler."""
 
     def wake(drain: Callable[[], None]) -> None:
         try:
-            loop.call_soon_threadsafe(drain)
+            if running_loop() is loop:
+                loop.call_soon(drain)  # posted from the loop itself: no self-pipe wake-up
+            else:
+                loop.call_soon_threadsafe(drain)
         except RuntimeError:  # loop closed: the process is shutting down
             pass
 
