@@ -256,3 +256,43 @@ def test_http_authenticate_maps_refusals_to_api_errors(store: Any) -> None:
         authenticate(_Request(None), store)
     assert (err.value.code, err.value.message) == (grpc.StatusCode.UNAUTHENTICATED,
                                                    "missing, invalid or revoked token")
+
+
+# --- the hub's cache of verified tokens --------------------------------------------------
+
+
+def test_verified_tokens_keep_live_tokens_by_keyed_digest(store: Any) -> None:
+    now = [100.0]
+    cache = _auth.VerifiedTokens(ttl=30.0, size=2, clock=lambda: now[0])
+    tokens = _tokens(store)
+    info = store.verify(tokens["admin"])
+    assert cache.get(tokens["admin"]) is None
+    cache.put(tokens["admin"], info)
+    assert cache.get(tokens["admin"]) is info
+    assert cache.get(tokens["admin"] + "x") is None  # a near miss is not a hit
+    assert cache.get(None) is None and cache.get("") is None
+    # no secret in what it keeps: keys are digests, never the token text
+    assert all(tokens["admin"].encode() not in k for k in cache._entries)
+    now[0] += 30.0  # ttl over: checked against the store again
+    assert cache.get(tokens["admin"]) is None
+    assert len(cache) == 0
+
+
+def test_verified_tokens_drop_revoked_ids_and_bound_their_size(store: Any) -> None:
+    cache = _auth.VerifiedTokens(size=2)
+    tokens = _tokens(store)
+    infos = {k: store.verify(t) for k, t in tokens.items()}
+    kinds = list(tokens)[:3]
+    for k in kinds:
+        cache.put(tokens[k], infos[k])
+    assert len(cache) == 2 and cache.get(tokens[kinds[0]]) is None  # least recent out
+    assert cache.drop([infos[kinds[1]].id]) == 1
+    assert cache.get(tokens[kinds[1]]) is None
+    assert cache.get(tokens[kinds[2]]) is infos[kinds[2]]
+    store.revoke(tokens[kinds[2]])
+    cache.drop([infos[kinds[2]].id])
+    cache.put(tokens[kinds[2]], store.get_token(infos[kinds[2]].id))  # revoked: not kept
+    assert cache.get(tokens[kinds[2]]) is None
+    cache.put(tokens[kinds[0]], infos[kinds[0]])
+    cache.clear()
+    assert len(cache) == 0

@@ -350,6 +350,38 @@ async def test_revoked_token_refused_at_the_next_call(world):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_live_token_is_verified_once_then_served_from_the_cache(world):
+    """A client's second connection costs no KDF: the hub verified its token once.  Any
+    change to the store empties the cache (the next call verifies again)."""
+    store = world.hub.store
+    calls: list[str] = []
+    real = store.verify
+
+    def counting(token):
+        calls.append(token)
+        return real(token)
+
+    store.verify = counting
+    try:
+        tok = world.hub.client_token()  # a store change: the cache starts empty
+        for _ in range(3):
+            c = await connect(world.hub, tok, host="127.0.0.1", port=world.echo_port)
+            await roundtrip(c)
+            c.transport.loseConnection()
+            await within(c.lost)
+        assert calls.count(tok) == 1
+        world.hub.client_token()  # another change: verified again at the next call
+        c = await connect(world.hub, tok, host="127.0.0.1", port=world.echo_port)
+        await roundtrip(c)
+        c.transport.loseConnection()
+        await within(c.lost)
+        assert calls.count(tok) == 2
+    finally:
+        del store.verify
+    await still_fine(world)
+
+
+@pytest_twisted.ensureDeferred
 async def test_revoking_a_live_remotes_token_ends_its_session(world):
     rtok = world.hub.remote_token("edge-9")
     session = await world.hub.start_remote("edge-9", allow=[f"127.0.0.1:{world.echo_port}"],

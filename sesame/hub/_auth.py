@@ -17,6 +17,12 @@ and stays light.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +106,71 @@ def authorize(store: Any, token: str | None, need: Need | None = None) -> TokenI
     if info is None:
         raise Refused("UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
     return info if need is None else need.check(info)
+
+
+class VerifiedTokens:
+    """Tokens this process verified lately, so a connection does not pay the KDF
+    (PBKDF2, ~0.6 ms) and a store read, or with a networked store a round trip, each
+    time it opens.
+
+    Keys are a keyed SHA-256 of the whole token (a key made per process): the cache holds
+    no secret and cannot be used to check guesses offline.  Only live tokens are kept;
+    a wrong or unknown one is checked against the store every time.  An entry lasts
+    ``ttl`` seconds at most, and :meth:`drop` removes a token's entries at once (the hub
+    calls it for every revocation it learns of, from its poll or the cluster's bus, so a
+    revocation is as prompt as it was without the cache).  At most ``size`` entries,
+    least recently used out first.
+    """
+
+    def __init__(self, ttl: float = 30.0, size: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, tuple[TokenInfo, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _k(self, token: str) -> bytes:
+        return hmac.new(self._key, token.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+
+    def get(self, token: str | None) -> TokenInfo | None:
+        """The live token ``token`` was when verified (within ``ttl``), or None."""
+        if not token:
+            return None
+        k = self._k(token)
+        hit = self._entries.get(k)
+        if hit is None:
+            return None
+        if hit[1] <= self._clock():
+            del self._entries[k]
+            return None
+        self._entries.move_to_end(k)
+        return hit[0]
+
+    def put(self, token: str, info: TokenInfo) -> None:
+        """Remember that ``token`` verified as ``info`` (a live token) just now."""
+        if info.revoked:
+            return
+        self._entries[self._k(token)] = (info, self._clock() + self.ttl)
+        self._entries.move_to_end(self._k(token))
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def drop(self, token_ids: Iterable[str]) -> int:
+        """Forget the tokens with these ids (revoked); how many entries went."""
+        ids = set(token_ids)
+        if not ids or not self._entries:
+            return 0
+        gone = [k for k, (info, _) in self._entries.items() if info.id in ids]
+        for k in gone:
+            del self._entries[k]
+        return len(gone)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def context_token(context: Any) -> str | None:

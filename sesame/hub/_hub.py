@@ -54,7 +54,7 @@ from sesame.bridge import (
     wrap_tunnel,
 )
 from sesame.core import CANCELLED, OK, UNAVAILABLE, Role, SesameCodec, Status
-from sesame.hub._auth import Need, Refused, authorize, context_token
+from sesame.hub._auth import Need, Refused, VerifiedTokens, authorize, context_token
 from sesame.hub.metrics import HubMetrics, payload_len
 from sesame.hub.store import AlreadyExists, Store, StoreUnavailable, parse_token
 from sesame.netconn import METHOD as NETCONN_METHOD
@@ -134,6 +134,9 @@ class Hub:
         # token id -> what holds it: sessions, Stream calls and client NetConn calls,
         # each with a revoke() that ends it (see _watch_revocations)
         self._holders: dict[str, set[Any]] = {}
+        #: live tokens verified lately (dropped on revocation; see :meth:`verify`)
+        self.verified = VerifiedTokens()
+        self._verified_marker: object = None
         self._pending_dials = 0
         self._pending_dials_by_peer: dict[str, int] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -164,7 +167,7 @@ class Hub:
         another way)."""
         try:
             if info is None:
-                return await self.store_call(authorize, self.store, context_token(context), need)
+                return await self.verify(context_token(context), need)
             return info if need is None else need.check(info)
         except StoreUnavailable as exc:
             if degraded:
@@ -173,6 +176,24 @@ class Hub:
         except Refused as exc:
             self.metrics.auth_failure(who, exc.remote, f"{what}: {exc.reason}")
             await self._refuse(context, grpc.StatusCode[exc.code], exc.message, drain=drain)
+
+    async def verify(self, token: str | None, need: Need | None = None) -> Any:
+        """:func:`sesame.hub._auth.authorize` through the cache of tokens verified lately
+        (:class:`~sesame.hub._auth.VerifiedTokens`): a live token seen in the last
+        30 s costs a keyed digest, not the KDF and a store call.  Same refusals, as
+        promptly: an embedded store's change marker (one ``PRAGMA``) is compared at every
+        call and any change empties the cache; a networked store's bus does the same
+        (:meth:`store_changed`), and revocations drop their tokens (:meth:`revoked`)."""
+        if not getattr(self.store, "networked", False):
+            marker = self.store.change_marker()
+            if marker != self._verified_marker:
+                self.verified.clear()
+                self._verified_marker = marker
+        info = self.verified.get(token)
+        if info is None:
+            info = await self.store_call(authorize, self.store, token)
+            self.verified.put(token, info)
+        return info if need is None else need.check(info)
 
     async def store_call(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` -- a store call -- run where it cannot stall the loop: inline for
@@ -229,6 +250,7 @@ class Hub:
     def revoked(self, token_ids: Sequence[str]) -> int:
         """End every session, Stream and client connection that lives on one of
         ``token_ids`` (revoked tokens); how many ended."""
+        self.verified.drop(token_ids)
         ended = 0
         for token_id in token_ids:
             for holder in list(self._holders.pop(token_id, ())):
@@ -247,7 +269,7 @@ class Hub:
                 await asyncio.wait_for(self._store_changed.wait(),
                                        REVOCATION_POLL if self.cluster is None else 2.0)
             self._store_changed.clear()
-            if not self._holders:
+            if not self._holders and not len(self.verified):
                 continue
             try:
                 now_marker = await self.store_call(self.store.change_marker)
@@ -270,6 +292,7 @@ class Hub:
         front doors reread their routes."""
         kind = message.get("kind")
         if kind == "token":
+            self.verified.clear()
             self._store_changed.set()
         elif kind == "route" and self.on_routes_changed is not None:
             self.on_routes_changed()
@@ -443,8 +466,7 @@ class Hub:
     async def request_stream(self, session: Session, endpoint: str) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
         try:
-            await self.store_call(authorize, self.store, session.token,
-                                  Need("register", session.namespace, session.remote))
+            await self.verify(session.token, Need("register", session.namespace, session.remote))
         except StoreUnavailable:
             pass  # degraded mode: the session was checked when it registered
         except Refused:
