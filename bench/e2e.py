@@ -304,6 +304,29 @@ async def _http_rounds(args: argparse.Namespace, web_port: int, vhost_port: int)
             "vhost_vs_direct_rps": _ratio(med["vhost"].get("rps"), med["direct"].get("rps"))}
 
 
+def _profile(stack: SesameStack) -> list[subprocess.Popen]:
+    """``SESAME_BENCH_PROFILE=DIR``: ``py-spy record`` the hub and the remote for the whole
+    measured part (DIR/hub.txt, DIR/remote.txt, collapsed stacks; extra py-spy arguments in
+    ``SESAME_BENCH_PYSPY``, e.g. ``--native``).  ``SESAME_BENCH_PERF=DIR``: ``perf record``
+    them instead (DIR/hub.data, DIR/remote.data)."""
+    perf = os.environ.get("SESAME_BENCH_PERF")
+    if perf:  # `perf record` instead: C, kernel and Python (as the interpreter's frames)
+        Path(perf).mkdir(parents=True, exist_ok=True)
+        return [subprocess.Popen(["perf", "record", "-F", "999", "-p", str(p.pid), "-o",
+                                  str(Path(perf) / f"{name}.data")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for name, p in (("hub", stack.hub), ("remote", stack.remote))]
+    where = os.environ.get("SESAME_BENCH_PROFILE")
+    if not where:
+        return []
+    Path(where).mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return [subprocess.Popen([spy, "record", "--pid", str(p.pid), "--format", "raw", "--rate", "250", *os.environ.get("SESAME_BENCH_PYSPY", "").split(),
+                              "--threads", "--output", str(Path(where) / f"{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, p in (("hub", stack.hub), ("remote", stack.remote))]
+
+
 def client_main(args: argparse.Namespace) -> None:
     _name_threads_here()
     import grpc
@@ -379,10 +402,14 @@ def client_main(args: argparse.Namespace) -> None:
         paths["port_map"] = {k: bench.direct(port_map[k]) for k in names}
     if sshd:
         paths["ssh_R"] = {k: bench.direct(p) for k, p in ssh_ports.items()}
+    warm_hub = paths["hub"]["echo"]
+    if args.paths:
+        paths = {k: v for k, v in paths.items() if k in args.paths}
     steps = {
         "upload": lambda label, c: bench.upload(label, c["sink"], args.seconds, args.mib),
         "download": lambda label, c: bench.download(label, c["source"], args.seconds, args.mib),
         "rtt_64B": lambda label, c: bench.rtt(label, c["echo"], args.rtt_calls),
+        "connect_echo": lambda label, c: bench.connect_echo(label, c["echo"], args.connects),
         "concurrent_echo": lambda label, c: bench.concurrent(label, c["echo"], args.conns, MIB),
     }
     if args.conns_small:
@@ -390,11 +417,14 @@ def client_main(args: argparse.Namespace) -> None:
         # also time a burst the hub accepts
         steps[f"concurrent_echo_{args.conns_small}"] = (
             lambda label, c: bench.concurrent(label, c["echo"], args.conns_small, MIB))
+    if args.steps:
+        steps = {k: v for k, v in steps.items() if k in args.steps}
+    profilers = _profile(stack)
 
     async def run() -> None:
         # first connection through the hub sets up the TLS channel; keep it out of the figures
         t0 = time.perf_counter()
-        await bench.bounded("hub warm-up", bench.rtt("hub warm-up", paths["hub"]["echo"], 20), 60)
+        await bench.bounded("hub warm-up", bench.rtt("hub warm-up", warm_hub, 20), 60)
         report["hub_first_connection_s"] = round(time.perf_counter() - t0, 3)
         if sshd:
             await bench.bounded("ssh warm-up", bench.rtt("ssh warm-up", paths["ssh_R"]["echo"], 20), 60)
@@ -435,6 +465,8 @@ def client_main(args: argparse.Namespace) -> None:
                 "download": _ratio(fig("hub", "download", "MiBps"), fig("ssh_R", "download", "MiBps")),
                 "rtt_p50": _ratio(fig("hub", "rtt_64B", "p50_us"), fig("ssh_R", "rtt_64B", "p50_us")),
                 "rtt_p99": _ratio(fig("hub", "rtt_64B", "p99_us"), fig("ssh_R", "rtt_64B", "p99_us")),
+                "connect_echo_p50": _ratio(fig("hub", "connect_echo", "p50_us"),
+                                           fig("ssh_R", "connect_echo", "p50_us")),
                 "concurrent_seconds": _ratio(fig("hub", "concurrent_echo", "seconds"),
                                              fig("ssh_R", "concurrent_echo", "seconds")),
             }
@@ -456,6 +488,8 @@ def client_main(args: argparse.Namespace) -> None:
                                    fig("ssh_R", "download", "MiBps")),
                 "rtt_p50": _ratio(fig("port_map", "rtt_64B", "p50_us"),
                                   fig("ssh_R", "rtt_64B", "p50_us")),
+                "connect_echo_p50": _ratio(fig("port_map", "connect_echo", "p50_us"),
+                                           fig("ssh_R", "connect_echo", "p50_us")),
                 "concurrent_seconds": _ratio(fig("port_map", "concurrent_echo", "seconds"),
                                              fig("ssh_R", "concurrent_echo", "seconds")),
             }
@@ -490,6 +524,12 @@ def client_main(args: argparse.Namespace) -> None:
     reactor.run()
     wall = time.perf_counter() - t0
     dog.cancel()
+    for prof in profilers:
+        prof.send_signal(signal.SIGINT)
+        try:
+            prof.wait(60)
+        except subprocess.TimeoutExpired:
+            prof.kill()
     report["processes"] = stack.stop()
     for c in children:
         c.stdin.close()
@@ -522,6 +562,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="time box per bulk run (stops at a 1 MiB boundary)")
     p.add_argument("--mib", type=int, default=512, help="size cap per bulk run")
     p.add_argument("--rtt-calls", type=int, default=3000, help="64-byte round trips (after 200 warm-up)")
+    p.add_argument("--connects", type=int, default=300,
+                   help="new connections, one at a time, each timed connect -> first 64-byte echo")
     p.add_argument("--conns", type=int, default=200, help="concurrent connections echoing 1 MiB each")
     p.add_argument("--conns-small", type=int, default=50,
                    help="also time a burst of this many (under the hub's 64 outstanding stream "
@@ -533,6 +575,10 @@ def main() -> None:
                    help="skip the hub's front doors (tcp port map path, vhost HTTP requests/s)")
     p.add_argument("--http-conns", type=int, default=32,
                    help="keep-alive connections for the HTTP requests/s figure")
+    p.add_argument("--paths", nargs="*", help="only these paths (direct hub port_map ssh_R; "
+                   "hub always runs: it warms the channel)")
+    p.add_argument("--steps", nargs="*", help="only these steps (upload download rtt_64B "
+                   "concurrent_echo concurrent_echo_N)")
     p.add_argument("--max-seconds", type=float, default=600, help="watchdog for the whole run")
     client_main(p.parse_args())
 

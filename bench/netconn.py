@@ -479,6 +479,45 @@ class Bench:
         return {"p50_us": round(statistics.median(samples)),
                 "p99_us": round(samples[int(len(samples) * 0.99)]), "round_trips": n}
 
+    async def connect_echo(self, label: str, connect, n: int) -> dict:
+        """New-connection latency: ``n`` connections one after another, each timed from
+        ``connect()`` to its first 64-byte echo, then closed.  p50/p99 µs."""
+        from twisted.internet import defer, protocol
+
+        payload = b"c" * 64
+        samples: list[float] = []
+
+        class Once(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.buf = 0
+                self.transport.write(payload)
+
+            def dataReceived(self, data: bytes) -> None:
+                self.buf += len(data)
+                if self.buf >= 64 and not self.factory.echoed.called:
+                    self.factory.echoed.callback(time.perf_counter_ns())
+                    self.transport.loseConnection()
+
+            def connectionLost(self, reason) -> None:
+                if not self.factory.echoed.called:
+                    self.factory.echoed.errback(reason)
+
+        for i in range(n + 5):  # 5 warm-up connections
+            f = protocol.Factory.forProtocol(Once)
+            f.echoed = defer.Deferred()
+            t0 = time.perf_counter_ns()
+            try:
+                await connect(f)
+                t1 = await f.echoed
+            except Exception as exc:  # noqa: BLE001 - reported as a failed figure
+                self._fail(f"{label}: connect_echo: connection {i}: {exc}")
+                return {"ok": False}
+            if i >= 5:
+                samples.append((t1 - t0) / 1000)
+        samples.sort()
+        return {"p50_us": round(statistics.median(samples)),
+                "p99_us": round(samples[int(len(samples) * 0.99)]), "connections": n}
+
     async def concurrent(self, label: str, connect, conns: int, each: int) -> dict:
         from twisted.internet import defer, protocol
 
