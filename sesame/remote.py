@@ -89,6 +89,10 @@ class RemoteSession:
     :param target: the hub's gRPC address, ``host:port``.
     :param offers: endpoint name → registry serving it.
     :param keepalive_time, keepalive_timeout: see :func:`keepalive_options`.
+    :param reflection: serve gRPC server reflection on every endpoint for the services
+        its registry holds (:meth:`ServiceRegistry.add_reflection`; the registries are
+        changed); without it the hub's ``Sesame/Proxy`` refuses those endpoints
+        (FAILED_PRECONDITION).
     :param explain: a blocking callable run (in a thread) when an attempt fails with
         UNAVAILABLE before registering; a string it returns is the real reason (e.g. "the
         hub requires a client certificate") and is reported as fatal.
@@ -110,11 +114,16 @@ class RemoteSession:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         explain: Callable[[], str | None] | None = None,
         instance: str | None = None,
+        reflection: bool = True,
     ) -> None:
         self.namespace, self.name = N.parse_remote(remote)
         self.target = target
         self.token = token
         self.offers = dict(offers)
+        if reflection:
+            # the hub learns the types of what we serve from us (Sesame/Proxy, sesame call)
+            for registry in self.offers.values():
+                registry.add_reflection()
         self.credentials = credentials
         # grpc's own reconnect backoff (default: 1 s growing to 120 s) would keep a
         # channel down long after the hub is back; make it follow ours.  (Not

@@ -568,9 +568,14 @@ def test_grpc_auth(api):
             stub.CreateRemote(sesame_pb2.CreateRemoteRequest(parent="namespaces/default"),
                               metadata=(("authorization", f"Bearer {api.client}"),), timeout=T)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        with pytest.raises(grpc.RpcError) as e:
+        with pytest.raises(grpc.RpcError) as e:  # Proxy checks the token first too
             next(stub.Proxy(iter([sesame_pb2.ProxyRequest()]), timeout=T))
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            next(stub.Proxy(iter([sesame_pb2.ProxyRequest()]), timeout=T,
+                            metadata=(("authorization", f"Bearer {api.client}"),)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the first request must be dial" in e.value.details()
 
 
 def test_grpc_admin_tokens_and_routes(api):

@@ -81,6 +81,11 @@ REVOCATION_POLL = 0.25
 # --- sessions ------------------------------------------------------------------------
 
 
+#: the hub server's largest incoming message: sesame.hub.proxy.MAX_MESSAGE and the
+#: ProxyRequest around it
+PROXY_MAX_RECEIVE = 4 * 1024 * 1024 + 64 * 1024
+
+
 @dataclass
 class _PendingStream:
     endpoint: str
@@ -803,6 +808,8 @@ class Hub:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
             ("grpc.http2.max_ping_strikes", 0),
+            # a 4 MiB message through Sesame/Proxy arrives inside a ProxyRequest
+            ("grpc.max_receive_message_length", PROXY_MAX_RECEIVE),
             *options,
         ]
         server = grpc.aio.server(options=opts)
@@ -880,10 +887,12 @@ class _HubError(Exception):
 class _HubHandler(grpc.GenericRpcHandler):
     def __init__(self, hub: Hub) -> None:
         from sesame.hub.mgmt import for_hub
+        from sesame.hub.proxy import PROXY_METHOD, proxy_handler
 
         self._h = {
             # the management API: sesame.v1alpha1.Sesame (incl. ListRemotes) and Admin
             **for_hub(hub).grpc_handlers(),
+            PROXY_METHOD: proxy_handler(hub),
             N.TUNNEL_METHOD: grpc.stream_stream_rpc_method_handler(hub.tunnel),
             N.STREAM_METHOD: grpc.stream_stream_rpc_method_handler(hub.stream),
             NETCONN_METHOD: grpc.stream_stream_rpc_method_handler(hub.netconn),

@@ -484,8 +484,9 @@ class Management:
         for svc in SERVICES:
             for m in svc.methods:
                 if m.client_streaming or m.server_streaming:
-                    # Proxy: not served yet.  Our own UNIMPLEMENTED after taking what the
-                    # client sends (grpc's, while the client still writes, can turn INTERNAL)
+                    # Proxy (the hub's handler serves it: sesame.hub.proxy).  Without a
+                    # hub: our own UNIMPLEMENTED after taking what the client sends
+                    # (grpc's, while the client still writes, can turn INTERNAL)
                     out[method_path(m)] = grpc.stream_stream_rpc_method_handler(
                         _not_served(m.full_name))
                     continue

@@ -228,11 +228,13 @@ class HubFixture:
         token: str | None = None,
         reactor: Any = None,
         timeout: float = DEFAULT_TIMEOUT,
+        reflection: bool = True,
     ) -> defer.Deferred:
         """
         Start a remote agent session registering ``name`` and serving NetConn
         behind ``allow`` (``HOST:PORTS`` patterns, default deny) — or
-        ``offers`` instead.  Fires with the :class:`RemoteSession` once the hub
+        ``offers`` instead (with gRPC reflection for them unless ``reflection``
+        is false).  Fires with the :class:`RemoteSession` once the hub
         has registered it; fails with :class:`RemoteRefused` if the hub refuses
         it, or :class:`TimeoutError`.  :meth:`stop` stops it.
         """
@@ -249,7 +251,7 @@ class HubFixture:
         assert self.tls is not None, "start() first"
         session = RemoteSession(self.target, name, token, offers,
                                 credentials=self.tls.channel_credentials(self.tls.ca_pem),
-                                bridge=self.bridge)
+                                bridge=self.bridge, reflection=reflection)
         self.remotes.append(session)
 
         async def go() -> RemoteSession:

@@ -85,6 +85,22 @@ class ServiceRegistry:
                 return handler
         return None
 
+    def add_reflection(self) -> bool:
+        """Serve gRPC server reflection (``grpc.reflection.v1alpha``) for the services
+        registered so far, from the default descriptor pool (where generated ``_pb2``
+        modules put their types): how a hub learns a remote API's types (``Sesame/Proxy``,
+        ``sesame call``).  False, and nothing changes, when reflection is served already
+        or nothing is registered."""
+        from grpc_reflection.v1alpha import reflection
+
+        if self.lookup(f"/{reflection.SERVICE_NAME}/ServerReflectionInfo") is not None:
+            return False
+        names = self.service_names()
+        if not names:
+            return False
+        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), self)
+        return True
+
     @property
     def empty(self) -> bool:
         return not self._methods and not self._generic

@@ -1,0 +1,374 @@
+"""
+``Sesame/Proxy`` through a real hub to a real remote serving the interop TestService
+(and Health), every streaming shape, with grpcio as the client over the hub's TLS.
+
+Everything blocking (grpcio's synchronous client) runs in a thread; the hub and the
+remote run on the bridge loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+import pytest_twisted
+from google.protobuf import any_pb2, field_mask_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from twisted.internet import threads
+
+from sesame.hub.proxy import Schema, parse_endpoint, parse_method
+from sesame.testing import interop_pb2
+from sesame.testing.hub import HubFixture
+from sesame.testing.interop import AsyncInteropServicer, add_async_servicer
+from sesame.tunnel import ServiceRegistry
+from sesame.v1alpha1 import sesame_pb2
+
+PROXY = "/sesame.v1alpha1.Sesame/Proxy"
+EP = "namespaces/default/remotes/dev-1/endpoints/api"
+TS = "sesame.testing.TestService"
+MIB = 1024 * 1024
+
+
+class Device(AsyncInteropServicer):
+    """The interop servicer, telling the test what the device saw."""
+
+    def __init__(self) -> None:
+        self.deadlines: list[float | None] = []
+        self.cancelled = threading.Event()
+        self.unary_bytes: list[str] = []
+
+    async def UnaryCall(self, request, context):  # type: ignore[override]
+        self.deadlines.append(context.time_remaining())
+        self.unary_bytes.append(hashlib.sha256(request.payload.body).hexdigest())
+        try:
+            return await super().UnaryCall(request, context)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def FullDuplexCall(self, request_iterator, context):  # type: ignore[override]
+        try:
+            async for r in super().FullDuplexCall(request_iterator, context):
+                yield r
+        except (asyncio.CancelledError, GeneratorExit):  # (stopped while it waited to yield)
+            self.cancelled.set()
+            raise
+
+
+def registry(device: Device) -> ServiceRegistry:
+    reg = ServiceRegistry()
+    add_async_servicer(reg, device)
+    hs = health.HealthServicer()
+    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(hs, reg)
+    return reg
+
+
+class Lab:
+    hub: HubFixture
+    device: Device
+    token: str
+    other: str
+    channel: grpc.Channel
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Iterator[Lab]:
+    lab = Lab()
+    lab.hub = HubFixture(tmp_path_factory.mktemp("proxy"))
+    pytest_twisted.blockon(lab.hub.start())
+    lab.device = Device()
+    pytest_twisted.blockon(lab.hub.start_remote("dev-1", offers={"api": registry(lab.device)}))
+    pytest_twisted.blockon(lab.hub.start_remote(
+        "dev-2", offers={"api": registry(Device())}, reflection=False))
+    lab.token = lab.hub.client_token()
+    lab.other = lab.hub.client_token(pattern="other-*")
+    creds = grpc.ssl_channel_credentials(lab.hub.tls.ca_pem)
+    lab.channel = grpc.secure_channel(lab.hub.target, creds, options=[
+        ("grpc.max_receive_message_length", 8 * MIB), ("grpc.max_send_message_length", 8 * MIB)])
+    try:
+        yield lab
+    finally:
+        lab.channel.close()
+        pytest_twisted.blockon(lab.hub.stop())
+
+
+def dial(method: str, endpoint: str = EP, mask: Sequence[str] = ()) -> sesame_pb2.ProxyRequest:
+    d = sesame_pb2.ProxyRequest.Dial(endpoint=endpoint, method=method)
+    if mask:
+        d.conn_mask.CopyFrom(field_mask_pb2.FieldMask(paths=list(mask)))
+    return sesame_pb2.ProxyRequest(dial=d)
+
+
+def content(msg: Any) -> sesame_pb2.ProxyRequest:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return sesame_pb2.ProxyRequest(content=a)
+
+
+class Result:
+    def __init__(self) -> None:
+        self.responses: list[sesame_pb2.ProxyResponse] = []
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+        self.status: status_pb2.Status | None = None
+
+    def kinds(self) -> list[str]:
+        return [r.WhichOneof("data") for r in self.responses]
+
+    def contents(self, cls: type) -> list[Any]:
+        out = []
+        for r in self.responses:
+            if r.WhichOneof("data") == "content":
+                m = cls()
+                assert r.content.Unpack(m), r.content.type_url
+                out.append(m)
+        return out
+
+    @property
+    def error(self) -> status_pb2.Status | None:
+        errs = [r.error for r in self.responses if r.WhichOneof("data") == "error"]
+        assert len(errs) <= 1
+        return errs[0] if errs else None
+
+
+def _call(lab: Lab, requests: Any, token: str | None = None, timeout: float = 30,
+          on_response: Any = None) -> Result:
+    res = Result()
+    stub = lab.channel.stream_stream(PROXY, request_serializer=lambda m: m.SerializeToString(),
+                                     response_deserializer=sesame_pb2.ProxyResponse.FromString)
+    md = (("authorization", f"Bearer {token or lab.token}"),)
+    call = stub(iter(requests), metadata=md, timeout=timeout)
+    try:
+        for r in call:
+            res.responses.append(r)
+            if on_response is not None:
+                on_response(r, call)
+    except grpc.RpcError as exc:
+        res.code, res.details = exc.code(), exc.details()
+        res.status = rpc_status.from_call(exc)
+    return res
+
+
+def call(lab: Lab, requests: Any, **kw: Any) -> Any:
+    return threads.deferToThread(_call, lab, list(requests), **kw)
+
+
+def test_method_and_endpoint_names() -> None:
+    for text in ("/grpc.health.v1.Health/Check", "grpc.health.v1.Health/Check",
+                 "grpc.health.v1.Health.Check"):
+        assert parse_method(text) == ("grpc.health.v1.Health", "Check")
+    for bad in ("", "Check", "/a/b/c", "a b.C", "grpc.health.v1.Health/", "/.x/Y"):
+        with pytest.raises(ValueError, match="is not a gRPC method"):
+            parse_method(bad)
+    assert parse_endpoint(EP) == ("default", "dev-1", "api")
+    assert parse_endpoint("api@namespaces/lab/remotes/dev-9") == ("lab", "dev-9", "api")
+    for bad in ("", "dev-1", "127.0.0.1:80@dev-1", "namespaces/x/remotes/y"):
+        with pytest.raises(ValueError, match="is not an endpoint"):
+            parse_endpoint(bad)
+    with pytest.raises(ValueError, match="dependency b.proto is missing"):
+        from google.protobuf import descriptor_pb2
+
+        f = descriptor_pb2.FileDescriptorProto(name="a.proto", dependency=["b.proto"])
+        Schema([f.SerializeToString()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_unary_with_conn_header_content_and_no_error(lab: Lab) -> None:
+    res = await call(lab, [dial("/grpc.health.v1.Health/Check"),
+                           content(health_pb2.HealthCheckRequest())])
+    assert res.code == grpc.StatusCode.OK, res.details
+    assert res.kinds()[0] == "conn"
+    conn = res.responses[0].conn
+    assert (conn.namespace.name, conn.remote.name, conn.endpoint.name) == (
+        "namespaces/default", "namespaces/default/remotes/dev-1", EP)
+    assert [m.status for m in res.contents(health_pb2.HealthCheckResponse)] == [
+        health_pb2.HealthCheckResponse.SERVING]
+    assert res.responses[1].WhichOneof("data") == "header"
+    assert res.error is None
+    # the Any names the output type as the device's reflection described it
+    [c] = [r.content for r in res.responses if r.WhichOneof("data") == "content"]
+    assert c.type_url == "type.googleapis.com/grpc.health.v1.HealthCheckResponse"
+
+
+@pytest_twisted.ensureDeferred
+async def test_conn_mask_filters_conn_and_a_bad_mask_is_invalid(lab: Lab) -> None:
+    res = await call(lab, [dial("grpc.health.v1.Health.Check", mask=["remote"]),
+                           content(health_pb2.HealthCheckRequest())])
+    assert res.code == grpc.StatusCode.OK, res.details
+    conn = res.responses[0].conn
+    assert conn.remote.name == "namespaces/default/remotes/dev-1"
+    assert not conn.HasField("namespace") and not conn.HasField("endpoint")
+    res = await call(lab, [dial("grpc.health.v1.Health/Check", mask=["remotes"])])
+    assert res.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dial.conn_mask" in res.details and res.responses == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_streaming(lab: Lab) -> None:
+    req = interop_pb2.StreamingOutputCallRequest(
+        response_parameters=[interop_pb2.ResponseParameters(size=n) for n in (1, 10, 100)])
+    res = await call(lab, [dial(f"/{TS}/StreamingOutputCall"), content(req)])
+    assert res.code == grpc.StatusCode.OK, res.details
+    got = res.contents(interop_pb2.StreamingOutputCallResponse)
+    assert [len(m.payload.body) for m in got] == [1, 10, 100]
+    assert res.error is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_streaming(lab: Lab) -> None:
+    reqs = [content(interop_pb2.StreamingInputCallRequest(
+        payload=interop_pb2.Payload(body=b"x" * n))) for n in (5, 50, 500)]
+    res = await call(lab, [dial(f"/{TS}/StreamingInputCall"), *reqs])
+    assert res.code == grpc.StatusCode.OK, res.details
+    [total] = res.contents(interop_pb2.StreamingInputCallResponse)
+    assert total.aggregated_payload_size == 555
+
+
+@pytest_twisted.ensureDeferred
+async def test_bidi_streaming_with_header_metadata_echoed(lab: Lab) -> None:
+    hdr = sesame_pb2.ProxyRequest()
+    hdr.header.data["x-grpc-test-echo-initial"].str.values.append("hello")
+    reqs = [content(interop_pb2.StreamingOutputCallRequest(
+        response_parameters=[interop_pb2.ResponseParameters(size=n)])) for n in (3, 4)]
+    res = await call(lab, [dial(f"/{TS}/FullDuplexCall"), hdr, *reqs])
+    assert res.code == grpc.StatusCode.OK, res.details
+    assert [len(m.payload.body) for m in res.contents(
+        interop_pb2.StreamingOutputCallResponse)] == [3, 4]
+    [header] = [r.header for r in res.responses if r.WhichOneof("data") == "header"]
+    assert list(header.data["x-grpc-test-echo-initial"].str.values) == ["hello"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_4_mib_message_each_way(lab: Lab) -> None:
+    body = os.urandom(4 * MIB - 64)
+    req = interop_pb2.SimpleRequest(response_size=4 * MIB - 64,
+                                    payload=interop_pb2.Payload(body=body))
+    assert req.ByteSize() <= 4 * MIB
+    res = await call(lab, [dial(f"/{TS}/UnaryCall"), content(req)], timeout=60)
+    assert res.code == grpc.StatusCode.OK, res.details
+    assert lab.device.unary_bytes[-1] == hashlib.sha256(body).hexdigest()
+    [out] = res.contents(interop_pb2.SimpleResponse)
+    assert out.payload.body == bytes(4 * MIB - 64)
+    # one byte over the limit: RESOURCE_EXHAUSTED, named
+    big = interop_pb2.SimpleRequest(payload=interop_pb2.Payload(body=bytes(4 * MIB)))
+    res = await call(lab, [dial(f"/{TS}/UnaryCall"), content(big)], timeout=60)
+    assert res.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (res.code, res.details)
+    assert "over the proxy's limit" in res.details
+
+
+@pytest_twisted.ensureDeferred
+async def test_inner_error_with_details_is_final_and_outer_call_ok(lab: Lab) -> None:
+    req = interop_pb2.SimpleRequest(response_status=interop_pb2.EchoStatus(
+        code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="device says no"))
+    res = await call(lab, [dial(f"/{TS}/UnaryCall"), content(req)])
+    assert res.code == grpc.StatusCode.OK, res.details
+    assert res.kinds()[-1] == "error"
+    assert res.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert res.error.message == "device says no"
+
+
+@pytest_twisted.ensureDeferred
+async def test_deadline_reaches_the_device_and_expires_there(lab: Lab) -> None:
+    lab.device.cancelled.clear()
+    req = interop_pb2.SimpleRequest(sleep_ms=30_000)
+    t0 = time.monotonic()
+    res = await call(lab, [dial(f"/{TS}/UnaryCall"), content(req)], timeout=1.5)
+    assert time.monotonic() - t0 < 10
+    seen = lab.device.deadlines[-1]
+    assert seen is not None and 0 < seen <= 1.6  # (grpc rounds a timeout up a little)
+    code = res.error.code if res.code == grpc.StatusCode.OK and res.error else res.code.value[0]
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], (res.code, res.details)
+    assert await threads.deferToThread(lab.device.cancelled.wait, 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_mid_stream_reaches_the_device(lab: Lab) -> None:
+    lab.device.cancelled.clear()
+    gate = threading.Event()
+
+    def requests() -> Iterator[sesame_pb2.ProxyRequest]:
+        yield dial(f"/{TS}/FullDuplexCall")
+        yield content(interop_pb2.StreamingOutputCallRequest(
+            response_parameters=[interop_pb2.ResponseParameters(size=8)]))
+        gate.wait(30)  # keep the call open until the test cancels it
+
+    def cancel_on_content(r: Any, c: Any) -> None:
+        if r.WhichOneof("data") == "content":
+            c.cancel()
+
+    try:
+        res = await threads.deferToThread(_call, lab, requests(), on_response=cancel_on_content)
+    finally:
+        gate.set()
+    assert res.code == grpc.StatusCode.CANCELLED
+    assert len(res.contents(interop_pb2.StreamingOutputCallResponse)) == 1
+    assert await threads.deferToThread(lab.device.cancelled.wait, 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_before_conn_have_precise_statuses(lab: Lab) -> None:
+    check = health_pb2.HealthCheckRequest()
+    cases = [
+        # (requests, token, code, words in the message)
+        ([dial(f"/{TS}/NoSuchMethod"), content(check)], None,
+         grpc.StatusCode.INVALID_ARGUMENT, "has no method NoSuchMethod"),
+        ([dial("not a method")], None, grpc.StatusCode.INVALID_ARGUMENT, "dial.method"),
+        ([dial("/no.such.Service/X")], None, grpc.StatusCode.NOT_FOUND, "no service no.such.Service"),
+        ([dial("/grpc.health.v1.Health/Check", endpoint="nope@dev-1")], None,
+         grpc.StatusCode.NOT_FOUND, "does not offer endpoint 'nope'"),
+        ([dial("/grpc.health.v1.Health/Check", endpoint="api@ghost")], None,
+         grpc.StatusCode.NOT_FOUND, "no remote namespaces/default/remotes/ghost"),
+        ([dial("/grpc.health.v1.Health/Check", endpoint="10.0.0.1:80@dev-1")], None,
+         grpc.StatusCode.INVALID_ARGUMENT, "dial.endpoint"),
+        ([content(check)], None, grpc.StatusCode.INVALID_ARGUMENT, "must be dial"),
+        ([], None, grpc.StatusCode.INVALID_ARGUMENT, "ended before a dial"),
+        ([dial("/grpc.health.v1.Health/Check")], lab.other,
+         grpc.StatusCode.PERMISSION_DENIED, "may not reach remote"),
+        ([dial("/grpc.health.v1.Health/Check")], "ses_000000000000_wrong",
+         grpc.StatusCode.UNAUTHENTICATED, "missing, invalid or revoked token"),
+        ([dial("/grpc.health.v1.Health/Check", endpoint="api@dev-2"), content(check)], None,
+         grpc.StatusCode.FAILED_PRECONDITION, "serves no gRPC server reflection"),
+    ]
+    for requests, token, code, words in cases:
+        res = await call(lab, requests, token=token)
+        assert res.code == code, (requests[:1], res.code, res.details)
+        assert words in res.details, (words, res.details)
+        assert res.responses == [], requests[:1]
+    # details ride along: ResourceInfo for NOT_FOUND, PreconditionFailure for reflection
+    res = await call(lab, [dial("/grpc.health.v1.Health/Check", endpoint="api@ghost")])
+    info = error_details_pb2.ResourceInfo()
+    assert res.status.details[0].Unpack(info)
+    assert info.resource_name == "namespaces/default/remotes/ghost"
+    res = await call(lab, [dial("/grpc.health.v1.Health/Check", endpoint="api@dev-2")])
+    pf = error_details_pb2.PreconditionFailure()
+    assert res.status.details[0].Unpack(pf) and pf.violations[0].type == "REFLECTION"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_after_conn_end_the_call_with_invalid_argument(lab: Lab) -> None:
+    wrong = content(health_pb2.HealthCheckRequest())  # not a SimpleRequest
+    res = await call(lab, [dial(f"/{TS}/UnaryCall"), wrong])
+    assert res.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "content.type_url" in res.details and res.kinds() == ["conn"]
+    hdr = sesame_pb2.ProxyRequest()
+    hdr.header.data["grpc-timeout"].str.values.append("1S")
+    res = await call(lab, [dial(f"/{TS}/UnaryCall"), hdr])
+    assert res.code == grpc.StatusCode.INVALID_ARGUMENT and "may not be set" in res.details
+    res = await call(lab, [dial(f"/{TS}/StreamingInputCall"),
+                           content(interop_pb2.StreamingInputCallRequest()),
+                           sesame_pb2.ProxyRequest(header={})])
+    assert res.code == grpc.StatusCode.INVALID_ARGUMENT and "at most one" in res.details
+    # the hub and the device are fine afterwards
+    res = await call(lab, [dial("/grpc.health.v1.Health/Check"),
+                           content(health_pb2.HealthCheckRequest())])
+    assert res.code == grpc.StatusCode.OK and res.error is None
