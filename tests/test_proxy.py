@@ -372,3 +372,117 @@ async def test_bad_requests_after_conn_end_the_call_with_invalid_argument(lab: L
     res = await call(lab, [dial("/grpc.health.v1.Health/Check"),
                            content(health_pb2.HealthCheckRequest())])
     assert res.code == grpc.StatusCode.OK and res.error is None
+
+
+# --- the JSON face: POST /v1alpha1/proxy on --http ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http_port(lab: Lab) -> Iterator[int]:
+    from twisted.internet import reactor
+
+    from sesame.hub import listen_http
+
+    port = pytest_twisted.blockon(listen_http(reactor, "tcp:0:interface=127.0.0.1",
+                                              lab.hub.hub))
+    try:
+        yield port.getHost().port
+    finally:
+        pytest_twisted.blockon(port.stopListening())
+
+
+def _post(port: int, token: str | None, body: bytes) -> tuple[int, str, list[tuple[float, Any]]]:
+    """POST the body; (HTTP status, content type, [(seconds since the request, JSON line)])."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    t0 = time.monotonic()
+    conn.request("POST", "/v1alpha1/proxy", body=body, headers=headers)
+    resp = conn.getresponse()
+    lines = []
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        lines.append((time.monotonic() - t0, json.loads(line)))
+    conn.close()
+    return resp.status, resp.getheader("content-type") or "", lines
+
+
+def post(port: int, token: str | None, *objects: Any, raw: bytes | None = None) -> Any:
+    import json
+
+    body = raw if raw is not None else b"\n".join(json.dumps(o).encode() for o in objects)
+    return threads.deferToThread(_post, port, token, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_health_check_as_in_the_docs(lab: Lab, http_port: int) -> None:
+    status, ctype, lines = await post(
+        http_port, lab.token,
+        {"dial": {"endpoint": "api@dev-1", "method": "grpc.health.v1.Health/Check"}},
+        {"content": {"@type": "type.googleapis.com/grpc.health.v1.HealthCheckRequest"}})
+    assert status == 200 and ctype == "application/x-ndjson"
+    objs = [o for _, o in lines]
+    assert objs[0] == {"result": {"conn": {
+        "namespace": {"name": "namespaces/default"},
+        "remote": {"name": "namespaces/default/remotes/dev-1"},
+        "endpoint": {"name": EP}}}}
+    contents = [o["result"]["content"] for o in objs if "content" in o.get("result", {})]
+    assert contents == [{"@type": "type.googleapis.com/grpc.health.v1.HealthCheckResponse",
+                         "status": "SERVING"}]
+    assert not any("error" in o or "error" in o.get("result", {}) for o in objs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_streams_responses_as_they_happen(lab: Lab, http_port: int) -> None:
+    params = [{"size": 4, "intervalUs": 400_000} for _ in range(3)]
+    status, _, lines = await post(
+        http_port, lab.token,
+        {"dial": {"endpoint": EP, "method": f"{TS}/StreamingOutputCall"}},
+        {"content": {"@type": f"type.googleapis.com/{TS.rpartition('.')[0]}."
+                              "StreamingOutputCallRequest", "responseParameters": params}})
+    assert status == 200
+    got = [(t, o["result"]["content"]) for t, o in lines if "content" in o["result"]]
+    assert [c["payload"]["body"] for _, c in got] == ["AAAAAA=="] * 3  # 4 zero bytes
+    # each line left when the device sent it, not with the last one
+    assert got[2][0] - got[0][0] >= 0.6, [t for t, _ in got]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_client_streaming_and_errors(lab: Lab, http_port: int) -> None:
+    req_type = f"type.googleapis.com/{TS.rpartition('.')[0]}.StreamingInputCallRequest"
+    status, _, lines = await post(
+        http_port, lab.token, {"dial": {"endpoint": EP, "method": f"/{TS}/StreamingInputCall"}},
+        *[{"content": {"@type": req_type, "payload": {"body": "AAAA"}}} for _ in range(4)])
+    assert status == 200
+    [total] = [o["result"]["content"] for _, o in lines if "content" in o["result"]]
+    assert total["aggregatedPayloadSize"] == 12
+    # before conn: the HTTP status says it too, and the line is a google.rpc.Status
+    for token, objs, raw, http, code, words in [
+        (None, [{"dial": {"endpoint": EP, "method": "grpc.health.v1.Health/Check"}}], None,
+         401, 16, "missing, invalid or revoked token"),
+        (lab.other, [{"dial": {"endpoint": EP, "method": "grpc.health.v1.Health/Check"}}],
+         None, 403, 7, "may not reach remote"),
+        (lab.token, [{"dial": {"endpoint": "api@ghost", "method": "grpc.health.v1.Health/Check"}}],
+         None, 404, 5, "no remote"),
+        (lab.token, [], b"{not json", 400, 3, "does not parse"),
+        (lab.token, [{"dial": {"endpoint": EP, "method": "grpc.health.v1.Health/Check"}},
+                     {"content": {"@type": "type.googleapis.com/no.Such"}}], None,
+         200, 3, "not a ProxyRequest"),
+    ]:
+        status, _, lines = await post(http_port, token, *objs, raw=raw)
+        assert status == http, (objs, status, lines)
+        err = lines[-1][1]["error"]
+        assert err["code"] == code and words in err["message"], (words, err)
+    # an inner failure is a result line with the status, after conn; the call itself is 200
+    status, _, lines = await post(
+        http_port, lab.token, {"dial": {"endpoint": EP, "method": f"{TS}/UnaryCall"}},
+        {"content": {"@type": f"type.googleapis.com/{TS.rpartition('.')[0]}.SimpleRequest",
+                     "responseStatus": {"code": 9, "message": "nope"}}})
+    assert status == 200
+    assert lines[-1][1] == {"result": {"error": {"code": 9, "message": "nope", "details": []}}}

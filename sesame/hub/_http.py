@@ -78,8 +78,14 @@ def admin_root(hub: Any, store: Any = None, *, bridge: Any = None,
     else:
         impl = mgmt.Management(hub, store)
     root = resource.Resource()
+    streams = {}
+    if hasattr(hub, "routes"):  # a real hub: it can proxy calls to its remotes
+        from sesame.hub.proxy import RestProxy
+
+        streams["sesame.v1alpha1.Sesame.Proxy"] = RestProxy(hub, bearer_token).render
     root.putChild(b"v1alpha1", RestGateway(mgmt.SERVICES, impl.call, bearer_token,
-                                           bridge=bridge or getattr(hub, "bridge", None)))
+                                           bridge=bridge or getattr(hub, "bridge", None),
+                                           streams=streams))
     dashboard.mount(root, hub, store if store is not None else hub.store,
                     metrics_public=metrics_public)
     return root

@@ -328,17 +328,23 @@ class RestGateway(resource.Resource):
         ``google.rpc.Status`` (such as :class:`sesame.hub.mgmt.ApiError`) to fail.
     :param token_of: the bearer token of a twisted.web request, or None.
     :param bridge: where ``call`` runs; the process-wide bridge by default.
+    :param streams: streaming methods (full names) served by a twisted.web render function
+        of their own, e.g. ``Sesame.Proxy`` (:class:`sesame.hub.proxy.RestProxy`); the other
+        streaming methods are 501.
     """
 
     isLeaf = True
 
     def __init__(self, services: Iterable[ServiceDescriptor], call: Call,
-                 token_of: Callable[[Any], str | None], bridge: Any = None) -> None:
+                 token_of: Callable[[Any], str | None], bridge: Any = None,
+                 streams: dict[str, Callable[[Any], Any]] | None = None) -> None:
         super().__init__()
         self.bindings = bindings(services)
         self._call = call
         self._token_of = token_of
         self._bridge = bridge
+        #: streaming methods served by a render function of their own (full name → it)
+        self.streams = dict(streams or {})
 
     # -- dispatch
 
@@ -359,6 +365,9 @@ class RestGateway(resource.Resource):
                               f"{verb} is not allowed on {path} (allowed: {', '.join(allowed)})")
         binding, match = chosen
         if binding.method.client_streaming or binding.method.server_streaming:
+            stream = self.streams.get(binding.method.full_name)
+            if stream is not None:
+                return stream(request)
             return self._fail(request, 501, "UNIMPLEMENTED",
                               f"{binding.method.full_name} is a streaming method, not served "
                               "over REST")

@@ -38,6 +38,8 @@ call that is cancelled cancels the inner one (the device sees it).
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import re
 import time
 from collections import deque
@@ -45,7 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
@@ -409,7 +411,10 @@ class ProxyService:
             conn = self.conn(ns, remote, endpoint,
                              req.dial.conn_mask if req.dial.HasField("conn_mask") else None)
             await self.check_endpoint(ns, remote, endpoint)
-            _, method = await self.schemas.method(ns, remote, endpoint, req.dial.method)
+            schema, method = await self.schemas.method(ns, remote, endpoint, req.dial.method)
+            on_method = getattr(context, "on_method", None)  # the JSON face's converter
+            if on_method is not None:
+                on_method(schema, method)
         except ApiError as exc:
             await fail_call(context, exc, drain=True)
             return
@@ -599,11 +604,221 @@ async def fail_call(context: Any, exc: ApiError, *, drain: bool) -> None:
     await context.abort(st.code, st.details, trailing_metadata=st.trailing_metadata)
 
 
+# --- the JSON face (POST /v1alpha1/proxy on --http) ------------------------------------
+
+
+class _Aborted(Exception):
+    """The proxy ended the exchange (its ``context.abort``); the error line is out."""
+
+
+def _json_any(a: any_pb2.Any, pool: Any) -> dict[str, Any]:
+    """An ``Any`` as proto3 JSON, its type from ``pool`` or the hub's own types; the raw
+    value (base64) when neither knows it."""
+    for p in (pool, None):
+        try:
+            return json_format.MessageToDict(a, descriptor_pool=p)
+        except (TypeError, KeyError, json_format.Error):
+            continue
+    return {"@type": a.type_url, "value": base64.b64encode(a.value).decode("ascii")}
+
+
+def status_json(st: status_pb2.Status, pool: Any = None) -> dict[str, Any]:
+    """A ``google.rpc.Status`` as JSON (details the hub or the device can name decoded)."""
+    out: dict[str, Any] = {"code": st.code, "message": st.message}
+    out["details"] = [_json_any(d, pool) for d in st.details]
+    return out
+
+
+def response_json(resp: sesame_pb2.ProxyResponse, pool: Any) -> dict[str, Any]:
+    if resp.WhichOneof("data") == "error":
+        return {"error": status_json(resp.error, pool)}
+    if resp.WhichOneof("data") == "content":
+        return {"content": _json_any(resp.content, pool)}
+    return json_format.MessageToDict(resp)
+
+
+class JsonContext:
+    """What :meth:`ProxyService.handle` sees of a JSON exchange, in place of a grpc.aio
+    context: requests come from the parsed body (each converted once the dial's method is
+    known, its ``Any`` types from the device's schema), responses leave through ``emit``
+    as ``{"result": ProxyResponse}`` / ``{"error": Status}`` objects, one per line."""
+
+    def __init__(self, objects: Sequence[Any], token: str | None,
+                 emit: Callable[[dict[str, Any]], None]) -> None:
+        self._objects = deque(objects)
+        self._token = token
+        self._emit = emit
+        self._n = 0
+        self.schema: Schema | None = None
+        self._cancelled = False
+        self._done = False
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    # what the proxy calls
+    def invocation_metadata(self) -> tuple:
+        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
+
+    def peer(self) -> str:
+        return "http"
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def on_method(self, schema: Schema, _method: MethodDescriptor) -> None:
+        self.schema = schema
+
+    async def read(self) -> Any:
+        if not self._objects or self._cancelled:
+            return grpc.aio.EOF
+        obj = self._objects.popleft()
+        self._n += 1
+        msg = sesame_pb2.ProxyRequest()
+        try:
+            if not isinstance(obj, dict):
+                raise json_format.ParseError("not a JSON object")
+            json_format.ParseDict(obj, msg, descriptor_pool=self.schema.pool if self.schema
+                                  else None)
+        except (json_format.ParseError, TypeError, KeyError, ValueError) as exc:
+            raise _bad(f"request {self._n}", f"not a ProxyRequest: {exc}") from None
+        return msg.SerializeToString()
+
+    async def write(self, data: bytes) -> None:
+        resp = sesame_pb2.ProxyResponse.FromString(data)
+        self._emit({"result": response_json(resp, self.schema.pool if self.schema else None)})
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Sequence[tuple[str, Any]] = ()) -> None:
+        st = status_pb2.Status(code=code.value[0], message=details or "")
+        for k, v in trailing_metadata or ():
+            if k == "grpc-status-details-bin":
+                st = status_pb2.Status.FromString(v)
+        self._emit({"error": status_json(st, self.schema.pool if self.schema else None)})
+        raise _Aborted(details)
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._done
+
+    def add_done_callback(self, cb: Callable[[Any], None]) -> None:
+        self._callbacks.append(cb)
+
+    # what the HTTP side calls
+    def end(self, cancelled: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancelled = cancelled
+        for cb in self._callbacks:
+            cb(self)
+        self._callbacks.clear()
+
+
+def parse_json_stream(body: bytes) -> list[Any]:
+    """The JSON values in ``body``: newline-delimited, or simply one after another; a JSON
+    array is taken as its elements.  ApiError INVALID_ARGUMENT when it does not parse."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("body", "the request body is not UTF-8") from None
+    dec = json.JSONDecoder()
+    out: list[Any] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        if i >= n:
+            break
+        try:
+            value, i = dec.raw_decode(text, i)
+        except (ValueError, RecursionError) as exc:
+            raise _bad("body", f"JSON value {len(out) + 1} does not parse: {exc}") from None
+        out.append(value)
+    if len(out) == 1 and isinstance(out[0], list):
+        out = out[0]
+    return out
+
+
+class RestProxy:
+    """``POST /v1alpha1/proxy``: the body is the stream of JSON ``ProxyRequest`` objects
+    (the request body arrives whole: twisted.web buffers it, up to the site's limit), the
+    response a stream of ``{"result": ProxyResponse}`` / ``{"error": Status}`` objects,
+    one per line (``application/x-ndjson``), each written as it happens.  An error before
+    anything was written sets the HTTP status too (400, 401, 403, 404, 503...).  A client
+    that goes away cancels the inner call."""
+
+    def __init__(self, hub: Any, token_of: Callable[[Any], str | None]) -> None:
+        self.service = ProxyService(hub)
+        self.hub = hub
+        self.token_of = token_of
+
+    def render(self, request: Any) -> Any:
+        from twisted.web import server
+
+        from sesame.bridge import Hop
+        from sesame.hub._rest import HTTP_STATUS
+
+        hop = Hop.get(bridge=self.hub.bridge)
+        state = {"started": False, "finished": False}
+
+        def out(obj: dict[str, Any]) -> None:  # reactor
+            if state["finished"]:
+                return
+            if not state["started"]:
+                state["started"] = True
+                err = obj.get("error")
+                http = 200 if err is None else HTTP_STATUS.get(_code(err["code"]), 500)
+                request.setResponseCode(http)
+                request.setHeader(b"content-type", b"application/x-ndjson")
+                request.setHeader(b"cache-control", b"no-store")
+            request.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+        def finish() -> None:  # reactor
+            if not state["finished"]:
+                state["finished"] = True
+                request.finish()
+
+        raw = b""
+        if request.content is not None:
+            request.content.seek(0)
+            raw = request.content.read()
+        try:
+            objects = parse_json_stream(raw)
+        except ApiError as exc:
+            out({"error": status_json(exc.status())})
+            finish()
+            return server.NOT_DONE_YET
+        ctx = JsonContext(objects, self.token_of(request),
+                          lambda obj: hop.to_reactor(out, obj))
+
+        def gone(_: Any) -> None:
+            state["finished"] = True
+            hop.to_loop(ctx.end, True)
+
+        request.notifyFinish().addErrback(gone)
+
+        async def run() -> None:
+            try:
+                await self.service.handle(iter(()), ctx)
+            except (_Aborted, grpc.aio.AbortError):
+                pass
+            except ApiError as exc:  # a body object that is not a ProxyRequest
+                hop.to_reactor(out, {"error": status_json(exc.status())})
+            finally:
+                ctx.end(False)
+                hop.to_reactor(finish)
+
+        hop.bridge.post(lambda: hop.bridge.loop.create_task(run()))
+        return server.NOT_DONE_YET
+
+
 def proxy_handler(hub: Any) -> grpc.RpcMethodHandler:
     """The gRPC method handler of ``Sesame/Proxy`` for ``hub`` (raw bytes both ways)."""
     return grpc.stream_stream_rpc_method_handler(ProxyService(hub).handle)
 
 
-__all__ = ["MAX_MESSAGE", "PROXY_METHOD", "ProxyService", "Schema", "Schemas", "endpoint_name",
+__all__ = ["MAX_MESSAGE", "PROXY_METHOD", "JsonContext", "ProxyService", "RestProxy",
+           "parse_json_stream", "response_json", "status_json", "Schema", "Schemas", "endpoint_name",
            "fail_call", "parse_endpoint", "parse_method", "proxy_handler", "run_call",
            "type_url"]
