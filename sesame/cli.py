@@ -621,9 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
             tp.add_argument("token", help="the token, or its id (ses_<id>)")
     t.set_defaults(func=cmd_token)
 
-    from sesame import _routecli
+    from sesame import _callcli, _routecli
 
     _routecli.add_parser(sub, DEFAULT_DATA_DIR)
+    _callcli.add_parser(sub)
 
     f = sub.add_parser("forward", help="listen on one endpoint, connect each connection to another")
     f.add_argument("listen", metavar="LISTEN_ENDPOINT", help="e.g. tcp:2222:interface=127.0.0.1")

@@ -486,3 +486,68 @@ async def test_rest_client_streaming_and_errors(lab: Lab, http_port: int) -> Non
                      "responseStatus": {"code": 9, "message": "nope"}}})
     assert status == 200
     assert lines[-1][1] == {"result": {"error": {"code": 9, "message": "nope", "details": []}}}
+
+
+# --- sesame call, end to end in a subprocess ----------------------------------------------
+
+
+def _sesame_call(lab: Lab, *argv: str, stdin: str | None = None,
+                 token: str | None = None) -> Any:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SESAME_TOKEN=token or lab.token, GRPC_VERBOSITY="ERROR")
+    env.pop("SESAME_TOKEN_FILE", None)
+    cmd = [sys.executable, "-m", "sesame", "call", "--hub", lab.hub.target,
+           "--ca", str(lab.hub.ca_path), *argv]
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, input=stdin if stdin is not None else "", env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    return threads.deferToThread(run)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sesame_call_unary_list_and_describe(lab: Lab) -> None:
+    r = await _sesame_call(lab, "dev-1/api", "grpc.health.v1.Health/Check", "{}")
+    assert (r.returncode, r.stdout) == (0, '{"status":"SERVING"}\n'), r.stderr
+    r = await _sesame_call(lab, "dev-1/api", "list")
+    assert r.returncode == 0, r.stderr
+    assert {"grpc.health.v1.Health", TS, "grpc.reflection.v1alpha.ServerReflection"} <= set(
+        r.stdout.split())
+    r = await _sesame_call(lab, "namespaces/default/remotes/dev-1/api", "describe",
+                           "grpc.health.v1.Health")
+    assert r.returncode == 0, r.stderr
+    assert ("rpc Check(grpc.health.v1.HealthCheckRequest) returns "
+            "(grpc.health.v1.HealthCheckResponse);") in r.stdout
+    assert "rpc Watch(grpc.health.v1.HealthCheckRequest) returns (stream " in r.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_sesame_call_streams_and_exit_statuses(lab: Lab) -> None:
+    lines = "\n".join('{"payload": {"body": "AAAA"}}' for _ in range(5)) + "\n"
+    r = await _sesame_call(lab, "dev-1/api", f"{TS}/StreamingInputCall", stdin=lines)
+    assert (r.returncode, r.stdout) == (0, '{"aggregatedPayloadSize":15}\n'), r.stderr
+    r = await _sesame_call(lab, "dev-1/api", f"{TS}/StreamingOutputCall",
+                           '{"responseParameters": [{"size": 1}, {"size": 2}]}')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ['{"payload":{"body":"AA=="}}', '{"payload":{"body":"AAA="}}']
+    # the device's status: exit 64 + code, said on stderr
+    r = await _sesame_call(lab, "dev-1/api", f"/{TS}/UnaryCall",
+                           '{"responseStatus": {"code": 5, "message": "no such thing"}}')
+    assert r.returncode == 64 + 5, (r.returncode, r.stderr)
+    assert "ERROR: NOT_FOUND: no such thing" in r.stderr and r.stdout == ""
+    # the hub's refusals, with their details printed readably
+    r = await _sesame_call(lab, "ghost/api", "grpc.health.v1.Health/Check", "{}")
+    assert r.returncode == 64 + 5, r.stderr
+    assert "ERROR: NOT_FOUND: no remote namespaces/default/remotes/ghost" in r.stderr
+    assert '"resourceName": "namespaces/default/remotes/ghost"' in r.stderr
+    r = await _sesame_call(lab, "dev-1/api", "grpc.health.v1.Health/Check", "{}",
+                           token=lab.other)
+    assert r.returncode == 64 + 7 and "PERMISSION_DENIED" in r.stderr, r.stderr
+    r = await _sesame_call(lab, "dev-1/api", "grpc.health.v1.Health/Check", '{"nope": 1}')
+    assert r.returncode == 2, r.stderr
+    assert "is not a grpc.health.v1.HealthCheckRequest" in r.stderr
+    r = await _sesame_call(lab, "dev-1/api", "Check", "{}")
+    assert r.returncode == 2 and "METHOD:" in r.stderr, r.stderr
