@@ -90,8 +90,9 @@ HUB_OPTIONS = [
      "TLS passthrough front door: route by the ClientHello server name without terminating "
      "TLS (`sesame route add sni ...`); default: off."],
     ["grpc-door", None, None,
-     "plain HTTP/2 gRPC front door: route by :authority (`sesame route add grpc ...`); "
-     "default: off."],
+     "HTTP/2 gRPC front door: route by :authority (`sesame route add grpc ...`); "
+     "tls:PORT[:interface=0.0.0.0] serves TLS with the hub's certificate and ALPN h2 "
+     "(certKey=/privateKey= for another); tcp:... is plain text; default: off."],
     ["front-interface", None, "127.0.0.1",
      "Where tcp routes given as a bare port listen (default 127.0.0.1; 0.0.0.0 to publish)."],
     ["forwarded", None, "replace",
@@ -123,20 +124,28 @@ def check_hub_options(options: Any) -> None:
             except ValueError as exc:
                 raise usage.UsageError(str(exc)) from None
             desc = options[key] = f"tcp:{port}:interface={options['front-interface']}"
+        if desc.startswith("tls:"):  # our own: TLS with the hub's certificate, ALPN h2
+            from sesame.hub.frontdoor import parse_tls_description
+
+            try:
+                parse_tls_description(desc)
+            except ValueError as exc:
+                raise usage.UsageError(f"--{key}: {exc}") from None
+            continue
         why = server_description_problem(desc)
         if why:
             raise usage.UsageError(f"--{key}: {desc!r} is not a Twisted server endpoint: {why}")
 
 
 def front_doors(hub: Any, store: Any, options: Any, reactor: Any, *,
-                reuse_port: bool = False) -> Any:
+                reuse_port: bool = False, tls_material: tuple[bytes, bytes] | None = None) -> Any:
     from sesame.hub.frontdoor import FrontDoors
 
     listeners = {kind: options[key] for kind, key in
                  (("http", "vhost"), ("sni", "sni"), ("grpc", "grpc-door")) if options[key]}
     return FrontDoors(hub, store, reactor, listeners=listeners,
                       tcp_interface=options["front-interface"], forwarded=options["forwarded"],
-                      reuse_port=reuse_port)
+                      reuse_port=reuse_port, tls_material=tls_material)
 
 
 __all__ = ["HUB_OPTIONS", "add_parser", "check_hub_options", "cmd_route", "front_doors"]

@@ -408,6 +408,8 @@ class HubService(service.Service):
             store = SQLiteStore(data_dir / "hub.db")
         creds = None
         self.peer_ca: bytes | None = None  # what this hub trusts when it dials a peer hub
+        #: (certificate, key) PEM a front door given as tls:PORT serves (the hub's own)
+        self.door_tls: tuple[bytes, bytes] | None = None
         ca_note = "no TLS (loopback only)"
         if store.networked and not o["no-tls"] and not o["tls-cert"]:
             # a cluster: every hub issues its certificate from the one CA in the store
@@ -419,8 +421,9 @@ class HubService(service.Service):
 
             client_ca = Path(o["client-ca"]).read_bytes() if o["client-ca"] else None
             if o["tls-cert"]:
+                self.door_tls = (Path(o["tls-cert"]).read_bytes(), Path(o["tls-key"]).read_bytes())
                 creds = grpc.ssl_server_credentials(
-                    [(Path(o["tls-key"]).read_bytes(), Path(o["tls-cert"]).read_bytes())],
+                    [(self.door_tls[1], self.door_tls[0])],
                     root_certificates=client_ca, require_client_auth=client_ca is not None)
                 ca_note = f"TLS with {o['tls-cert']}" + (
                     f"; clients and remotes trust {o['tls-ca']}" if o["tls-ca"] else "")
@@ -434,6 +437,7 @@ class HubService(service.Service):
                 if o["advertise"]:
                     hosts.append(N.hub_address(o["advertise"])[0])
                 tls = ensure_hub_tls(data_dir, hosts)
+                self.door_tls = (tls.cert_pem, tls.key_pem)
                 self.peer_ca = tls.ca_pem
                 creds = tls.server_credentials(require_client_cert=client_ca is not None,
                                                client_ca=client_ca)
@@ -532,7 +536,8 @@ class HubService(service.Service):
         if self.hub is None or port is None:  # stopped, or the start failed
             return port
         self.doors = _routecli.front_doors(self.hub, store, self.options, reactor,
-                                           reuse_port=worker_index() is not None)
+                                           reuse_port=worker_index() is not None,
+                                           tls_material=self.door_tls)
         self.hub.on_routes_changed = self.doors.changed
         self.doors_ready = defer.ensureDeferred(self.doors.start())
         self.doors_ready.addErrback(self.on_start_failure)

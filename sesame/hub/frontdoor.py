@@ -418,6 +418,61 @@ class _Misdirected(S.SniffError):
 
 
 @implementer(interfaces.IStreamServerEndpoint)
+def parse_tls_description(desc: str) -> tuple[int, dict[str, str]]:
+    """``(port, parameters)`` of ``tls:PORT[:interface=IFACE][:backlog=N][:certKey=PEM
+    :privateKey=PEM]``; ValueError saying what is wrong."""
+    try:
+        args, kwargs = N.split_endpoint_description(desc)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"{desc!r}: {exc}") from None
+    if len(args) != 2 or args[0] != "tls":
+        raise ValueError(f"{desc!r}: expected tls:PORT[:interface=IFACE][:certKey=PEM"
+                         ":privateKey=PEM]")
+    port = N.parse_port(args[1], "tls port", low=0)
+    unknown = set(kwargs) - {"interface", "backlog", "certKey", "privateKey"}
+    if unknown:
+        raise ValueError(f"{desc!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    if ("certKey" in kwargs) != ("privateKey" in kwargs):
+        raise ValueError(f"{desc!r}: give certKey and privateKey together")
+    if not N.ascii_digits(kwargs.get("backlog", "1")):
+        raise ValueError(f"{desc!r}: backlog must be a number")
+    return port, kwargs
+
+
+def tls_endpoint(reactor: Any, desc: str,
+                 material: tuple[bytes, bytes] | None = None) -> Any:
+    """A TLS listener offering ALPN ``h2`` (what gRPC clients insist on) from
+    ``tls:PORT[:interface=IFACE][:backlog=N][:certKey=PEM:privateKey=PEM]``; the
+    certificate is ``material`` (the hub's own: clients trust the hub's CA) unless the
+    description names files.  ValueError saying what is wrong."""
+    from twisted.internet import ssl
+
+    port, kwargs = parse_tls_description(desc)
+    if "certKey" in kwargs:
+        with open(kwargs["certKey"], "rb") as f:
+            cert_pem = f.read()
+        with open(kwargs["privateKey"], "rb") as f:
+            key_pem = f.read()
+    elif material is not None:
+        cert_pem, key_pem = material
+    else:
+        raise ValueError(f"{desc!r}: no certificate (name certKey and privateKey files)")
+    pc = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    chain = [ssl.Certificate.loadPEM(c).original for c in _more_certs(cert_pem)]
+    options = ssl.CertificateOptions(privateKey=pc.privateKey.original, certificate=pc.original,
+                                     extraCertChain=chain or None, acceptableProtocols=[b"h2"])
+    backlog = int(kwargs.get("backlog", BACKLOG))
+    return endpoints.SSL4ServerEndpoint(reactor, port, options, backlog=backlog,
+                                        interface=kwargs.get("interface", ""))
+
+
+def _more_certs(pem: bytes) -> list[bytes]:
+    """The certificates after the first in a PEM bundle (its chain)."""
+    marker = b"-----BEGIN CERTIFICATE-----"
+    parts = [marker + p for p in pem.split(marker)[1:]]
+    return parts[1:]
+
+
 class ReusePortEndpoint:
     """TCP on ``interface:port`` with ``SO_REUSEPORT`` set before ``bind``, so several
     processes listen on one port (each gets a share of the connections)."""
@@ -496,7 +551,8 @@ class FrontDoors:
                  listeners: dict[str, str] | None = None, tcp_interface: str = "127.0.0.1",
                  forwarded: str = "replace", watch_interval: float = 2.0,
                  sniff_timeout: float = 15.0, listen_retry: float = LISTEN_RETRY,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False,
+                 tls_material: tuple[bytes, bytes] | None = None) -> None:
         if forwarded not in FORWARDED_MODES:
             raise ValueError(f"forwarded: {forwarded!r} is not one of {', '.join(FORWARDED_MODES)}")
         if reactor is None:
@@ -513,6 +569,9 @@ class FrontDoors:
         self.sniff_timeout = sniff_timeout  # seconds to send a request head / ClientHello
         self.listen_retry = listen_retry  # seconds between tries to bind a failed tcp route
         self.reuse_port = reuse_port
+        #: (certificate PEM, key PEM) a ``tls:`` listener serves unless it names its own:
+        #: the hub's own certificate
+        self.tls_material = tls_material
         self._unreadable = False  # the store could not be read at the last look
         self.http: dict[str, Route] = {}
         self.sni: dict[str, Route] = {}
@@ -552,6 +611,8 @@ class FrontDoors:
         """The server endpoint for ``desc``; a plain ``tcp:`` one with SO_REUSEPORT when
         :attr:`reuse_port` (other kinds as given).  TCP and TLS listeners get a backlog
         of :data:`BACKLOG` unless the description sets one."""
+        if desc.startswith("tls:"):
+            return tls_endpoint(self.reactor, desc, self.tls_material)
         desc = N.with_backlog(desc, BACKLOG)
         if self.reuse_port:
             ep = ReusePortEndpoint.parse(self.reactor, desc)
