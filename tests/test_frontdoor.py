@@ -826,7 +826,7 @@ async def test_grpc_door_over_tls_with_alpn_h2_and_the_hubs_certificate(sesame_h
         door = f"127.0.0.1:{doors.address('grpc').port}"
         name = next(h for h in tls.hosts if not h[0].isdigit())  # a DNS SAN of the hub cert
 
-        async def calls(ca: bytes) -> Any:
+        async def calls(ca: bytes) -> object:
             creds = grpc.ssl_channel_credentials(ca)
             opts = [("grpc.default_authority", "api.edge-1"),
                     ("grpc.ssl_target_name_override", name)]
