@@ -17,6 +17,10 @@ Processes, all real:
   ``ssh -N -R`` forwarding to the same targets: client → sshd → ssh → target,
   the same shape as client → hub → remote → target.
 
+* py-frp (PyPI ``py-simple-nat-tunnel``, pure-Python asyncio with TLS) publishing the
+  same targets, ``py_frp``: client -> frps port -> frpc -> target (``--no-py-frp`` to
+  skip; installed into ``~/.cache/sesame-bench/py-frp`` on first use).
+
 Figures (the measurements of ``bench/netconn.py``, reused from it): bulk
 upload/download MiB/s (sha256-verified), 64-byte RTT p50/p99 µs, N
 concurrent connections each echoing 1 MiB (total seconds; ``--conns`` 200
@@ -277,6 +281,94 @@ class SesameStack:
 # --- the run -----------------------------------------------------------------------------
 
 
+class PyFrp:
+    """py-frp (PyPI ``py-simple-nat-tunnel``, pure-Python asyncio, TLS with a pinned
+    fingerprint) as a second peer: ``py-frp server`` and ``py-frp client`` publishing the
+    same targets, client -> frps port -> frpc -> target, the shape of a hub port map.
+    Installed into its own virtualenv (``$SESAME_BENCH_PYFRP_VENV``, default
+    ``~/.cache/sesame-bench/py-frp``) on first use; the processes (a supervisor and its
+    child each) run in their own sessions and are stopped by process group."""
+
+    def __init__(self) -> None:
+        self.venv = Path(os.environ.get("SESAME_BENCH_PYFRP_VENV")
+                         or Path.home() / ".cache" / "sesame-bench" / "py-frp")
+        self.dir = Path(tempfile.mkdtemp(prefix="sesame-e2e-pyfrp-"))
+        self.procs: list[subprocess.Popen] = []
+        self.version = ""
+
+    def available(self) -> str | None:
+        """None when py-frp can run (installing it if need be), else why not."""
+        exe = self.venv / "bin" / "py-frp"
+        if not exe.exists():
+            try:
+                subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True,
+                               capture_output=True, timeout=120)
+                subprocess.run([str(self.venv / "bin" / "pip"), "install", "-q",
+                                "py-simple-nat-tunnel"], check=True, capture_output=True,
+                               timeout=600)
+            except (subprocess.SubprocessError, OSError) as exc:
+                return f"cannot install py-simple-nat-tunnel: {exc}"
+        out = subprocess.run([str(self.venv / "bin" / "pip"), "show", "py-simple-nat-tunnel"],
+                             capture_output=True, text=True, timeout=60)
+        self.version = next((ln.split(":", 1)[1].strip() for ln in out.stdout.splitlines()
+                             if ln.startswith("Version:")), "?")
+        return None
+
+    def _spawn(self, *argv: str, name: str) -> subprocess.Popen:
+        p = subprocess.Popen([str(self.venv / "bin" / "py-frp"), *argv],
+                             stdout=open(self.dir / f"{name}.out", "w"),
+                             stderr=open(self.dir / f"{name}.err", "w"),
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start(self, target_ports: list[int]) -> list[int]:
+        """Publish ``target_ports``; the public ports, once they accept connections."""
+        control = nc._free_port()
+        token = os.urandom(16).hex()
+        (self.dir / "frps.toml").write_text(
+            f'bindAddr = "127.0.0.1"\nbindPort = {control}\nauth.token = "{token}"\n')
+        self._spawn("server", "-c", str(self.dir / "frps.toml"), name="frps")
+        end = time.monotonic() + 30
+        fp = ""
+        while not fp:
+            text = (self.dir / "frps.out").read_text()
+            fp = next((ln.split()[1] for ln in text.splitlines()
+                       if ln.startswith("tls_fingerprint ")), "")
+            if not fp:
+                if time.monotonic() > end or self.procs[0].poll() is not None:
+                    raise RuntimeError(f"py-frp server did not start: "
+                                       f"{(self.dir / 'frps.err').read_text()[-500:]}")
+                time.sleep(0.05)
+        public = [nc._free_port() for _ in target_ports]
+        rows = "".join(
+            f'\n[[proxies]]\nname = "t{i}"\ntype = "tcp"\nlocalIP = "127.0.0.1"\n'
+            f"localPort = {tp}\nremotePort = {pp}\n"
+            for i, (tp, pp) in enumerate(zip(target_ports, public, strict=True)))
+        (self.dir / "frpc.toml").write_text(
+            f'serverAddr = "127.0.0.1"\nserverPort = {control}\nauth.token = "{token}"\n'
+            f'serverFingerprint = "{fp}"\n' + rows)
+        self._spawn("client", "-c", str(self.dir / "frpc.toml"), name="frpc")
+        for pp in public:
+            nc._wait_port(pp, 30)
+        return public
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _ratio(a, b):
     return round(a / b, 2) if a and b else None
 
@@ -341,6 +433,8 @@ def client_main(args: argparse.Namespace) -> None:
     stack = SesameStack(sys.executable)
     sshd = None
     ssh_note = None
+    pyfrp = None
+    pyfrp_note = None
     report: dict = {}
     names = ("sink", "source", "echo")
     try:
@@ -374,12 +468,30 @@ def client_main(args: argparse.Namespace) -> None:
                         sshd = None
             if ssh_note:
                 print(f"ssh: skipped: {ssh_note}", file=sys.stderr, flush=True)
+        if args.pyfrp and (not args.paths or "py_frp" in args.paths):
+            pyfrp = PyFrp()
+            pyfrp_note = pyfrp.available()
+            if pyfrp_note is None:
+                try:
+                    pyfrp_ports = dict(zip(names, pyfrp.start([targets[k] for k in names]),
+                                           strict=True))
+                except Exception as exc:  # noqa: BLE001 - optional peer figure
+                    logs = "; ".join((pyfrp.dir / f).read_text()[-300:].strip()
+                                     for f in ("frps.err", "frpc.err")
+                                     if (pyfrp.dir / f).exists())
+                    pyfrp_note = f"py-frp setup failed: {exc} ({logs})"
+            if pyfrp_note:
+                print(f"py-frp: skipped: {pyfrp_note}", file=sys.stderr, flush=True)
+                pyfrp.stop()
+                pyfrp = None
     except BaseException:
         for c in children:
             c.stdin.close()
         report["stack"] = stack.stop()
         if sshd:
             sshd.stop()
+        if pyfrp:
+            pyfrp.stop()
         raise
 
     bridge = get_bridge()
@@ -402,6 +514,10 @@ def client_main(args: argparse.Namespace) -> None:
         paths["port_map"] = {k: bench.direct(port_map[k]) for k in names}
     if sshd:
         paths["ssh_R"] = {k: bench.direct(p) for k, p in ssh_ports.items()}
+    if pyfrp:
+        paths["py_frp"] = {k: bench.direct(p) for k, p in pyfrp_ports.items()}
+        cpu.add("py-frp server (all processes)", pyfrp.procs[0].pid, tree=True, main="process")
+        cpu.add("py-frp client (all processes)", pyfrp.procs[1].pid, tree=True, main="process")
     warm_hub = paths["hub"]["echo"]
     if args.paths:
         paths = {k: v for k, v in paths.items() if k in args.paths}
@@ -481,6 +597,19 @@ def client_main(args: argparse.Namespace) -> None:
             report["ssh_cipher"] = sshd.cipher()
         elif args.ssh:
             results["ssh_R"] = {"skipped": ssh_note}
+        if "py_frp" in results:
+            report["py_frp_version"] = pyfrp.version
+            report["ratios_port_map_vs_py_frp"] = {
+                "upload": _ratio(fig("port_map", "upload", "MiBps"), fig("py_frp", "upload", "MiBps")),
+                "download": _ratio(fig("port_map", "download", "MiBps"),
+                                   fig("py_frp", "download", "MiBps")),
+                "rtt_p50": _ratio(fig("port_map", "rtt_64B", "p50_us"),
+                                  fig("py_frp", "rtt_64B", "p50_us")),
+                "connect_echo_p50": _ratio(fig("port_map", "connect_echo", "p50_us"),
+                                           fig("py_frp", "connect_echo", "p50_us")),
+            }
+        elif args.pyfrp and pyfrp_note:
+            results["py_frp"] = {"skipped": pyfrp_note}
         if "port_map" in results and "ssh_R" in results and "skipped" not in results["ssh_R"]:
             report["ratios_port_map_vs_ssh_R"] = {
                 "upload": _ratio(fig("port_map", "upload", "MiBps"), fig("ssh_R", "upload", "MiBps")),
@@ -540,6 +669,8 @@ def client_main(args: argparse.Namespace) -> None:
             c.kill()
     if sshd:
         sshd.stop()
+    if pyfrp:
+        pyfrp.stop()
     load_after = _load()
     print(f"load after: {json.dumps(load_after)}", file=sys.stderr, flush=True)
     doc = {
@@ -571,6 +702,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the median round")
     p.add_argument("--write-size", type=int, default=64 * 1024, help="bytes per transport.write when uploading")
     p.add_argument("--no-ssh", dest="ssh", action="store_false", help="skip the ssh -R peer")
+    p.add_argument("--no-py-frp", dest="pyfrp", action="store_false",
+                   help="skip the py-frp peer (installed into its own venv on first use)")
     p.add_argument("--no-front-doors", dest="front_doors", action="store_false",
                    help="skip the hub's front doors (tcp port map path, vhost HTTP requests/s)")
     p.add_argument("--http-conns", type=int, default=32,
