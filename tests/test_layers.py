@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("forward", ("sesame.forward",)),
     ("hub", ("sesame.hub", "sesame.hub.store", "sesame.hub._redisstore")),
     ("entry-point helpers", ("sesame._cliutil",)),
-    ("entry points", ("sesame._routecli", "sesame.tap", "sesame.cli", "sesame.__main__",
+    ("entry points", ("sesame._routecli", "sesame._callcli", "sesame.tap", "sesame.cli", "sesame.__main__",
                       "sesame.testing", "sesame.testing.redis", "sesame._regen")),
     ("one-release aliases", ("sesame.mgmt", "sesame.frontdoor", "sesame.metrics",
                              "sesame.dashboard", "sesame._bridge")),
