@@ -19,6 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sesame.bridge import write_now
+
 log = Logger()
 
 
@@ -42,7 +44,7 @@ class Side(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write(data)
+            write_now(self.peer.transport, data)
 
     def readConnectionLost(self) -> None:
         self.read_closed = True

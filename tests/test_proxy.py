@@ -454,6 +454,22 @@ async def test_rest_streams_responses_as_they_happen(lab: Lab, http_port: int) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_rest_bidi_streaming_with_a_header(lab: Lab, http_port: int) -> None:
+    req_type = f"type.googleapis.com/{TS.rpartition('.')[0]}.StreamingOutputCallRequest"
+    status, _, lines = await post(
+        http_port, lab.token, {"dial": {"endpoint": EP, "method": f"{TS}/FullDuplexCall"}},
+        {"header": {"data": {"x-grpc-test-echo-initial": {"str": {"values": ["hi"]}}}}},
+        *[{"content": {"@type": req_type, "responseParameters": [{"size": n}]}}
+          for n in (1, 2, 3)])
+    assert status == 200
+    results = [o["result"] for _, o in lines]
+    assert [len(r["content"]["payload"].get("body", "")) for r in results if "content" in r] == [
+        4, 4, 4]  # base64 of 1, 2 and 3 zero bytes
+    [header] = [r["header"] for r in results if "header" in r]
+    assert header["data"]["x-grpc-test-echo-initial"]["str"]["values"] == ["hi"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_rest_client_streaming_and_errors(lab: Lab, http_port: int) -> None:
     req_type = f"type.googleapis.com/{TS.rpartition('.')[0]}.StreamingInputCallRequest"
     status, _, lines = await post(

@@ -44,8 +44,10 @@ from sesame.bridge._loop import (
     loop_inbox,
     to_deferred,
 )
+from sesame.bridge._write import write_now
 
 __all__ = [
+    "write_now",
     "AioLoopCall",
     "Bridge",
     "ClientOuter",

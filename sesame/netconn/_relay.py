@@ -25,7 +25,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sesame.bridge import Hop
+from sesame.bridge import Hop, write_now
 from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
 from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, decode_bytes, encode_bytes
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
@@ -210,7 +210,7 @@ class _ServerRelay:
             if data is None:
                 break
             if data and self._target_gone is None:
-                self.hop.to_reactor(self.transport.write, data)
+                self.hop.to_reactor(write_now, self.transport, data)
         if self._target_gone is None:
             # grpc.aio reports a cancelled call to read() as EOF, and may do so a little before
             # it marks the call cancelled: give a cancellation a moment to show before turning
