@@ -169,9 +169,10 @@ class _Client:
             _print_status(st)
             raise _CallFailed(st.code) from None
 
-    def schema(self, symbol: str) -> Any:
-        """The device's schema declaring ``symbol`` (a service, or a message / method
-        inside one), via reflection through the Proxy."""
+    def schema(self, symbol: str, quiet: bool = False) -> Any:
+        """The device's schema declaring ``symbol`` (a service or a message), via
+        reflection through the Proxy; with ``quiet``, None when the device does not know
+        the symbol (else that is an error, printed)."""
         from grpc_reflection.v1alpha import reflection_pb2
 
         from sesame.hub.proxy import Schema
@@ -184,6 +185,8 @@ class _Client:
             ans = reflection_pb2.ServerReflectionResponse()
             resp.content.Unpack(ans)
             if ans.HasField("error_response"):
+                if quiet:
+                    return None
                 _say(f"ERROR: {_code_name(ans.error_response.error_code)}: the device knows no "
                      f"symbol {symbol}")
                 raise _CallFailed(ans.error_response.error_code or 5)
@@ -326,7 +329,7 @@ def _describe(schema: Any, symbol: str) -> str:
     except KeyError:
         m = None
     if m is not None:
-        return f"{m.containing_service.full_name}.{_method_line(m)}"
+        return _method_line(m, qualified=True)
     d = pool.FindMessageTypeByName(symbol)
     lines = [f"message {d.full_name} {{"]
     for f in d.fields:
@@ -343,10 +346,11 @@ _SCALARS = {1: "double", 2: "float", 3: "int64", 4: "uint64", 5: "int32", 6: "fi
             16: "sfixed64", 17: "sint32", 18: "sint64"}
 
 
-def _method_line(m: Any) -> str:
+def _method_line(m: Any, qualified: bool = False) -> str:
     cs = "stream " if m.client_streaming else ""
     ss = "stream " if m.server_streaming else ""
-    return (f"rpc {m.name}({cs}{m.input_type.full_name}) returns "
+    name = m.full_name if qualified else m.name
+    return (f"rpc {name}({cs}{m.input_type.full_name}) returns "
             f"({ss}{m.output_type.full_name});")
 
 
@@ -368,8 +372,9 @@ def cmd_call(args: argparse.Namespace) -> int:
                 if not args.data:
                     raise CLIError("describe needs a SYMBOL (a service, method or message)")
                 symbol = args.data.lstrip("/").replace("/", ".")
-                service = symbol
-                schema = client.schema(service)
+                # reflection finds services and messages, not methods: then the service
+                schema = (client.schema(symbol, quiet=True)
+                          or client.schema(symbol.rpartition(".")[0] or symbol))
                 try:
                     print(_describe(schema, symbol), flush=True)
                 except KeyError:

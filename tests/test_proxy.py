@@ -538,6 +538,12 @@ async def test_sesame_call_unary_list_and_describe(lab: Lab) -> None:
     assert ("rpc Check(grpc.health.v1.HealthCheckRequest) returns "
             "(grpc.health.v1.HealthCheckResponse);") in r.stdout
     assert "rpc Watch(grpc.health.v1.HealthCheckRequest) returns (stream " in r.stdout
+    r = await _sesame_call(lab, "dev-1/api", "describe", "grpc.health.v1.Health/Check")
+    assert r.stdout == ("rpc grpc.health.v1.Health.Check(grpc.health.v1.HealthCheckRequest) "
+                        "returns (grpc.health.v1.HealthCheckResponse);\n"), r.stderr
+    r = await _sesame_call(lab, "dev-1/api", "describe", "grpc.health.v1.HealthCheckResponse")
+    assert "message grpc.health.v1.HealthCheckResponse {" in r.stdout
+    assert "grpc.health.v1.HealthCheckResponse.ServingStatus status = 1;" in r.stdout
 
 
 @pytest_twisted.ensureDeferred

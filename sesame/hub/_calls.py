@@ -25,6 +25,8 @@ from sesame.bridge import LoopCall, TunnelConnection, TunnelLoopCall
 from sesame.core import CANCELLED, UNAVAILABLE, Status
 from sesame.hub._target import Target, parse_target
 
+_closing: set[asyncio.Task] = set()
+
 
 class HubLoopCall(LoopCall):
     """A call inside a fresh ``Stream`` tunnel of ``target``'s remote (bridge loop only)."""
@@ -100,7 +102,9 @@ class HubLoopCall(LoopCall):
         done = self._done
         if done is not None and not done.done():
             done.set_result(None)
-        asyncio.get_running_loop().create_task(conn.aclose(grace=0))
+        task = asyncio.get_running_loop().create_task(conn.aclose(grace=0))
+        _closing.add(task)  # the loop holds tasks weakly: keep it until it is done
+        task.add_done_callback(_closing.discard)
 
     # --- LoopCall ------------------------------------------------------------------------
 

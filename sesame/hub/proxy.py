@@ -752,6 +752,7 @@ class RestProxy:
         self.service = ProxyService(hub)
         self.hub = hub
         self.token_of = token_of
+        self._running: set[asyncio.Task] = set()
 
     def render(self, request: Any) -> Any:
         from twisted.web import server
@@ -809,7 +810,12 @@ class RestProxy:
                 ctx.end(False)
                 hop.to_reactor(finish)
 
-        hop.bridge.post(lambda: hop.bridge.loop.create_task(run()))
+        def start() -> None:  # (bridge loop) held until done: the loop keeps only weak refs
+            task = hop.bridge.loop.create_task(run())
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+        hop.bridge.post(start)
         return server.NOT_DONE_YET
 
 
