@@ -98,18 +98,9 @@ class _Client:
     def __init__(self, args: argparse.Namespace) -> None:
         import grpc
 
-        from sesame._cliutil import CLIError
-        from sesame.endpoints import hub_config
+        from sesame._cliutil import hub_config_of
 
-        kw = {"hub": args.hub or ""}
-        if args.ca:
-            kw["ca"] = args.ca
-        if args.token_file:
-            kw["tokenFile"] = args.token_file
-        try:
-            self.cfg = hub_config(kw)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
+        self.cfg = hub_config_of(args)
         creds = self.cfg.credentials()
         opts = [("grpc.max_receive_message_length", 8 << 20),
                 ("grpc.max_send_message_length", 8 << 20)]

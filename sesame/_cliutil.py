@@ -61,6 +61,23 @@ def open_store(data_dir: str | None = None, store: str | None = None) -> Store:
     return SQLiteStore(path / "hub.db")
 
 
+def hub_config_of(args: Any) -> Any:
+    """The :class:`sesame.endpoints.HubConfig` of a client command's ``--hub``, ``--ca`` and
+    ``--token-file`` (else ``$SESAME_HUB``, ``$SESAME_CA``, ``$SESAME_TOKEN[_FILE]``);
+    :class:`CLIError` saying what is wrong."""
+    from sesame.endpoints import hub_config
+
+    kw = {"hub": args.hub or ""}
+    if args.ca:
+        kw["ca"] = args.ca
+    if args.token_file:
+        kw["tokenFile"] = args.token_file
+    try:
+        return hub_config(kw)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def default_registry() -> ServiceRegistry:
     """A :class:`~sesame.tunnel.ServiceRegistry` serving ``grpc.health.v1.Health`` (status
     SERVING) and server reflection: what ``sesame demo`` and a bare tunnel host offer."""

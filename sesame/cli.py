@@ -380,19 +380,11 @@ def cmd_remotes(args: argparse.Namespace) -> int:
     import grpc
 
     from sesame import _names as N
+    from sesame._cliutil import hub_config_of
     from sesame.admin.v1alpha1 import admin_pb2, admin_pb2_grpc
-    from sesame.endpoints import hub_config
     from sesame.v1alpha1 import sesame_pb2
 
-    kw = {"hub": args.hub or ""}
-    if args.ca:
-        kw["ca"] = args.ca
-    if args.token_file:
-        kw["tokenFile"] = args.token_file
-    try:
-        cfg = hub_config(kw)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    cfg = hub_config_of(args)
     creds = cfg.credentials()
 
     def open_channel(target: str) -> grpc.Channel:

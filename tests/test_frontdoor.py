@@ -695,18 +695,19 @@ async def test_sni_passthrough_client_sees_the_remotes_certificate(sesame_hub, d
     await tls_server.stopListening()
 
 
+async def _interop_server() -> tuple[grpc.aio.Server, int]:
+    """(bridge loop) A plain-text grpc.aio server of the interop TestService on 127.0.0.1."""
+    s = grpc.aio.server()
+    add_async_servicer(s)
+    port = s.add_insecure_port("127.0.0.1:0")
+    await s.start()
+    return s, port
+
+
 @pytest_twisted.ensureDeferred
 async def test_grpc_routing_by_authority_with_streaming_and_deadlines(sesame_hub, doors_on):
     bridge = get_bridge()
-
-    async def grpc_server():
-        s = grpc.aio.server()
-        add_async_servicer(s)
-        port = s.add_insecure_port("127.0.0.1:0")
-        await s.start()
-        return s, port
-
-    srv, gport = await to_deferred(bridge.submit(grpc_server()))
+    srv, gport = await to_deferred(bridge.submit(_interop_server()))
     await sesame_hub.start_remote("edge-1", [f"127.0.0.1:{gport}"])
     doors = await doors_on(grpc=True)
     sesame_hub.store.create_route("grpc", "api.edge-1", f"127.0.0.1:{gport}@edge-1")
@@ -804,15 +805,7 @@ async def test_grpc_door_over_tls_with_alpn_h2_and_the_hubs_certificate(sesame_h
     from sesame.hub.frontdoor import parse_tls_description
 
     bridge = get_bridge()
-
-    async def grpc_server():
-        s = grpc.aio.server()
-        add_async_servicer(s)
-        port = s.add_insecure_port("127.0.0.1:0")
-        await s.start()
-        return s, port
-
-    srv, gport = await to_deferred(bridge.submit(grpc_server()))
+    srv, gport = await to_deferred(bridge.submit(_interop_server()))
     await sesame_hub.start_remote("edge-1", [f"127.0.0.1:{gport}"])
     tls = sesame_hub.tls
     doors = FrontDoors(sesame_hub.hub, sesame_hub.store, reactor,
