@@ -573,3 +573,69 @@ async def test_sesame_call_streams_and_exit_statuses(lab: Lab) -> None:
     assert "is not a grpc.health.v1.HealthCheckRequest" in r.stderr
     r = await _sesame_call(lab, "dev-1/api", "Check", "{}")
     assert r.returncode == 2 and "METHOD:" in r.stderr, r.stderr
+
+
+# --- the WebSocket face on the same path ---------------------------------------------------
+
+
+def _ws_exchange(port: int, token: str | None, messages: list[str], *,
+                 keep_open_for: str | None = None) -> tuple[list[Any], Any]:
+    """Open ws://.../v1alpha1/proxy, send ``messages`` (text), collect every JSON message
+    until the server closes; (messages, close status)."""
+    import json
+
+    import websocket  # websocket-client
+
+    headers = [f"Authorization: Bearer {token}"] if token else []
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/v1alpha1/proxy", header=headers,
+                                     timeout=30)
+    got: list[Any] = []
+    try:
+        for m in messages:
+            ws.send(m)
+        while True:
+            op, data = ws.recv_data(control_frame=True)
+            if op == websocket.ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                return got, code
+            if op == websocket.ABNF.OPCODE_TEXT:
+                got.append(json.loads(data))
+                if keep_open_for and keep_open_for in data.decode():
+                    ws.send("")  # end the requests once the first answer is in
+    finally:
+        ws.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_bidi_as_messages_arrive(lab: Lab, http_port: int) -> None:
+    import json
+
+    req_type = f"type.googleapis.com/{TS.rpartition('.')[0]}.StreamingOutputCallRequest"
+    msgs = [json.dumps({"dial": {"endpoint": EP, "method": f"{TS}/FullDuplexCall"}}),
+            json.dumps({"content": {"@type": req_type, "responseParameters": [{"size": 2}]}})]
+    # the requests stay open until the first answer came back: a real bidi exchange
+    got, code = await threads.deferToThread(_ws_exchange, http_port, lab.token, msgs,
+                                            keep_open_for="content")
+    assert code == 1000
+    kinds = [next(iter(m["result"])) for m in got]
+    assert kinds[0] == "conn" and kinds.count("content") == 1, got
+    assert not any("error" in m or "error" in m.get("result", {}) for m in got)
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_refusals_and_bad_messages(lab: Lab, http_port: int) -> None:
+    import json
+
+    dial = json.dumps({"dial": {"endpoint": EP, "method": "grpc.health.v1.Health/Check"}})
+    got, code = await threads.deferToThread(_ws_exchange, http_port, None, [dial, ""])
+    assert got[-1]["error"]["code"] == 16 and code == 1000  # UNAUTHENTICATED, said in band
+    got, code = await threads.deferToThread(_ws_exchange, http_port, lab.token, [dial, "{nope"])
+    assert got[-1]["error"]["code"] == 3 and code == 1007
+    # and a health check works after them
+    check = json.dumps({"content": {
+        "@type": "type.googleapis.com/grpc.health.v1.HealthCheckRequest"}})
+    got, code = await threads.deferToThread(_ws_exchange, http_port, lab.token,
+                                            [dial, check, "EOF"])
+    assert code == 1000
+    assert [m["result"]["content"]["status"] for m in got if "content" in m["result"]] == [
+        "SERVING"]

@@ -356,6 +356,12 @@ class RestGateway(resource.Resource):
         matches = [(b, m) for b in self.bindings if (m := b.regex.match(path))]
         if not matches:
             return self._fail(request, 404, "NOT_FOUND", f"no such resource path: {path}")
+        if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
+            # a WebSocket (a GET upgrade) on a streaming method's path: its own face
+            stream = next((self.streams[b.method.full_name] for b, _ in matches
+                           if b.method.full_name in self.streams), None)
+            if stream is not None:
+                return stream(request)
         verb = request.method.decode("ascii", "replace").upper()
         chosen = next(((b, m) for b, m in matches if b.verb == verb), None)
         if chosen is None:

@@ -53,6 +53,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
+from twisted.internet.protocol import Protocol
 
 from sesame import _names as N
 from sesame.bridge import drain_requests
@@ -60,6 +61,7 @@ from sesame.core import (
     CANCELLED,
     DEADLINE_EXCEEDED,
     OK,
+    RESOURCE_EXHAUSTED,
     UNAVAILABLE,
     UNIMPLEMENTED,
     SesameCodec,
@@ -452,8 +454,8 @@ class _Relay:
 
     def _on_message(self, data: bytes) -> None:
         if len(data) > MAX_MESSAGE and self.inner is not None:
-            self.inner.cancel(Status(8, f"a response of {len(data)} bytes is over the proxy's "
-                                        f"limit of {MAX_MESSAGE}"))
+            self.inner.cancel(Status(RESOURCE_EXHAUSTED, f"a response of {len(data)} bytes is "
+                                                         f"over the proxy's limit of {MAX_MESSAGE}"))
             return
         self._put(sesame_pb2.ProxyResponse(content=any_pb2.Any(type_url=self.out_url, value=data)))
 
@@ -644,11 +646,14 @@ class JsonContext:
     as ``{"result": ProxyResponse}`` / ``{"error": Status}`` objects, one per line."""
 
     def __init__(self, objects: Sequence[Any], token: str | None,
-                 emit: Callable[[dict[str, Any]], None]) -> None:
+                 emit: Callable[[dict[str, Any]], None], *, more: bool = False) -> None:
         self._objects = deque(objects)
         self._token = token
         self._emit = emit
         self._n = 0
+        # more: objects keep coming (feed) until feed_end -- the WebSocket face
+        self._more = more
+        self._arrived: asyncio.Event | None = None
         self.schema: Schema | None = None
         self._cancelled = False
         self._done = False
@@ -667,7 +672,23 @@ class JsonContext:
     def on_method(self, schema: Schema, _method: MethodDescriptor) -> None:
         self.schema = schema
 
+    def feed(self, obj: Any) -> None:
+        """(loop) One more request object (the WebSocket face)."""
+        self._objects.append(obj)
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def feed_end(self) -> None:
+        """(loop) No more request objects: the inner call's half-close."""
+        self._more = False
+        if self._arrived is not None:
+            self._arrived.set()
+
     async def read(self) -> Any:
+        while self._more and not self._objects and not self._cancelled:
+            self._arrived = self._arrived or asyncio.Event()
+            self._arrived.clear()
+            await self._arrived.wait()
         if not self._objects or self._cancelled:
             return grpc.aio.EOF
         obj = self._objects.popleft()
@@ -710,6 +731,8 @@ class JsonContext:
             return
         self._done = True
         self._cancelled = cancelled
+        if self._arrived is not None:
+            self._arrived.set()
         for cb in self._callbacks:
             cb(self)
         self._callbacks.clear()
@@ -761,6 +784,8 @@ class RestProxy:
         from sesame.hub._rest import HTTP_STATUS
 
         hop = Hop.get(bridge=self.hub.bridge)
+        if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
+            return self._websocket(request, hop)
         state = {"started": False, "finished": False}
 
         def out(obj: dict[str, Any]) -> None:  # reactor
@@ -799,24 +824,149 @@ class RestProxy:
 
         request.notifyFinish().addErrback(gone)
 
-        async def run() -> None:
-            try:
-                await self.service.handle(iter(()), ctx)
-            except (_Aborted, grpc.aio.AbortError):
-                pass
-            except ApiError as exc:  # a body object that is not a ProxyRequest
-                hop.to_reactor(out, {"error": status_json(exc.status())})
-            finally:
-                ctx.end(False)
-                hop.to_reactor(finish)
+        def run() -> Any:
+            return self._serve(ctx, lambda: hop.to_reactor(finish),
+                               lambda obj: hop.to_reactor(out, obj))
 
-        def start() -> None:  # (bridge loop) held until done: the loop keeps only weak refs
-            task = hop.bridge.loop.create_task(run())
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-        hop.bridge.post(start)
+        hop.bridge.post(self._start, run)
         return server.NOT_DONE_YET
+
+    def _start(self, run: Callable[[], Any]) -> None:
+        """(bridge loop) Run ``run()``, held until done: the loop keeps only weak refs."""
+        task = self.hub.bridge.loop.create_task(run())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _serve(self, ctx: JsonContext, done: Callable[[], None],
+                     failed: Callable[[dict[str, Any]], None]) -> None:
+        """(bridge loop) One exchange of the JSON faces; ``done`` (reactor side, through the
+        hop) when it is over, ``failed`` for an error the proxy did not report itself."""
+        try:
+            await self.service.handle(iter(()), ctx)
+        except (_Aborted, grpc.aio.AbortError):
+            pass
+        except ApiError as exc:  # a request object that is not a ProxyRequest
+            failed({"error": status_json(exc.status())})
+        finally:
+            ctx.end(False)
+            done()
+
+    def _websocket(self, request: Any, hop: Any) -> Any:
+        """The same exchange over a WebSocket on the same path: each text message one JSON
+        ProxyRequest, each response one text message; an empty text message (or ``EOF``)
+        ends the requests (the inner half-close), the server closes (1000) when the call
+        is over.  The token comes in the ``Authorization`` header of the upgrade."""
+        from twisted.protocols.policies import ProtocolWrapper
+        from twisted.web import server
+
+        ws = _WebSocket(self, hop, self.token_of(request))
+        # take the connection over from twisted.web and let wsproto see the request again
+        request.channel.setTimeout(None)  # the channel's idle timer must not close it
+        transport, request.channel.transport = request.channel.transport, None
+        if isinstance(transport, ProtocolWrapper):  # TLS wraps the channel
+            transport.wrappedProtocol = ws
+        else:
+            transport.protocol = ws
+        ws.makeConnection(transport)
+        head = [request.method + b" " + request.uri + b" HTTP/1.1"]
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            head.extend(name + b": " + v for v in values)
+        ws.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
+        return server.NOT_DONE_YET
+
+
+class _WebSocket(Protocol):
+    """The WebSocket face of one proxied call (reactor side; wsproto does the framing)."""
+
+    def __init__(self, rest: RestProxy, hop: Any, token: str | None) -> None:
+        from wsproto import ConnectionType, WSConnection
+
+        self.rest = rest
+        self.hop = hop
+        self.conn = WSConnection(ConnectionType.SERVER)
+        self.ctx = JsonContext((), token, lambda obj: hop.to_reactor(self.send, obj), more=True)
+        self.text: list[str] = []
+        self.open = False
+        self.ended = False
+
+    def _out(self, event: Any) -> None:
+        if self.transport is not None and not self.ended:
+            self.transport.write(self.conn.send(event))
+
+    def send(self, obj: dict[str, Any]) -> None:
+        from wsproto.events import TextMessage
+
+        if self.open:
+            self._out(TextMessage(data=json.dumps(obj, separators=(",", ":"))))
+
+    def finish(self, code: int = 1000, reason: str = "") -> None:
+        from wsproto.events import CloseConnection
+
+        if self.open and not self.ended:
+            self._out(CloseConnection(code=code, reason=reason))
+            self.ended = True
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        from wsproto.events import (
+            AcceptConnection,
+            BytesMessage,
+            CloseConnection,
+            Ping,
+            RejectConnection,
+            Request,
+            TextMessage,
+        )
+        from wsproto.utilities import RemoteProtocolError
+
+        try:
+            self.conn.receive_data(data)
+            events = list(self.conn.events())
+        except RemoteProtocolError as exc:
+            if self.open:
+                self.finish(1002, str(exc)[:100])
+            else:
+                self.transport.write(self.conn.send(RejectConnection(status_code=400)))
+                self.transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, Request):
+                self._out(AcceptConnection())
+                self.open = True
+                self.hop.bridge.post(self.rest._start, lambda: self.rest._serve(
+                    self.ctx, lambda: self.hop.to_reactor(self.finish),
+                    lambda obj: self.hop.to_reactor(self.send, obj)))
+            elif isinstance(event, TextMessage):
+                self.text.append(event.data)
+                if event.message_finished:
+                    self._message("".join(self.text))
+                    self.text = []
+            elif isinstance(event, BytesMessage):
+                self.finish(1003, "send JSON ProxyRequest objects as text messages")
+            elif isinstance(event, Ping):
+                self._out(event.response())
+            elif isinstance(event, CloseConnection):
+                if not self.ended:
+                    self._out(event.response())
+                    self.ended = True
+                    self.transport.loseConnection()
+
+    def _message(self, text: str) -> None:
+        if not text.strip() or text.strip() == "EOF":
+            self.hop.to_loop(self.ctx.feed_end)
+            return
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            self.send({"error": status_json(_bad("message", f"not JSON: {exc}").status())})
+            self.finish(1007, "a message is not JSON")
+            return
+        self.hop.to_loop(self.ctx.feed, obj)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.ended:
+            self.ended = True
+        self.hop.to_loop(self.ctx.end, True)  # an exchange still running is cancelled
 
 
 def proxy_handler(hub: Any) -> grpc.RpcMethodHandler:
