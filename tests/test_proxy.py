@@ -344,6 +344,11 @@ async def test_errors_before_conn_have_precise_statuses(lab: Lab) -> None:
         assert res.code == code, (requests[:1], res.code, res.details)
         assert words in res.details, (words, res.details)
         assert res.responses == [], requests[:1]
+    # a remote the hub knows (its record) but that is not connected: UNAVAILABLE
+    lab.hub.store.create_remote("dev-off")
+    res = await call(lab, [dial("/grpc.health.v1.Health/Check", endpoint="api@dev-off")])
+    assert res.code == grpc.StatusCode.UNAVAILABLE and res.responses == []
+    assert res.details == "remote dev-off is not connected"
     # details ride along: ResourceInfo for NOT_FOUND, PreconditionFailure for reflection
     res = await call(lab, [dial("/grpc.health.v1.Health/Check", endpoint="api@ghost")])
     info = error_details_pb2.ResourceInfo()
