@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
+from sesame._wire import varint
 from sesame.core._frames import (
     Cancel,
     CloseStream,
@@ -122,6 +123,73 @@ class Codec:
         raise NotImplementedError
 
 
+# --- the data frames by hand --------------------------------------------------------------
+#
+# Nearly every byte a tunnel carries travels in a ``message`` frame (field 4: an
+# EncodedMessage {size = 1, data = 2}) after ``stream_id`` (field 1), in both directions.
+# Through protobuf that is two copies of the payload each way (into the message, out of
+# it); built and read by hand, one.  Only the canonical layout protobuf itself writes is
+# read here (fields in number order, each once, nothing else); anything else goes to
+# protobuf, which stays the reference (tests/test_core.py compares the two).
+
+
+def encode_message_frame(stream_id: int, size: int, data: bytes) -> bytes | None:
+    """``{stream_id, message: {size, data}}`` as protobuf would write it, with one copy of
+    ``data``; None for values protobuf encodes otherwise (negative ones)."""
+    if stream_id < 0 or size < 0:
+        return None
+    inner = (b"\x08" + varint(size) if size else b"") + (
+        b"\x12" + varint(len(data)) if data else b"")
+    head = (b"\x08" + varint(stream_id) if stream_id else b"") + b"\x22" + varint(
+        len(inner) + len(data)) + inner
+    return head + data if data else head
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    """(value, next index); ValueError past the end or over 10 bytes."""
+    n = shift = 0
+    for j in range(i, min(i + 10, len(buf))):
+        b = buf[j]
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, j + 1
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def decode_message_frame(buf: bytes) -> tuple[int, int, bytes] | None:
+    """``(stream_id, size, data)`` of a canonical ``message`` frame, else None (the caller
+    asks protobuf)."""
+    try:
+        i = 0
+        sid = 0
+        if buf[:1] == b"\x08":
+            sid, i = _read_varint(buf, 1)
+        if buf[i:i + 1] != b"\x22":
+            return None
+        n, i = _read_varint(buf, i + 1)
+        if i + n != len(buf):
+            return None
+        size = 0
+        if buf[i:i + 1] == b"\x08":
+            size, i = _read_varint(buf, i + 1)
+            if size >= 1 << 31:  # int32 on the wire: negative values are 10 bytes
+                return None
+        data = b""
+        if i < len(buf):
+            if buf[i] != 0x12:
+                return None
+            m, i = _read_varint(buf, i + 1)
+            if i + m != len(buf):
+                return None
+            data = buf[i:]
+        if sid >= 1 << 64:
+            return None
+        return sid, size, data
+    except ValueError:
+        return None
+
+
 class SesameCodec(Codec):
     name = "sesame.type"
     policy = SESAME_FLOW
@@ -161,8 +229,12 @@ class SesameCodec(Codec):
         return tuple(out)
 
     def encode(self, frame: Frame) -> bytes:
-        pb = self._out_type(stream_id=frame.stream_id)
         t = type(frame)
+        if t is Message:
+            fast = encode_message_frame(frame.stream_id, frame.size, frame.data)
+            if fast is not None:
+                return fast
+        pb = self._out_type(stream_id=frame.stream_id)
         if t is MessageData:
             pb.message_data = frame.data
         elif t is Message:
@@ -190,6 +262,9 @@ class SesameCodec(Codec):
         return pb.SerializeToString()
 
     def decode(self, data: bytes) -> Frame:
+        fast = decode_message_frame(data) if data[:1] == b"\x08" else None
+        if fast is not None and fast[0]:
+            return Message(*fast)
         try:
             pb = self._in_type.FromString(data)
         except DecodeError as exc:

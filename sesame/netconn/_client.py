@@ -290,9 +290,12 @@ class _ClientLoopSide:
         self._out.clear()
         self._out_bytes = 0
         if call is not None and call.status is None:
-            view = memoryview(data)
-            for i in range(0, len(data), MAX_MESSAGE):
-                call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
+            if 0 < len(data) <= MAX_MESSAGE:  # the usual case: no slice, no copy
+                call.send(encode_bytes(data))
+            elif data:
+                view = memoryview(data)
+                for i in range(0, len(data), MAX_MESSAGE):
+                    call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
             if self._half_close_pending:
                 self._half_close_pending = False
                 call.half_close()

@@ -162,6 +162,9 @@ class _ServerRelay:
                 if self._target_paused and self.transport is not None:
                     self._target_paused = False
                     self.hop.to_reactor(self.transport.resumeProducing)
+                if len(data) <= MAX_MESSAGE:  # the usual case: no slice, no copy
+                    await self.context.write(encode_bytes(data))
+                    continue
                 view = memoryview(data)
                 for i in range(0, len(data), MAX_MESSAGE):
                     await self.context.write(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
