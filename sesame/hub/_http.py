@@ -80,7 +80,7 @@ def admin_root(hub: Any, store: Any = None, *, bridge: Any = None,
     root = resource.Resource()
     streams = {}
     if hasattr(hub, "routes"):  # a real hub: it can proxy calls to its remotes
-        from sesame.hub.proxy import RestProxy
+        from sesame.hub._proxyweb import RestProxy
 
         streams["sesame.v1alpha1.Sesame.Proxy"] = RestProxy(hub, bearer_token).render
     root.putChild(b"v1alpha1", RestGateway(mgmt.SERVICES, impl.call, bearer_token,
