@@ -56,6 +56,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -203,7 +204,9 @@ class SesameStack:
             raise RuntimeError(f"sesame token create {' '.join(argv)}: {out.stderr.strip()}")
         return out.stdout.strip()
 
-    def start(self, vhost_port: int | None = None) -> None:
+    def start(self, vhost_port: int | None = None, via: Any = None) -> None:
+        """Hub, then the remote; ``via(hub_port)`` gives the port the remote dials instead
+        of the hub's own (a delay proxy in front of it: ``--wan-delay-ms``)."""
         port_file = self.dir / "hub.port"
         doors = ["--vhost", f"tcp:{vhost_port}:interface=127.0.0.1"] if vhost_port else []
         self.hub = self._sesame(
@@ -220,7 +223,7 @@ class SesameStack:
         token_file.write_text(self._token("--remote", REMOTE) + "\n")
         self.client_token = self._token("--client")
         self.remote = self._sesame(
-            "remote", "--hub", f"127.0.0.1:{self.port}", "--name", REMOTE,
+            "remote", "--hub", f"127.0.0.1:{via(self.port) if via else self.port}", "--name", REMOTE,
             "--token-file", str(token_file), "--ca", str(self.ca), "--allow", "127.0.0.1:*",
             stdout=open(self.dir / "remote.out", "w"), stderr=open(self.dir / "remote.log", "w"))
         end = time.monotonic() + 30
@@ -322,8 +325,9 @@ class PyFrp:
         self.procs.append(p)
         return p
 
-    def start(self, target_ports: list[int]) -> list[int]:
-        """Publish ``target_ports``; the public ports, once they accept connections."""
+    def start(self, target_ports: list[int], via: Any = None) -> list[int]:
+        """Publish ``target_ports``; the public ports, once they accept connections.
+        ``via(port)``: the port frpc dials instead of frps's (a delay proxy)."""
         control = nc._free_port()
         token = os.urandom(16).hex()
         (self.dir / "frps.toml").write_text(
@@ -346,8 +350,8 @@ class PyFrp:
             f"localPort = {tp}\nremotePort = {pp}\n"
             for i, (tp, pp) in enumerate(zip(target_ports, public, strict=True)))
         (self.dir / "frpc.toml").write_text(
-            f'serverAddr = "127.0.0.1"\nserverPort = {control}\nauth.token = "{token}"\n'
-            f'serverFingerprint = "{fp}"\n' + rows)
+            f'serverAddr = "127.0.0.1"\nserverPort = {via(control) if via else control}\n'
+            f'auth.token = "{token}"\nserverFingerprint = "{fp}"\n' + rows)
         self._spawn("client", "-c", str(self.dir / "frpc.toml"), name="frpc")
         for pp in public:
             nc._wait_port(pp, 30)
@@ -441,7 +445,14 @@ def client_main(args: argparse.Namespace) -> None:
         tchild, targets = nc._spawn([sys.executable, str(HERE / "netconn.py"), "--serve", "targets"])
         children.append(tchild)
         vhost_port = nc._free_port() if args.front_doors else None
-        stack.start(vhost_port)
+        def delay_to(port: int) -> int:
+            """A delay proxy (``--wan-delay-ms`` each way) in front of ``port``; its port."""
+            child, info = nc._spawn([sys.executable, str(HERE / "delayproxy.py"), "--delay-ms",
+                                     str(args.wan_delay_ms), "--forward", f"127.0.0.1:{port}"])
+            children.append(child)
+            return info["ports"][0]
+
+        stack.start(vhost_port, via=delay_to if args.wan_delay_ms else None)
         if args.front_doors:
             # front doors on the same hub: a tcp port map per target, and a vhost route to a
             # Twisted web server beside the targets (reached by the remote over NetConn)
@@ -459,7 +470,9 @@ def client_main(args: argparse.Namespace) -> None:
                 try:
                     sshd = nc.SSHD()
                     sshd.start()
-                    ssh_ports = dict(zip(names, sshd.forward("-R", [targets[k] for k in names]),
+                    ssh_ports = dict(zip(names, sshd.forward(
+                        "-R", [targets[k] for k in names],
+                        via_port=delay_to(sshd.port) if args.wan_delay_ms else None),
                                          strict=True))
                 except Exception as exc:  # noqa: BLE001 - optional peer figure
                     ssh_note = f"ssh setup failed: {exc}"
@@ -473,8 +486,9 @@ def client_main(args: argparse.Namespace) -> None:
             pyfrp_note = pyfrp.available()
             if pyfrp_note is None:
                 try:
-                    pyfrp_ports = dict(zip(names, pyfrp.start([targets[k] for k in names]),
-                                           strict=True))
+                    pyfrp_ports = dict(zip(names, pyfrp.start(
+                        [targets[k] for k in names],
+                        via=delay_to if args.wan_delay_ms else None), strict=True))
                 except Exception as exc:  # noqa: BLE001 - optional peer figure
                     logs = "; ".join((pyfrp.dir / f).read_text()[-300:].strip()
                                      for f in ("frps.err", "frpc.err")
@@ -550,7 +564,11 @@ def client_main(args: argparse.Namespace) -> None:
                 for path, conn in paths.items():
                     label = f"{path} (round {rnd + 1})"
                     before = cpu.snapshot()
-                    r = await bench.bounded(f"{label}: {step}", fn(label, conn), 3 * args.seconds + 60)
+                    # (with --wan-delay-ms every round trip and connection takes 2 x the delay more)
+                    slow = 2 * args.wan_delay_ms / 1000 * 1.5 * (
+                        args.rtt_calls + 200 + args.connects + args.conns)
+                    r = await bench.bounded(f"{label}: {step}", fn(label, conn),
+                                            3 * args.seconds + 60 + slow)
                     r["cpu_s"] = cpu.delta(before, cpu.snapshot())
                     runs[path][step].append(r)
                     brief = {k: v for k, v in r.items() if k != "cpu_s"}
@@ -680,6 +698,7 @@ def client_main(args: argparse.Namespace) -> None:
         "tls": "generated hub CA (grpc ssl credentials) on client→hub and remote→hub",
         "seconds": args.seconds, "mib": args.mib, "rtt_calls": args.rtt_calls,
         "conns": args.conns, "conns_small": args.conns_small, "repeat": args.repeat, "write_size": args.write_size,
+        "wan_delay_ms": args.wan_delay_ms,
         "wall_seconds": round(wall, 1), "load_before": load_before, "load_after": load_after,
         **report, "failures": bench.failures,
     }
@@ -702,6 +721,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the median round")
     p.add_argument("--write-size", type=int, default=64 * 1024, help="bytes per transport.write when uploading")
     p.add_argument("--no-ssh", dest="ssh", action="store_false", help="skip the ssh -R peer")
+    p.add_argument("--wan-delay-ms", type=float, default=0,
+                   help="one-way delay (bench/delayproxy.py) between the hub and the remote, "
+                        "and between sshd and ssh -R: a far-away remote (10: 20 ms RTT)")
     p.add_argument("--no-py-frp", dest="pyfrp", action="store_false",
                    help="skip the py-frp peer (installed into its own venv on first use)")
     p.add_argument("--no-front-doors", dest="front_doors", action="store_false",

@@ -628,15 +628,16 @@ class SSHD:
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_port(self.port, 10)
 
-    def forward(self, flag: str, target_ports: list[int]) -> list[int]:
-        """One ``ssh`` with ``-R``/``-L`` listen_port:127.0.0.1:target_port each; the listen ports."""
+    def forward(self, flag: str, target_ports: list[int], via_port: int | None = None) -> list[int]:
+        """One ``ssh`` with ``-R``/``-L`` listen_port:127.0.0.1:target_port each; the listen ports.
+        ``via_port``: ssh dials sshd there (a delay proxy in front of it) instead."""
         lports = [_free_port() for _ in target_ports]
         user = os.environ.get("USER") or __import__("getpass").getuser()
         fwd = []
         for lport, tport in zip(lports, target_ports, strict=False):
             fwd += [flag, f"127.0.0.1:{lport}:127.0.0.1:{tport}"]
         proc = subprocess.Popen(
-            ["ssh", "-N", "-p", str(self.port), "-i", str(self.dir / "client"),
+            ["ssh", "-N", "-p", str(via_port or self.port), "-i", str(self.dir / "client"),
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
              "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
              *fwd, f"{user}@127.0.0.1"],
