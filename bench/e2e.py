@@ -582,6 +582,14 @@ def client_main(args: argparse.Namespace) -> None:
             r = results.get(path, {}).get(step, {})
             return r.get(key) if r.get("ok", True) else None  # no ratio from a failed figure
 
+        def ratios(a: str, b: str, *figures: tuple[str, str, str]) -> dict:
+            """{name: path a's figure / path b's} for (name, step, key) figures."""
+            return {name: _ratio(fig(a, step, key), fig(b, step, key))
+                    for name, step, key in figures}
+
+        BASIC = (("upload", "upload", "MiBps"), ("download", "download", "MiBps"),
+                 ("rtt_p50", "rtt_64B", "p50_us"), ("connect_echo_p50", "connect_echo", "p50_us"))
+
         report["ratios_hub_vs_direct"] = {
             "upload": _ratio(fig("hub", "upload", "MiBps"), fig("direct", "upload", "MiBps")),
             "download": _ratio(fig("hub", "download", "MiBps"), fig("direct", "download", "MiBps")),
@@ -617,29 +625,12 @@ def client_main(args: argparse.Namespace) -> None:
             results["ssh_R"] = {"skipped": ssh_note}
         if "py_frp" in results:
             report["py_frp_version"] = pyfrp.version
-            report["ratios_port_map_vs_py_frp"] = {
-                "upload": _ratio(fig("port_map", "upload", "MiBps"), fig("py_frp", "upload", "MiBps")),
-                "download": _ratio(fig("port_map", "download", "MiBps"),
-                                   fig("py_frp", "download", "MiBps")),
-                "rtt_p50": _ratio(fig("port_map", "rtt_64B", "p50_us"),
-                                  fig("py_frp", "rtt_64B", "p50_us")),
-                "connect_echo_p50": _ratio(fig("port_map", "connect_echo", "p50_us"),
-                                           fig("py_frp", "connect_echo", "p50_us")),
-            }
+            report["ratios_port_map_vs_py_frp"] = ratios("port_map", "py_frp", *BASIC)
         elif args.pyfrp and pyfrp_note:
             results["py_frp"] = {"skipped": pyfrp_note}
         if "port_map" in results and "ssh_R" in results and "skipped" not in results["ssh_R"]:
-            report["ratios_port_map_vs_ssh_R"] = {
-                "upload": _ratio(fig("port_map", "upload", "MiBps"), fig("ssh_R", "upload", "MiBps")),
-                "download": _ratio(fig("port_map", "download", "MiBps"),
-                                   fig("ssh_R", "download", "MiBps")),
-                "rtt_p50": _ratio(fig("port_map", "rtt_64B", "p50_us"),
-                                  fig("ssh_R", "rtt_64B", "p50_us")),
-                "connect_echo_p50": _ratio(fig("port_map", "connect_echo", "p50_us"),
-                                           fig("ssh_R", "connect_echo", "p50_us")),
-                "concurrent_seconds": _ratio(fig("port_map", "concurrent_echo", "seconds"),
-                                             fig("ssh_R", "concurrent_echo", "seconds")),
-            }
+            report["ratios_port_map_vs_ssh_R"] = ratios(
+                "port_map", "ssh_R", *BASIC, ("concurrent_seconds", "concurrent_echo", "seconds"))
 
     # watchdog: past --max-seconds stop the reactor (partial report); 30 s later, hard exit
     def watchdog() -> None:

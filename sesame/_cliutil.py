@@ -82,7 +82,6 @@ def default_registry() -> ServiceRegistry:
     """A :class:`~sesame.tunnel.ServiceRegistry` serving ``grpc.health.v1.Health`` (status
     SERVING) and server reflection: what ``sesame demo`` and a bare tunnel host offer."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
 
     from sesame.tunnel import ServiceRegistry
 
@@ -90,9 +89,7 @@ def default_registry() -> ServiceRegistry:
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, reg)
-    reflection.enable_server_reflection(
-        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), reg)
+    reg.add_reflection()
     return reg
 
 

@@ -154,8 +154,9 @@ class VerifiedTokens:
         """Remember that ``token`` verified as ``info`` (a live token) just now."""
         if info.revoked:
             return
-        self._entries[self._k(token)] = (info, self._clock() + self.ttl)
-        self._entries.move_to_end(self._k(token))
+        k = self._k(token)
+        self._entries[k] = (info, self._clock() + self.ttl)
+        self._entries.move_to_end(k)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 

@@ -417,7 +417,6 @@ class _Misdirected(S.SniffError):
     pass
 
 
-@implementer(interfaces.IStreamServerEndpoint)
 def parse_tls_description(desc: str) -> tuple[int, dict[str, str]]:
     """``(port, parameters)`` of ``tls:PORT[:interface=IFACE][:backlog=N][:certKey=PEM
     :privateKey=PEM]``; ValueError saying what is wrong."""
@@ -473,6 +472,7 @@ def _more_certs(pem: bytes) -> list[bytes]:
     return parts[1:]
 
 
+@implementer(interfaces.IStreamServerEndpoint)
 class ReusePortEndpoint:
     """TCP on ``interface:port`` with ``SO_REUSEPORT`` set before ``bind``, so several
     processes listen on one port (each gets a share of the connections)."""

@@ -471,13 +471,15 @@ class _Relay:
         self.writable = asyncio.Event()
         self.end: tuple[Status, tuple] | None = None
         self.inner: HubLoopCall | None = None
+        self.paused = False  # the inner call's reading, held while the client lags
         self.requests = 1  # the dial
 
     def _put(self, msg: sesame_pb2.ProxyResponse) -> None:
         data = msg.SerializeToString()
         self.queue.append(data)
         self.queued += len(data)
-        if self.queued > HIGH_WATER and self.inner is not None:
+        if self.queued > HIGH_WATER and self.inner is not None and not self.paused:
+            self.paused = True
             self.inner.pause_reading()
         self.wake.set()
 
@@ -579,13 +581,15 @@ class _Relay:
 
         context.add_done_callback(outer_done)
         up = asyncio.get_running_loop().create_task(self._up(req))
+        up.add_done_callback(lambda _: self.wake.set())  # a failed request ends the wait too
         bad: ApiError | None = None
         try:
             while True:
                 if self.queue:
                     data = self.queue.popleft()
                     self.queued -= len(data)
-                    if self.queued <= HIGH_WATER // 4:
+                    if self.paused and self.queued <= HIGH_WATER // 4:
+                        self.paused = False
                         inner.resume_reading()
                     await context.write(data)
                     continue
@@ -594,9 +598,7 @@ class _Relay:
                 if up.done() and up.exception() is not None:
                     break
                 self.wake.clear()
-                waiter = asyncio.ensure_future(self.wake.wait())
-                await asyncio.wait((waiter, up), return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                await self.wake.wait()
             if up.done() and not up.cancelled():
                 exc = up.exception()
                 if isinstance(exc, ApiError):
@@ -615,8 +617,7 @@ class _Relay:
             await fail_call(context, bad, drain=True)
             return
         status, trailers = self.end or (Status(UNAVAILABLE, "the inner call ended"), ())
-        shown = tuple((k, v) for k, v in trailers
-                      if k != "grpc-status-details-bin" and not k.startswith("grpc-"))
+        shown = tuple((k, v) for k, v in trailers if not k.startswith("grpc-"))  # (status: error)
         if shown:
             await context.write(sesame_pb2.ProxyResponse(trailer=metadata_pb(shown))
                                 .SerializeToString())
