@@ -329,7 +329,7 @@ class RestGateway(resource.Resource):
     :param token_of: the bearer token of a twisted.web request, or None.
     :param bridge: where ``call`` runs; the process-wide bridge by default.
     :param streams: streaming methods (full names) served by a twisted.web render function
-        of their own, e.g. ``Sesame.Proxy`` (:class:`sesame.hub.proxy.RestProxy`); the other
+        of their own, e.g. ``Sesame.Proxy`` (:class:`sesame.hub._proxyweb.RestProxy`); the other
         streaming methods are 501.
     """
 

@@ -1,7 +1,7 @@
 """
 ``Sesame/Proxy``: one gRPC call to an API on a remote, made by the hub for a
 client that speaks only the management API (gRPC here, JSON over ``--http``
-in :mod:`sesame.hub._rest`, and ``sesame call`` on top of either).
+in :mod:`sesame.hub._proxyweb`, and ``sesame call`` on top of the gRPC face).
 
 The exchange (PROTOCOL.md §1.6, §5.3):
 
