@@ -464,7 +464,7 @@ def client_main(args: argparse.Namespace) -> None:
             stack.route("http", "web.bench", f"127.0.0.1:{web['web']}@{REMOTE}")
             for k in names:
                 nc._wait_port(port_map[k], 30)
-        if args.ssh:
+        if args.ssh and (not args.paths or "ssh_R" in args.paths):
             ssh_note = nc.SSHD.available()
             if ssh_note is None:
                 try:
@@ -556,7 +556,7 @@ def client_main(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         await bench.bounded("hub warm-up", bench.rtt("hub warm-up", warm_hub, 20), 60)
         report["hub_first_connection_s"] = round(time.perf_counter() - t0, 3)
-        if sshd:
+        if "ssh_R" in paths:
             await bench.bounded("ssh warm-up", bench.rtt("ssh warm-up", paths["ssh_R"]["echo"], 20), 60)
         runs: dict[str, dict[str, list]] = {p: {s: [] for s in steps} for p in paths}
         for rnd in range(args.repeat):
