@@ -6,7 +6,9 @@ a client endpoint — any endpoint, ``sesame:`` included.
 Like ``twisted.protocols.portforward``: the accepted side is paused until
 the far side connects, then each transport is the other's streaming
 producer (a slow reader on either end pauses the writer on the other) and
-half-closes travel in both directions.
+half-closes travel in both directions.  A plain TCP connection whose far
+side is a NetConn connection is spliced instead (:func:`sesame.netconn.splice`:
+the same guarantees, relayed on the bridge loop without thread hand-offs).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sesame.bridge import write_now
+from sesame.netconn import can_splice, splice
 
 log = Logger()
 
@@ -93,9 +96,12 @@ class Accepted(Side):
         if self.transport is None or not getattr(self.transport, "connected", True):
             out.transport.abortConnection()
             return
+        self.factory.connected += 1
+        if can_splice(self.transport, out.transport):
+            splice(self.transport, out.transport)  # relayed on the bridge loop from now on
+            return
         pair(self, out)
         self.transport.resumeProducing()
-        self.factory.connected += 1
 
     def _failed(self, failure: Failure) -> None:
         self._dial = None

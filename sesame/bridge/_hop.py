@@ -64,5 +64,10 @@ class Hop:
     def to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         self.bridge.inbox.post(fn, *args)
 
+    def same_loop(self) -> bool:
+        """Whether the reactor runs on the bridge's own loop (Twisted's asyncio reactor
+        sharing it): then the two sides are one thread and a hop is a plain call."""
+        return getattr(self.reactor, "_asyncioEventloop", None) is self.bridge.loop
+
     def to_reactor(self, fn: Callable[..., Any], *args: Any) -> None:
         self._to_reactor.post(fn, *args)

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from sesame import _names as N
 from sesame.hub import _sniff as S
 from sesame.hub._calls import HubEndpoint, Target, parse_target
+from sesame.netconn import SpliceHooks, can_splice, splice
 from sesame.relay import Side, half_close, pair
 
 log = Logger()
@@ -224,6 +225,9 @@ class _Door(Side):
             out.transport.abortConnection()
             return
         out.stats = self._stats
+        if self.factory.kind == "tcp" and not self._eof and can_splice(self.transport, out.transport):
+            self._splice(out)
+            return
         pair(self, out)
         first, rest = self._first, bytes(self._buf)
         self._first = b""
@@ -237,6 +241,24 @@ class _Door(Side):
             self.readConnectionLost()
             return
         self.transport.resumeProducing()
+
+    def _splice(self, out: _Out) -> None:
+        """A port map's connection from here on is relayed on the bridge loop alone
+        (:func:`sesame.netconn.splice`); the counters follow it there."""
+        stats = self._stats
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest:
+            stats.bytes_in += len(rest)
+            out.transport.write(rest)
+
+        def count_in(n: int) -> None:
+            stats.bytes_in += n
+
+        def count_out(n: int) -> None:
+            stats.bytes_out += n
+
+        splice(self.transport, out.transport, SpliceHooks(count_in, count_out, stats.close))
 
     def _failed(self, failure: Failure) -> None:
         self._dial = None

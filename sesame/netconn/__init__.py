@@ -7,6 +7,9 @@ both ends.
   that denies by default) and relaying bytes both ways.
 * :func:`connectNetConn` / :class:`NetConnClientEndpoint` give a Twisted
   protocol a transport whose far end is a TCP connection made by the remote.
+* :func:`splice` relays a plain TCP socket and a NetConn connection on the
+  bridge loop alone (what the hub's port maps and ``sesame forward`` do when
+  they can, :func:`can_splice`): no thread hand-off per chunk.
 
 The gRPC side lives on the bridge loop, the Twisted side on the reactor;
 :class:`~sesame.bridge._hop.Hop` moves batches between them.  Queued writes are
@@ -37,6 +40,7 @@ from sesame.netconn._client import (
     tunnel_call_factory,
 )
 from sesame.netconn._servicer import NetConnServicer
+from sesame.netconn._splice import SpliceHooks, can_splice, splice, splice_count
 from sesame.netconn._transport import NetConnTransport
 from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, METHOD  # noqa: F401
 
@@ -47,7 +51,11 @@ __all__ = [
     "NetConnError",
     "NetConnServicer",
     "NetConnTransport",
+    "SpliceHooks",
     "aio_call_factory",
+    "can_splice",
     "connectNetConn",
+    "splice",
+    "splice_count",
     "tunnel_call_factory",
 ]

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from sesame.bridge import AioLoopCall, Bridge, Hop, LoopCall, TunnelLoopCall, get_bridge
 from sesame.core import CANCELLED, INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
 from sesame.netconn._address import NetConnAddress, _status_error
+from sesame.netconn._splice import SplicedSocket
 from sesame.netconn._transport import NetConnTransport
 from sesame.netconn._wire import (
     HIGH_WATER,
@@ -130,6 +131,12 @@ class _ClientLoopSide:
         self._writers_paused = False
         self._half_close_pending = False
         self.finished = False
+        # splicing (sesame.netconn.splice): events held while the socket is on its way,
+        # then the asyncio protocol that relays the socket on this loop
+        self._held: list[tuple[str, bytes]] | None = None
+        self._spliced: Any = None
+        self._held_by_splice = False
+        self._adopting: asyncio.Task[None] | None = None
 
     def start(self, make_call: CallFactory, address: str, network: str, timeout: float | None,
               metadata: Sequence[tuple[str, Any]]) -> None:
@@ -192,6 +199,9 @@ class _ClientLoopSide:
             self.hop.to_reactor(self._connect_reactor, host, peer)
             return
         data = decode_bytes(msg, rc_pb.NetConnResponse)
+        if self._spliced is not None or self._held is not None:
+            self._splice_event("eof" if data is None else "data", data or b"")
+            return
         if data is None:
             self._flush_down()
             self.hop.to_reactor(callWithLogger, self.transport, self.transport._read_eof)
@@ -243,7 +253,7 @@ class _ClientLoopSide:
     def _apply_hold(self) -> None:
         if self.call is None:
             return
-        if self._held_by_transport or self._held_in_flight:
+        if self._held_by_transport or self._held_in_flight or self._held_by_splice:
             self.call.pause_reading()
         else:
             self.call.resume_reading()
@@ -265,13 +275,62 @@ class _ClientLoopSide:
         if not self.connected:
             self._fail(status if status.code != OK else Status(UNAVAILABLE, "no conn response"))
             return
+        if self._spliced is not None or self._held is not None:
+            self._splice_event("end", b"")
+            return
         self._flush_down()
         self.hop.to_reactor(callWithLogger, self.transport, self.transport._ended, status)
 
     def _on_writable(self) -> None:
+        if self._spliced is not None:
+            self._spliced.call_writable()
+            return
         if self._writers_paused:
             self._writers_paused = False
             self.hop.to_reactor(self.transport._resume_writers)
+
+    # splicing (sesame.netconn._splice): the socket moves here, the transport is let go
+    def splice_begin(self, release: Callable[[], None]) -> None:
+        """What was read so far goes to the reactor the usual way; what comes from now on
+        is held until the socket arrives; ``release`` runs on the reactor behind it all."""
+        if self._down:
+            self._flush_down()
+        self._held = []
+        self.hop.to_reactor(release)
+
+    def splice_ready(self, sock: Any, late: list[tuple[str, bytes]], hooks: Any) -> None:
+        """The socket, and what the reactor received before it let the transport go."""
+        self._adopting = asyncio.get_running_loop().create_task(self._adopt(sock, late, hooks))
+
+    async def _adopt(self, sock: Any, late: list[tuple[str, bytes]], hooks: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.connect_accepted_socket(lambda: SplicedSocket(self, hooks), sock)
+        except OSError:  # the socket died on its way: the call goes too
+            sock.close()
+            self.abort()
+            self.hop.to_reactor(hooks.done)
+            return
+        events = late + (self._held or [])
+        self._held = None
+        self._spliced = conn
+        # the reactor's holds are gone with the transport; the socket's buffer holds now
+        self._held_by_transport = self._held_in_flight = False
+        self._apply_hold()
+        for kind, data in events:
+            conn.call_event(kind, data)
+
+    def _splice_event(self, kind: str, data: bytes) -> None:
+        if self._spliced is not None:
+            self._spliced.call_event(kind, data)
+        else:
+            assert self._held is not None
+            self._held.append((kind, data))
+
+    def splice_hold(self, hold: bool) -> None:
+        """The spliced socket's write buffer passed its high (True) or low (False) mark."""
+        self._held_by_splice = hold
+        self._apply_hold()
 
     # from the reactor
     def send(self, data: bytes) -> None:

@@ -1,12 +1,23 @@
 """
 The remote's relay for one NetConn call being served: bytes between the
-gRPC call (on the bridge loop) and the TCP connection to the target (on the
-reactor), both directions, with backpressure and half-close.
+gRPC call (on the bridge loop) and the TCP connection to the target, both
+directions, with backpressure and half-close.
 
-:class:`_ServerRelay` is the loop side; :class:`_TargetProtocol` (the
-target connection's protocol) and :class:`_UpProducer` (registered on the
-target transport) are its reactor side.  The servicer (:mod:`._servicer`)
-dials the target and runs the two pumps.
+:class:`_ServerRelay` is the loop side.  The target connection is one of two
+kinds, each behind the same five operations (write, pause, resume,
+half-close, abort):
+
+* :class:`_LoopTarget`, the default when the reactor runs on a thread of its
+  own: the reactor dials (allowlist, resolution, timeouts and their errors stay
+  Twisted's), then hands the connected socket to the bridge loop
+  (:class:`_Handover`), where an asyncio protocol feeds the relay with plain
+  calls.  No byte of the call crosses a thread after that.
+* :class:`_ReactorTarget`, the Twisted transport the dial made, driven through
+  the hand-off (:class:`_TargetProtocol`, :class:`_UpProducer` its reactor
+  side); used when the bridge loop *is* the reactor's loop (nothing to save)
+  or when ``SESAME_LOOP_TARGETS=0``.
+
+The servicer (:mod:`._servicer`) dials the target and runs the two pumps.
 
 A pump that fails ends the call: a request that does not parse ends it with
 INVALID_ARGUMENT naming it, anything else with INTERNAL (:attr:`_ServerRelay.unexpected`
@@ -16,6 +27,9 @@ holds it for the log); the servicer then aborts the target connection.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from typing import Any
 
 import grpc
@@ -27,6 +41,7 @@ from zope.interface import implementer
 
 from sesame.bridge import Hop, write_now
 from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
+from sesame.netconn._splice import loop_connections
 from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, decode_bytes, encode_bytes
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -87,7 +102,8 @@ class _ServerRelay:
         self.hop = hop
         self.loop = asyncio.get_running_loop()
         self.context = context
-        self.transport: Any = None
+        #: the target connection (:class:`_LoopTarget` or :class:`_ReactorTarget`), once dialled
+        self.target: _LoopTarget | _ReactorTarget | None = None
         self._down: list[bytes] = []
         self._down_bytes = 0
         self._down_wake: asyncio.Future[None] | None = None
@@ -107,9 +123,9 @@ class _ServerRelay:
     def down_data(self, data: bytes) -> None:
         self._down.append(data)
         self._down_bytes += len(data)
-        if self._down_bytes > HIGH_WATER and not self._target_paused and self.transport:
+        if self._down_bytes > HIGH_WATER and not self._target_paused and self.target:
             self._target_paused = True
-            self.hop.to_reactor(self.transport.pauseProducing)
+            self.target.pause()
         self._wake_down()
 
     def down_eof(self) -> None:
@@ -159,9 +175,9 @@ class _ServerRelay:
                 data = b"".join(self._down)
                 self._down.clear()
                 self._down_bytes = 0
-                if self._target_paused and self.transport is not None:
+                if self._target_paused and self.target is not None:
                     self._target_paused = False
-                    self.hop.to_reactor(self.transport.resumeProducing)
+                    self.target.resume()
                 if len(data) <= MAX_MESSAGE:  # the usual case: no slice, no copy
                     await self.context.write(encode_bytes(data))
                     continue
@@ -212,8 +228,8 @@ class _ServerRelay:
             data = decode_bytes(msg, rc_pb.NetConnRequest)
             if data is None:
                 break
-            if data and self._target_gone is None:
-                self.hop.to_reactor(write_now, self.transport, data)
+            if data and self._target_gone is None and self.target is not None:
+                self.target.write(data)
         if self._target_gone is None:
             # grpc.aio reports a cancelled call to read() as EOF, and may do so a little before
             # it marks the call cancelled: give a cancellation a moment to show before turning
@@ -225,7 +241,8 @@ class _ServerRelay:
                 if self.loop.time() - t0 >= HALF_CLOSE_SETTLE:
                     break
                 await asyncio.sleep(0.001)
-            self.hop.to_reactor(_half_close, self.transport)
+            if self.target is not None:
+                self.target.half_close()
 
 
 def _half_close(transport: Any) -> None:
@@ -237,3 +254,147 @@ def _half_close(transport: Any) -> None:
         transport.loseWriteConnection()
     else:
         transport.loseConnection()
+
+
+class _ReactorTarget:
+    """The target connection as the Twisted transport the dial made (reactor side:
+    :class:`_TargetProtocol`, :class:`_UpProducer`); every operation is a hand-off."""
+
+    def __init__(self, hop: Hop, transport: Any) -> None:
+        self.hop = hop
+        self.transport = transport
+
+    def write(self, data: bytes) -> None:
+        self.hop.to_reactor(write_now, self.transport, data)
+
+    def pause(self) -> None:
+        self.hop.to_reactor(self.transport.pauseProducing)
+
+    def resume(self) -> None:
+        self.hop.to_reactor(self.transport.resumeProducing)
+
+    def half_close(self) -> None:
+        self.hop.to_reactor(_half_close, self.transport)
+
+    def abort(self) -> None:
+        self.hop.to_reactor(self.transport.abortConnection)
+
+
+def loop_targets_enabled() -> bool:
+    """Whether NetConn targets move to the bridge loop (``SESAME_LOOP_TARGETS=0`` keeps
+    them on the reactor, for comparison)."""
+    return os.environ.get("SESAME_LOOP_TARGETS", "1") != "0"
+
+
+class _Handover(Protocol):
+    """(reactor) The dial's protocol when the target moves to the bridge loop: on
+    connect it keeps the addresses and a duplicate of the socket, and lets Twisted close
+    its own descriptor without shutting the connection down (no ``shutdown``, no RST;
+    the duplicate keeps the connection open).  Nothing is read here: reading stops
+    before the reactor could."""
+
+    sock: socket.socket | None = None
+    host: Any = None
+    peer: Any = None
+
+    def connectionMade(self) -> None:
+        t = self.transport
+        self.host, self.peer = t.getHost(), t.getPeer()
+        self.sock = t.socket.dup()
+        t.stopReading()
+        # tcp.Connection's switch between an orderly close with and without shutdown(2)
+        t._shouldShutdown = False
+        t.loseConnection()
+
+
+class _LoopTarget(asyncio.Protocol):
+    """The target connection as an asyncio transport on the bridge loop: events reach
+    the relay as calls, operations are calls on the transport."""
+
+    def __init__(self, relay: _ServerRelay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self._read_closed = False
+        self._write_closed = False
+        self._aborted = False
+        self._dropped = False
+
+    @classmethod
+    async def attach(cls, relay: _ServerRelay, sock: socket.socket) -> _LoopTarget:
+        """Adopt ``sock`` (connected, from :class:`_Handover`) on the running loop."""
+        _, target = await relay.loop.connect_accepted_socket(lambda: cls(relay), sock)
+        return target
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        loop_connections.add(self.relay.hop, self)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.down_data(data)
+
+    def eof_received(self) -> bool:
+        self._read_closed = True
+        self.relay.down_eof()
+        if self._write_closed and self.transport is not None:
+            self.transport.close()
+        return True  # keep the write half open: the client may still send
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        loop_connections.discard(self.relay.hop, self)
+        if self._dropped:
+            why = "the remote's reactor is shutting down"
+        elif self._aborted:
+            why = "aborted"
+        elif exc is None:
+            why = "Connection was closed cleanly."
+        else:
+            why = str(exc) or type(exc).__name__
+        self.relay.target_lost(exc is None and not (self._aborted or self._dropped), why)
+
+    def pause_writing(self) -> None:
+        self.relay.set_up_paused(True)
+
+    def resume_writing(self) -> None:
+        self.relay.set_up_paused(False)
+
+    # the relay's operations
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def half_close(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self._write_closed = True
+        if self._read_closed:
+            t.close()  # flushes what is buffered, then closes
+        else:
+            t.write_eof()  # after what is buffered
+
+    def drop(self) -> None:
+        """The reactor that dialled shuts down: close at once, as it closes its own."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._dropped = True
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """Drop the connection with a reset, as Twisted's ``abortConnection`` does (a
+        plain close would be a FIN, which a half-closing target takes for an EOF)."""
+        t = self.transport
+        if t is None or self._aborted:
+            return
+        self._aborted = True
+        sock = t.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        t.abort()

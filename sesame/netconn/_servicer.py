@@ -33,7 +33,15 @@ from sesame.netconn._dialer import (
     _unexpected,
     _where,
 )
-from sesame.netconn._relay import _ServerRelay, _TargetProtocol, _UpProducer
+from sesame.netconn._relay import (
+    _Handover,
+    _LoopTarget,
+    _ReactorTarget,
+    _ServerRelay,
+    _TargetProtocol,
+    _UpProducer,
+    loop_targets_enabled,
+)
 from sesame.netconn._wire import METHOD
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -150,6 +158,9 @@ class NetConnServicer:
         relay = _ServerRelay(hop, context)
         fut: asyncio.Future[Any] = relay.loop.create_future()
         dialled = _where(host, port)
+        # the target joins the loop unless the reactor runs on this very loop already
+        on_loop = loop_targets_enabled() and not hop.same_loop()
+        build = _Handover if on_loop else (lambda: _TargetProtocol(relay))
 
         def failed(f: Failure) -> None:
             if _unexpected(f):
@@ -162,7 +173,7 @@ class NetConnServicer:
             # only be logged by the hand-off, and the call would wait for ``fut`` for ever.
             try:
                 d = _dial(hop.reactor, self.allow, req.dial.address.network or "tcp", host,
-                          port, timeout, lambda: _TargetProtocol(relay))
+                          port, timeout, build)
             except Exception:  # noqa: BLE001 - settles the call with INTERNAL (logged)
                 d = defer.fail()
             d.addCallbacks(lambda proto: (hop.to_loop(_settle, fut, proto, None), proto)[1],
@@ -180,14 +191,19 @@ class NetConnServicer:
         if isinstance(proto, Failure):
             st = _dial_status(proto, dialled, timeout)
             raise _Refusal(grpc_code(st.code), st.message)
-        transport = proto.transport
-        relay.transport = transport
+        if on_loop:
+            local, remote = proto.host, proto.peer
+            target: _LoopTarget | _ReactorTarget = await _LoopTarget.attach(relay, proto.sock)
+        else:
+            local, remote = proto.transport.getHost(), proto.transport.getPeer()
+            target = _ReactorTarget(hop, proto.transport)
+            hop.to_reactor(proto.transport.registerProducer, _UpProducer(relay), True)
+        relay.target = target
         self.active += 1
         up: asyncio.Task[None] | None = None
         try:  # from here on, however the handler ends, the target connection goes with it
-            hop.to_reactor(transport.registerProducer, _UpProducer(relay), True)
             await context.write(rc_pb.NetConnResponse(conn=rc_pb.NetConnResponse.Conn(
-                local=_netaddr(transport.getHost()), remote=_netaddr(transport.getPeer()),
+                local=_netaddr(local), remote=_netaddr(remote),
             )).SerializeToString())
             up = relay.loop.create_task(relay.pump_up())
             status = await relay.run_down()
@@ -196,7 +212,7 @@ class NetConnServicer:
             if up is not None:
                 up.cancel()
             if relay._target_gone is None:
-                hop.to_reactor(transport.abortConnection)
+                target.abort()
         if relay.unexpected is not None:
             hop.to_reactor(lambda f: self._log_unexpected(
                 f, "NetConn relay to {where} failed unexpectedly", where=dialled), relay.unexpected)
@@ -243,6 +259,8 @@ def _abandon_dial(relay: _ServerRelay) -> None:
 def _settle(fut: asyncio.Future, value: Any, failure: Failure | None) -> None:
     if not fut.done():
         fut.set_result(failure if failure is not None else value)
+    elif isinstance(value, _Handover) and value.sock is not None:
+        value.sock.close()  # the call went while its socket was on the way: nobody else will
 
 
 class _NetConnHandler(grpc.GenericRpcHandler):

@@ -140,6 +140,13 @@ class NetConnTransport:
         if pull:
             self._ask_pull_producer()
 
+    def spliceable(self) -> bool:
+        """Whether :func:`~sesame.netconn.splice` may take this connection over: connected,
+        nothing queued for the protocol, no producer, not paused and nothing closed."""
+        return bool(self.connected and self.loop_side is not None and not (
+            self._lost or self._aborting or self._write_closed or self._read_closed
+            or self.disconnecting or self._paused or self._inq or self._producer is not None))
+
     def _framed(self, n: int) -> None:
         """The loop side framed ``n`` more bytes (runs *on the loop*): hop to the reactor
         only when that lets a held producer go or a pull producer wait for it."""

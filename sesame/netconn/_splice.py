@@ -1,0 +1,300 @@
+"""
+Splicing: a plain TCP connection accepted on the reactor and a NetConn
+client connection, relayed from then on by the bridge loop alone.
+
+A relay of two Twisted transports (:mod:`sesame.relay`) costs every chunk two
+thread hand-offs each way (socket on the reactor, gRPC on the loop).  When
+one side is a NetConn connection and the other a plain TCP socket with
+nothing buffered, :func:`splice` moves the socket to the loop: an asyncio
+protocol there feeds the gRPC call and is fed by it with plain calls, and the
+reactor is out of the data path.  Behaviour stays that of the relay:
+backpressure both ways (the socket's write buffer pauses the call's reads,
+the call's send buffer pauses the socket's reads), half-closes both ways, a
+call that ends closes the socket once what it sent is written, a client that
+resets cancels the call.
+
+The hand-over keeps every byte in order.  On the reactor the socket leaves
+Twisted (a duplicate of it, Twisted's own descriptor closed without a
+shutdown) and the NetConn transport's protocol becomes a :class:`_Collector`.
+The loop side then stops handing events to the reactor and posts a marker
+behind those already posted; when the marker runs, everything the reactor
+still received is in the collector, which goes back to the loop, where it is
+replayed ahead of what the loop held meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import interfaces, tcp
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sesame.netconn._transport import CLOSE_GRACE, NetConnTransport
+from sesame.netconn._wire import HIGH_WATER, LOW_WATER, MAX_MESSAGE, encode_bytes
+
+
+def _noop(*_: Any) -> None:
+    """A hook nobody set: does nothing."""
+
+
+@dataclass
+class SpliceHooks:
+    """What a spliced connection reports (``count_in``/``count_out`` on the bridge loop,
+    with the bytes read from the socket and written to it; ``done`` on the reactor, once,
+    when both the socket and the call are finished)."""
+
+    count_in: Callable[[int], None] = field(default=_noop)
+    count_out: Callable[[int], None] = field(default=_noop)
+    done: Callable[[], None] = field(default=_noop)
+
+
+_spliced = 0
+
+
+class LoopConnections:
+    """
+    Sockets moved from a reactor to the bridge loop (spliced relays, NetConn targets):
+    when that reactor shuts down they are dropped, as the reactor drops its own
+    connections, instead of outliving it.  Each member has ``drop()`` (on the loop).
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[int, set[Any]] = {}
+
+    def add(self, hop: Any, conn: Any) -> None:
+        """(loop) Track ``conn``, moved from ``hop.reactor``."""
+        key = id(hop.reactor)
+        live = self._live.get(key)
+        if live is None:
+            live = self._live[key] = set()
+
+            def stopping() -> None:  # reactor thread, while it shuts down
+                hop.to_loop(self._drop, key)
+
+            hop.to_reactor(hop.reactor.addSystemEventTrigger, "during", "shutdown", stopping)
+        live.add(conn)
+
+    def discard(self, hop: Any, conn: Any) -> None:
+        """(loop) ``conn`` is closed."""
+        live = self._live.get(id(hop.reactor))
+        if live is not None:
+            live.discard(conn)
+
+    def _drop(self, key: int) -> None:
+        for conn in list(self._live.pop(key, ())):
+            conn.drop()
+
+
+#: every socket this process moved to a bridge loop
+loop_connections = LoopConnections()
+
+
+def splice_count() -> int:
+    """How many connections :func:`splice` has taken in this process (diagnostics, tests)."""
+    return _spliced
+
+
+def splice_enabled() -> bool:
+    """Whether :func:`can_splice` may say yes (``SESAME_SPLICE=0`` keeps every relay on
+    the reactor, for comparison)."""
+    return os.environ.get("SESAME_SPLICE", "1") != "0"
+
+
+def can_splice(sock_transport: Any, netconn_transport: Any) -> bool:
+    """
+    (reactor) Whether :func:`splice` can take these two: a plain TCP transport (no TLS
+    layer, nothing buffered, not closing) and a connected NetConn transport that nothing
+    has written to, paused or closed, whose loop runs on a thread of its own.
+    """
+    if not splice_enabled():
+        return False
+    if not isinstance(sock_transport, tcp.Connection) or not isinstance(
+            netconn_transport, NetConnTransport):
+        return False
+    t, n = sock_transport, netconn_transport
+    if (not t.connected or t.disconnecting or t.dataBuffer or t._tempDataLen
+            or t.producer is not None):
+        return False
+    return bool(n.spliceable() and not n.hop.same_loop())
+
+
+def splice(sock_transport: Any, netconn_transport: NetConnTransport,
+           hooks: SpliceHooks | None = None) -> None:
+    """
+    (reactor) Relay ``sock_transport`` and ``netconn_transport`` on the bridge loop from
+    now on; :func:`can_splice` must have said yes.  Both protocols are let go: neither
+    gets another event (``hooks.done`` says when the relay is over).
+    """
+    global _spliced
+    _spliced += 1
+    hooks = hooks or SpliceHooks()
+    side = netconn_transport.loop_side
+    assert side is not None
+    collector = _Collector(netconn_transport, side, _detach(sock_transport), hooks)
+    netconn_transport.protocol = collector
+    netconn_transport.hop.to_loop(side.splice_begin, collector.release)
+
+
+def _detach(t: Any) -> socket.socket:
+    """Take the socket from a Twisted TCP transport without closing the connection: a
+    duplicate is ours, and Twisted closes its descriptor without ``shutdown(2)`` (and
+    with a protocol that no longer listens)."""
+    sock = t.socket.dup()
+    t.stopReading()
+    t.protocol = Protocol()
+    t._shouldShutdown = False  # tcp.Connection's orderly close without shutdown(2)
+    t.loseConnection()
+    return sock
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Collector(Protocol):
+    """(reactor) The NetConn transport's protocol during the hand-over: keeps what the
+    reactor still receives, in order, for the loop to replay."""
+
+    def __init__(self, transport: NetConnTransport, side: Any, sock: socket.socket,
+                 hooks: SpliceHooks) -> None:
+        self.netconn = transport
+        self.side = side
+        self.sock = sock
+        self.hooks = hooks
+        self.events: list[tuple[str, bytes]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def readConnectionLost(self) -> None:
+        self.events.append(("eof", b""))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.events.append(("end", b""))
+
+    def release(self) -> None:
+        """(reactor, behind everything the loop posted before the hand-over) Send what was
+        collected to the loop; the transport is not used again."""
+        self.netconn.loop_side = None
+        self.side.hop.to_loop(self.side.splice_ready, self.sock, self.events, self.hooks)
+        self.events = []
+
+
+class SplicedSocket(asyncio.Protocol):
+    """(loop) The spliced socket: its bytes go into the call, the call's into it."""
+
+    def __init__(self, side: Any, hooks: SpliceHooks) -> None:
+        self.side = side
+        self.hooks = hooks
+        self.transport: asyncio.Transport | None = None
+        self._read_closed = False  # the client half-closed
+        self._write_closed = False  # we half-closed (the target did)
+        self._reading_paused = False
+        self._call_over = False
+        self._socket_over = False
+        self._grace: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        loop_connections.add(self.side.hop, self)
+
+    def data_received(self, data: bytes) -> None:
+        self.hooks.count_in(len(data))
+        call = self.side.call
+        if call is None or call.status is not None:
+            return
+        if len(data) <= MAX_MESSAGE:
+            call.send(encode_bytes(data))
+        else:
+            view = memoryview(data)
+            for i in range(0, len(data), MAX_MESSAGE):
+                call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
+        if not self._reading_paused and call.buffered() > HIGH_WATER:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self._read_closed = True
+        self.side.half_close()
+        if self._write_closed:
+            self.transport.close()  # type: ignore[union-attr]
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._socket_over = True
+        loop_connections.discard(self.side.hop, self)
+        if not self._call_over:
+            if exc is None and self._read_closed and self._write_closed:
+                # both halves closed in order: the call ends when the remote's target
+                # closes, as a relay's loseConnection waits for it (a bounded wait)
+                self._grace = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.side.abort)
+            else:
+                # the client went away (a reset): nobody reads what the target still sends
+                self.side.abort()
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self.side.splice_hold(True)
+
+    def resume_writing(self) -> None:
+        self.side.splice_hold(False)
+
+    # from the call (the loop side)
+    def call_writable(self) -> None:
+        t = self.transport
+        if self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = False
+            t.resume_reading()
+
+    def call_event(self, kind: str, data: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        if kind == "data":
+            if not t.is_closing():
+                self.hooks.count_out(len(data))
+                t.write(data)
+        elif kind == "eof":
+            self._write_closed = True
+            if t.is_closing():
+                pass
+            elif self._read_closed:
+                t.close()
+            elif t.can_write_eof():
+                t.write_eof()  # after what is buffered
+            else:
+                t.close()
+        else:  # the call is over: the socket goes once what it was sent is written
+            self._call_over = True
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            if not t.is_closing():
+                t.close()
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._call_over and self._socket_over:
+            done, self.hooks.done = self.hooks.done, _noop
+            self.side.hop.to_reactor(done)
+
+    def drop(self) -> None:
+        """The reactor it came from shuts down: close at once (the call is cancelled)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """Drop the socket with a reset."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        sock = t.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        t.abort()
