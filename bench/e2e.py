@@ -12,7 +12,11 @@ Processes, all real:
   --ca D/ca.pem --allow 127.0.0.1:*`` (token from ``sesame token create``);
 * the targets of ``bench/netconn.py --serve targets`` (sink, source, echo);
 * this process: the client, connecting with
-  ``clientFromString(reactor, "sesame:remote=edge-1:host=127.0.0.1:port=P:hub=127.0.0.1\\:H:ca=...:token=...")``;
+  ``clientFromString(reactor, "sesame:remote=edge-1:host=127.0.0.1:port=P:hub=127.0.0.1\\:H:ca=...:token=...")``
+  (path ``hub``: the endpoint's transport in this process);
+* ``python -m sesame forward tcp:F:interface=127.0.0.1 'sesame:...'`` per target (path
+  ``forward``: client -> the forward's port -> hub -> remote -> target, what ``ssh -o
+  ProxyCommand`` or ``psql`` through ``sesame forward`` takes);
 * for the peer figure, ``sshd`` on 127.0.0.1 (temp keys, default cipher) and
   ``ssh -N -R`` forwarding to the same targets: client → sshd → ssh → target,
   the same shape as client → hub → remote → target.
@@ -185,6 +189,7 @@ class SesameStack:
         self.remote: subprocess.Popen | None = None
         self.port: int | None = None
         self.client_token = ""
+        self.forwards: dict[str, subprocess.Popen] = {}  # `sesame forward` per target
         (self.dir / "namer").mkdir()
         (self.dir / "namer" / "sitecustomize.py").write_text(THREAD_NAMER)
         self.env = dict(os.environ)
@@ -261,7 +266,8 @@ class SesameStack:
     def stop(self) -> dict:
         """Stop both (SIGTERM, then SIGKILL after 10 s); exit codes and log warnings."""
         out = {}
-        for name, p in (("remote", self.remote), ("hub", self.hub)):
+        forwards = [(f"forward-{k}", p) for k, p in self.forwards.items()]
+        for name, p in (*forwards, ("remote", self.remote), ("hub", self.hub)):
             if p is None:
                 continue
             if p.poll() is None:
@@ -464,6 +470,19 @@ def client_main(args: argparse.Namespace) -> None:
             stack.route("http", "web.bench", f"127.0.0.1:{web['web']}@{REMOTE}")
             for k in names:
                 nc._wait_port(port_map[k], 30)
+        forward_ports: dict[str, int] = {}
+        if not args.paths or "forward" in args.paths:
+            # the `sesame forward` CLI, one process per target: an accepted socket spliced
+            # with its NetConn connection through the hub (the path a user's ssh/psql takes)
+            for k in names:
+                forward_ports[k] = nc._free_port()
+                fwd = stack._sesame("forward", f"tcp:{forward_ports[k]}:interface=127.0.0.1",
+                                    stack.endpoint_string(targets[k]),
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=open(stack.dir / f"forward-{k}.log", "w"))
+                stack.forwards[k] = fwd  # stopped with the stack
+            for k in names:
+                nc._wait_port(forward_ports[k], 30)
         if args.ssh and (not args.paths or "ssh_R" in args.paths):
             ssh_note = nc.SSHD.available()
             if ssh_note is None:
@@ -526,6 +545,10 @@ def client_main(args: argparse.Namespace) -> None:
     }
     if args.front_doors:
         paths["port_map"] = {k: bench.direct(port_map[k]) for k in names}
+    if forward_ports:
+        paths["forward"] = {k: bench.direct(forward_ports[k]) for k in names}
+        for k, p in stack.forwards.items():
+            cpu.add(f"sesame forward ({k})", p.pid)
     if sshd:
         paths["ssh_R"] = {k: bench.direct(p) for k, p in ssh_ports.items()}
     if pyfrp:
@@ -628,6 +651,8 @@ def client_main(args: argparse.Namespace) -> None:
             report["ratios_port_map_vs_py_frp"] = ratios("port_map", "py_frp", *BASIC)
         elif args.pyfrp and pyfrp_note:
             results["py_frp"] = {"skipped": pyfrp_note}
+        if "forward" in results and "ssh_R" in results and "skipped" not in results["ssh_R"]:
+            report["ratios_forward_vs_ssh_R"] = ratios("forward", "ssh_R", *BASIC)
         if "port_map" in results and "ssh_R" in results and "skipped" not in results["ssh_R"]:
             report["ratios_port_map_vs_ssh_R"] = ratios(
                 "port_map", "ssh_R", *BASIC, ("concurrent_seconds", "concurrent_echo", "seconds"))
@@ -721,7 +746,7 @@ def main() -> None:
                    help="skip the hub's front doors (tcp port map path, vhost HTTP requests/s)")
     p.add_argument("--http-conns", type=int, default=32,
                    help="keep-alive connections for the HTTP requests/s figure")
-    p.add_argument("--paths", nargs="*", help="only these paths (direct hub port_map ssh_R; "
+    p.add_argument("--paths", nargs="*", help="only these paths (direct hub forward port_map ssh_R py_frp; "
                    "hub always runs: it warms the channel)")
     p.add_argument("--steps", nargs="*", help="only these steps (upload download rtt_64B "
                    "concurrent_echo concurrent_echo_N)")
