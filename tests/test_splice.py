@@ -267,7 +267,7 @@ async def test_a_client_that_stops_reading_pauses_the_target(port_map):
     client.transport.pauseProducing()
     await until(lambda: accepted and accepted[0].paused_at is not None)
     src = accepted[0]
-    # bounded by socket buffers, the splice's 1 MiB and the tunnel's 4 MiB window
+    # bounded by socket buffers, the splice's 1 MiB and the tunnel's 16 MiB window
     assert src.paused_at < 48 << 20, src.paused_at
     await until(lambda: src.paused)
     held = src.count

@@ -82,7 +82,10 @@ async def _accept(context: grpc.aio.ServicerContext, codec: type[Codec]) -> tupl
 # dominate bulk transfers (DESIGN.md).
 EXT_WINDOW_KEY = "sesame-tunnel-window"
 EXT_CHUNK_KEY = "sesame-tunnel-chunk"
-EXT_WINDOW = 4 * 1024 * 1024
+# 16 MiB: a stream needs about twice its bandwidth-delay product in credit (data one way,
+# window updates the other) plus one update batch; 4 MiB held a 20 ms link at ~100 MiB/s
+# (docs/PERFORMANCE.md).  It is also what a slow reader may leave buffered per stream.
+EXT_WINDOW = 16 * 1024 * 1024
 EXT_CHUNK = 256 * 1024
 
 
@@ -112,7 +115,7 @@ def ext_apply(conn: TunnelConnection, peer: tuple[int, int] | None, own: bool) -
         return
     pol = conn.core.policy
     if own:
-        pol = replace(pol, recv_window=EXT_WINDOW, update_threshold=EXT_WINDOW * 2 // 5)
+        pol = replace(pol, recv_window=EXT_WINDOW, update_threshold=EXT_WINDOW // 8)
     if peer is not None:
         pol = replace(pol, send_window=peer[0], max_chunk=min(EXT_CHUNK, peer[1]))
     conn.core.policy = pol
