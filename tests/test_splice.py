@@ -14,7 +14,6 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, error, interfaces, protocol, reactor
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -22,18 +21,15 @@ from sesame import netconn
 from sesame.hub.frontdoor import FrontDoors
 from sesame.relay import RelayFactory
 from sesame.testing import hub as testing_hub
+from tests.netconn_helpers import eventually
 
 sesame_hub = testing_hub.sesame_hub
 T = 15.0
 
 
 async def until(predicate, timeout=T):
-    """Wait for a reactor-side condition, one check per short timer (no sleeps)."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise TimeoutError("condition not reached")
-        await deferLater(reactor, 0.005, lambda: None)
+    """Wait for a reactor-side condition (the reactor keeps running), with a deadline."""
+    await eventually(predicate, timeout)
 
 
 @implementer(interfaces.IHalfCloseableProtocol)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import struct
 from typing import Any
 
 import grpc
@@ -41,7 +40,7 @@ from zope.interface import implementer
 
 from sesame.bridge import Hop, write_now
 from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
-from sesame.netconn._splice import loop_connections
+from sesame.netconn._splice import loop_connections, reset
 from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, decode_bytes, encode_bytes
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -388,13 +387,9 @@ class _LoopTarget(asyncio.Protocol):
             self.transport.abort()
 
     def abort(self) -> None:
-        """Drop the connection with a reset, as Twisted's ``abortConnection`` does (a
-        plain close would be a FIN, which a half-closing target takes for an EOF)."""
+        """Drop the connection with a reset (:func:`~sesame.netconn._splice.reset`)."""
         t = self.transport
         if t is None or self._aborted:
             return
         self._aborted = True
-        sock = t.get_extra_info("socket")
-        if sock is not None and sock.fileno() >= 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        t.abort()
+        reset(t)

@@ -143,6 +143,15 @@ def splice(sock_transport: Any, netconn_transport: NetConnTransport,
     netconn_transport.hop.to_loop(side.splice_begin, collector.release)
 
 
+def reset(transport: asyncio.Transport) -> None:
+    """Close an asyncio socket transport with a reset, as Twisted's ``abortConnection``
+    does (a plain close is a FIN, which a half-closing peer takes for an EOF)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.fileno() >= 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 def _detach(t: Any) -> socket.socket:
     """Take the socket from a Twisted TCP transport without closing the connection: a
     duplicate is ours, and Twisted closes its descriptor without ``shutdown(2)`` (and
@@ -292,9 +301,5 @@ class SplicedSocket(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the socket with a reset."""
         t = self.transport
-        if t is None or t.is_closing():
-            return
-        sock = t.get_extra_info("socket")
-        if sock is not None and sock.fileno() >= 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        t.abort()
+        if t is not None and not t.is_closing():
+            reset(t)
