@@ -56,3 +56,32 @@ def test_negative_values_are_left_to_protobuf() -> None:
     neg = _pb(st_pb.ServerToClient, 3, -5, b"ab")  # int32 -5: a 10-byte varint
     assert decode_message_frame(neg) is None
     assert SesameCodec(Role.CLIENT).decode(neg) == Message(3, -5, b"ab")
+
+
+@settings(max_examples=200, deadline=None)
+@given(SIDS, SIZES, DATA)
+def test_message_parts_in_one_envelope_match_the_wrapped_frame(sid: int, size: int,
+                                                                data: bytes) -> None:
+    """The writer's one-copy path (SesameCodec.encode_parts + StreamOuter.write_parts)
+    sends exactly the Stream message the two-step path builds, and protobuf reads it."""
+    import asyncio
+
+    from sesame.bridge._connection import StreamOuter, wrap_tunnel
+    from sesame.v1alpha1 import tunnel_pb2
+
+    for role in (Role.CLIENT, Role.SERVER):
+        codec = SesameCodec(role)
+        frame = Message(sid, size, data)
+        head, body = codec.encode_parts(frame)
+        assert head + body == codec.encode(frame)
+        sent: list[bytes] = []
+
+        async def write(msg: bytes, sent: list[bytes] = sent) -> None:
+            sent.append(msg)
+
+        outer = StreamOuter(None, write, tunnel_pb2.StreamRequest, "test")
+        asyncio.run(outer.write_parts(head, body))
+        assert sent == [wrap_tunnel(codec.encode(frame))]
+        reread = tunnel_pb2.StreamRequest.FromString(sent[0]).tunnel.SerializeToString()
+        assert reread == codec.encode(frame)
+    assert SesameCodec(Role.CLIENT).encode_parts(Message(-1, 0, b"x")) is None  # protobuf's

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import grpc
 
 from sesame import core as _core
-from sesame._wire import only_field, wrap_field
+from sesame._wire import only_field, varint, wrap_field
 from sesame.bridge._loop import Bridge
 from sesame.core import (
     CANCELLED,
@@ -157,6 +157,10 @@ async def drain_requests(read: Callable[[], Any], limit: float = DRAIN_LIMIT,
 # --- wrapping tunnel frames in Stream messages (field 3 in all four types) ------------
 
 
+def _no_parts(frame: Any) -> None:
+    return None
+
+
 def wrap_tunnel(frame: bytes) -> bytes:
     """``StreamRequest{tunnel}`` / ``StreamResponse{tunnel}`` around encoded frame bytes."""
     return wrap_field(0x1A, frame)
@@ -194,6 +198,10 @@ class StreamOuter(OuterStream):
 
     async def write(self, data: bytes) -> None:
         await self._write(wrap_tunnel(data))
+
+    async def write_parts(self, head: bytes, data: bytes) -> None:
+        """Send the frame ``head + data`` wrapped, with one copy of ``data``."""
+        await self._write(b"".join((b"\x1a", varint(len(head) + len(data)), head, data)))
 
     async def done_writing(self) -> None:
         if self._done_writing is not None:
@@ -441,6 +449,12 @@ class TunnelConnection:
     async def _writer(self) -> None:
         encode = self.codec.encode
         write = self.outer.write
+        # message frames straight into the outer envelope (one copy of the payload, not two)
+        # where both sides can: the sesame codec and the Stream outer call
+        parts = getattr(self.codec, "encode_parts", None)
+        write_parts = getattr(self.outer, "write_parts", None)
+        if parts is None or write_parts is None:
+            parts = _no_parts
         try:
             while True:
                 if not self._outq:
@@ -452,7 +466,11 @@ class TunnelConnection:
                     continue
                 batch, self._outq = self._outq, []
                 for frame in batch:
-                    await write(encode(frame))
+                    two = parts(frame)
+                    if two is not None:
+                        await write_parts(*two)
+                    else:
+                        await write(encode(frame))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001

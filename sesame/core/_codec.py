@@ -133,15 +133,23 @@ class Codec:
 # protobuf, which stays the reference (tests/test_core.py compares the two).
 
 
+def message_frame_head(stream_id: int, size: int, n: int) -> bytes | None:
+    """The bytes of ``{stream_id, message: {size, data}}`` that come before ``data`` (``n``
+    bytes long), as protobuf would write them; None for values protobuf encodes otherwise
+    (negative ones)."""
+    if stream_id < 0 or size < 0:
+        return None
+    inner = (b"\x08" + varint(size) if size else b"") + (b"\x12" + varint(n) if n else b"")
+    return (b"\x08" + varint(stream_id) if stream_id else b"") + b"\x22" + varint(
+        len(inner) + n) + inner
+
+
 def encode_message_frame(stream_id: int, size: int, data: bytes) -> bytes | None:
     """``{stream_id, message: {size, data}}`` as protobuf would write it, with one copy of
     ``data``; None for values protobuf encodes otherwise (negative ones)."""
-    if stream_id < 0 or size < 0:
+    head = message_frame_head(stream_id, size, len(data))
+    if head is None:
         return None
-    inner = (b"\x08" + varint(size) if size else b"") + (
-        b"\x12" + varint(len(data)) if data else b"")
-    head = (b"\x08" + varint(stream_id) if stream_id else b"") + b"\x22" + varint(
-        len(inner) + len(data)) + inner
     return head + data if data else head
 
 
@@ -227,6 +235,15 @@ class SesameCodec(Codec):
             elif which == "str":
                 out.extend((k, v) for v in value.str.values)
         return tuple(out)
+
+    def encode_parts(self, frame: Frame) -> tuple[bytes, bytes] | None:
+        """A ``message`` frame as (head, data): :meth:`encode` is their concatenation, for
+        a writer that puts its own envelope around them in the same copy; None for every
+        other frame."""
+        if type(frame) is not Message:
+            return None
+        head = message_frame_head(frame.stream_id, frame.size, len(frame.data))
+        return None if head is None else (head, frame.data)
 
     def encode(self, frame: Frame) -> bytes:
         t = type(frame)

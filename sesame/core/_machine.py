@@ -296,9 +296,10 @@ def _frame_input(frame: Frame) -> StreamInput:
 
 
 class _OutMessage:
-    __slots__ = ("view", "offset", "started")
+    __slots__ = ("data", "view", "offset", "started")
 
     def __init__(self, data: bytes) -> None:
+        self.data = data
         self.view = memoryview(data)
         self.offset = 0
         self.started = False
@@ -958,7 +959,9 @@ class TunnelCore:
                     if self._backlogged:
                         self._maybe_writable(s)
                     return
-                chunk = bytes(view[item.offset:item.offset + n])
+                # a message that goes whole in one chunk goes as it is: no copy
+                chunk = (item.data if n == total and type(item.data) is bytes
+                         else bytes(view[item.offset:item.offset + n]))
                 if not item.started:
                     item.started = True
                     out.append(Message(s.stream_id, total, chunk))
