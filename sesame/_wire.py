@@ -9,6 +9,8 @@ field is left to protobuf by the callers.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def varint(n: int) -> bytes:
     out = bytearray()
@@ -27,8 +29,9 @@ def wrap_field(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + varint(len(payload)) + payload
 
 
-def only_field(msg: bytes, tag: int) -> bytes | None:
-    """The payload when ``msg`` is exactly one length-delimited ``tag`` field, else None."""
+def only_field(msg: Any, tag: int) -> Any:
+    """The payload when ``msg`` is exactly one length-delimited ``tag`` field, else None
+    (a slice of ``msg``: a copy of bytes, a view into a memoryview)."""
     if not msg or msg[0] != tag:
         return None
     n = shift = 0

@@ -32,10 +32,14 @@ def test_same_bytes_as_protobuf_and_back(sid: int, size: int, data: bytes) -> No
         ref = _pb(cls, sid, size, data)
         assert encode_message_frame(sid, size, data) == ref
         assert decode_message_frame(ref) == (sid, size, data)
+        # the reader hands the codec a view into the Stream message: same frame, bytes data
+        got = decode_message_frame(memoryview(b"\x1a" + ref)[1:])
+        assert got == (sid, size, data) and type(got[2]) is bytes
     client, server = SesameCodec(Role.CLIENT), SesameCodec(Role.SERVER)
     frame = Message(sid, size, data)
     assert server.decode(client.encode(frame)) == frame
     assert client.decode(server.encode(frame)) == frame
+    assert server.decode(memoryview(client.encode(frame))) == frame
 
 
 @settings(max_examples=300, deadline=None)

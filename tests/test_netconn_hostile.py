@@ -195,7 +195,7 @@ async def test_an_unexpected_exception_in_the_upload_pump_ends_the_call(lab, car
     target = await lab.next_accepted(echo)
     await roundtrip(p)
 
-    def boom(msg: bytes, cls: type) -> Any:
+    def boom(msg: bytes, cls: type, **kw: Any) -> Any:
         raise RuntimeError("injected pump failure")
 
     monkeypatch.setattr(relay_module, "decode_bytes", boom)

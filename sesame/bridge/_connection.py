@@ -166,9 +166,11 @@ def wrap_tunnel(frame: bytes) -> bytes:
     return wrap_field(0x1A, frame)
 
 
-def unwrap_tunnel(msg: bytes, cls: type) -> bytes | None:
-    """The frame bytes inside a Stream message, or None if it is not a tunnel frame."""
-    frame = only_field(msg, 0x1A)
+def unwrap_tunnel(msg: bytes, cls: type, *, view: bool = False) -> bytes | memoryview | None:
+    """The frame bytes inside a Stream message, or None if it is not a tunnel frame
+    (``view``: a memoryview into ``msg`` rather than a copy, for a reader that copies
+    what it keeps)."""
+    frame = only_field(memoryview(msg) if view else msg, 0x1A)
     if frame is not None:
         return frame
     pb = cls.FromString(msg)
@@ -189,11 +191,12 @@ class StreamOuter(OuterStream):
         self._done_writing = done_writing
         self._cancel = cancel
 
-    async def read(self) -> bytes | None:
+    async def read(self) -> bytes | memoryview | None:
         msg = await self._read()
         if msg is grpc.aio.EOF:
             return None
-        frame = unwrap_tunnel(msg, self._in_cls)
+        # a view into the message, not a copy: the codec copies the payload out once
+        frame = unwrap_tunnel(msg, self._in_cls, view=True)
         return frame if frame is not None else b""  # b"" decodes as an invalid frame
 
     async def write(self, data: bytes) -> None:

@@ -165,9 +165,9 @@ def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
     raise ValueError("truncated varint")
 
 
-def decode_message_frame(buf: bytes) -> tuple[int, int, bytes] | None:
+def decode_message_frame(buf: bytes | memoryview) -> tuple[int, int, bytes] | None:
     """``(stream_id, size, data)`` of a canonical ``message`` frame, else None (the caller
-    asks protobuf)."""
+    asks protobuf); ``buf`` may be a memoryview (``data`` is bytes either way)."""
     try:
         i = 0
         sid = 0
@@ -190,7 +190,7 @@ def decode_message_frame(buf: bytes) -> tuple[int, int, bytes] | None:
             m, i = _read_varint(buf, i + 1)
             if i + m != len(buf):
                 return None
-            data = buf[i:]
+            data = bytes(buf[i:])  # one copy whether buf is bytes or a memoryview
         if sid >= 1 << 64:
             return None
         return sid, size, data

@@ -24,9 +24,11 @@ def encode_bytes(data: bytes) -> bytes:
     return wrap_field(0x12, data)
 
 
-def decode_bytes(msg: bytes, cls: type) -> bytes | None:
-    """The chunk of a ``bytes`` message, or None for any other message (EOF)."""
-    data = only_field(msg, 0x12)
+def decode_bytes(msg: bytes, cls: type, *, view: bool = False) -> bytes | memoryview | None:
+    """The chunk of a ``bytes`` message, or None for any other message (EOF); ``view``: a
+    memoryview into ``msg`` instead of a copy (for a consumer that takes one: an asyncio
+    transport on the bridge loop)."""
+    data = only_field(memoryview(msg) if view else msg, 0x12)
     if data is not None:
         return data
     pb = cls.FromString(msg)
