@@ -97,9 +97,8 @@ class Accepted(Side):
             out.transport.abortConnection()
             return
         self.factory.connected += 1
-        if can_splice(self.transport, out.transport):
-            splice(self.transport, out.transport)  # relayed on the bridge loop from now on
-            return
+        if can_splice(self.transport, out.transport) and splice(self.transport, out.transport):
+            return  # relayed on the bridge loop from now on
         pair(self, out)
         self.transport.resumeProducing()
 

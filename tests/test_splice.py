@@ -304,3 +304,50 @@ def test_only_plain_tcp_and_a_fresh_netconn_transport_are_spliced(monkeypatch):
     assert not netconn.can_splice(StringTransport(), object())  # not a TCP socket
     monkeypatch.setenv("SESAME_SPLICE", "0")
     assert not netconn.can_splice(StringTransport(), object())
+
+
+def test_a_socket_that_reset_unnoticed_ends_the_call_instead_of_raising():
+    """The client resets while its reads are paused (asyncio has not seen it), then the
+    target half-closes: ``write_eof`` fails on the dead socket.  The relay must cancel
+    the call and drop the socket, never raise into the tunnel's reader (which would end
+    every stream of that tunnel), and ignore bytes that still come after the EOF."""
+    import asyncio
+    import socket as s
+
+    from sesame.bridge import Hop
+    from sesame.bridge._loop import get_bridge
+    from sesame.netconn._splice import SplicedSocket
+
+    class Side:
+        call = None
+        hop = Hop.get()
+        aborted = 0
+
+        def abort(self):
+            self.aborted += 1
+
+        def half_close(self):
+            pass
+
+        def splice_hold(self, hold):
+            pass
+
+    async def scenario():
+        server = s.create_server(("127.0.0.1", 0))
+        client = s.create_connection(server.getsockname())
+        ours, _ = server.accept()
+        server.close()
+        side = Side()
+        _, conn = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: SplicedSocket(side, netconn.SpliceHooks()), ours)
+        conn.transport.pause_reading()
+        client.setsockopt(s.SOL_SOCKET, s.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()  # a reset the paused transport does not see
+        await asyncio.sleep(0)  # let the RST land (no timing dependence: it is local)
+        conn.call_event("eof", b"")  # must not raise
+        conn.call_event("data", b"after the EOF")  # dropped, must not raise either
+        conn.call_event("end", b"")
+        return side.aborted, conn.transport.is_closing()
+
+    aborted, closing = get_bridge().run(scenario(), 10)
+    assert aborted >= 1 and closing

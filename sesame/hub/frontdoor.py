@@ -225,8 +225,8 @@ class _Door(Side):
             out.transport.abortConnection()
             return
         out.stats = self._stats
-        if self.factory.kind == "tcp" and not self._eof and can_splice(self.transport, out.transport):
-            self._splice(out)
+        if (self.factory.kind == "tcp" and not self._eof
+                and can_splice(self.transport, out.transport) and self._splice(out)):
             return
         pair(self, out)
         first, rest = self._first, bytes(self._buf)
@@ -242,15 +242,12 @@ class _Door(Side):
             return
         self.transport.resumeProducing()
 
-    def _splice(self, out: _Out) -> None:
+    def _splice(self, out: _Out) -> bool:
         """A port map's connection from here on is relayed on the bridge loop alone
-        (:func:`sesame.netconn.splice`); the counters follow it there."""
+        (:func:`sesame.netconn.splice`); the counters follow it there.  False: it could
+        not be (no file descriptor to spare), nothing changed."""
         stats = self._stats
         rest = bytes(self._buf)
-        self._buf.clear()
-        if rest:
-            stats.bytes_in += len(rest)
-            out.transport.write(rest)
 
         def count_in(n: int) -> None:
             stats.bytes_in += n
@@ -258,7 +255,13 @@ class _Door(Side):
         def count_out(n: int) -> None:
             stats.bytes_out += n
 
-        splice(self.transport, out.transport, SpliceHooks(count_in, count_out, stats.close))
+        # (the counters change on the loop thread from here on; only it writes them)
+        if not splice(self.transport, out.transport, SpliceHooks(count_in, count_out, stats.close),
+                      first=rest):
+            return False
+        self._buf.clear()
+        stats.bytes_in += len(rest)
+        return True
 
     def _failed(self, failure: Failure) -> None:
         self._dial = None

@@ -136,6 +136,7 @@ class _ClientLoopSide:
         self._held: list[tuple[str, bytes]] | None = None
         self._spliced: Any = None
         self._held_by_splice = False
+        self._held_in_transit = False
         self._adopting: asyncio.Task[None] | None = None
 
     def start(self, make_call: CallFactory, address: str, network: str, timeout: float | None,
@@ -198,7 +199,8 @@ class _ClientLoopSide:
             peer = NetConnAddress.parse(self.via, pb.conn.remote)
             self.hop.to_reactor(self._connect_reactor, host, peer)
             return
-        data = decode_bytes(msg, rc_pb.NetConnResponse)
+        # spliced: the socket takes a view of the message (no copy); the reactor, bytes
+        data = decode_bytes(msg, rc_pb.NetConnResponse, view=self._spliced is not None)
         if self._spliced is not None or self._held is not None:
             self._splice_event("eof" if data is None else "data", data or b"")
             return
@@ -253,7 +255,8 @@ class _ClientLoopSide:
     def _apply_hold(self) -> None:
         if self.call is None:
             return
-        if self._held_by_transport or self._held_in_flight or self._held_by_splice:
+        if (self._held_by_transport or self._held_in_flight or self._held_by_splice
+                or self._held_in_transit):
             self.call.pause_reading()
         else:
             self.call.resume_reading()
@@ -296,6 +299,8 @@ class _ClientLoopSide:
         if self._down:
             self._flush_down()
         self._held = []
+        self._held_in_transit = True  # what is held here is not read on (window-bounded)
+        self._apply_hold()
         self.hop.to_reactor(release)
 
     def splice_ready(self, sock: Any, late: list[tuple[str, bytes]], hooks: Any) -> None:
@@ -308,17 +313,18 @@ class _ClientLoopSide:
             _, conn = await loop.connect_accepted_socket(lambda: SplicedSocket(self, hooks), sock)
         except OSError:  # the socket died on its way: the call goes too
             sock.close()
+            self._held = None
             self.abort()
             self.hop.to_reactor(hooks.done)
             return
         events = late + (self._held or [])
         self._held = None
         self._spliced = conn
-        # the reactor's holds are gone with the transport; the socket's buffer holds now
-        self._held_by_transport = self._held_in_flight = False
-        self._apply_hold()
-        for kind, data in events:
+        for kind, data in events:  # in order, before anything the call delivers next
             conn.call_event(kind, data)
+        # the reactor's holds went with its transport; the socket's buffer holds from now
+        self._held_by_transport = self._held_in_flight = self._held_in_transit = False
+        self._apply_hold()
 
     def _splice_event(self, kind: str, data: bytes) -> None:
         if self._spliced is not None:

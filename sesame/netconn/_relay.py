@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 from typing import Any
 
 import grpc
@@ -224,7 +225,10 @@ class _ServerRelay:
             if msg is grpc.aio.EOF:
                 break
             self._up_messages += 1
-            data = decode_bytes(msg, rc_pb.NetConnRequest)
+            # a target on the loop writes a view of the message (the socket copies what
+            # it cannot send at once); Twisted's transports take bytes only
+            data = decode_bytes(msg, rc_pb.NetConnRequest,
+                                view=isinstance(self.target, _LoopTarget))
             if data is None:
                 break
             if data and self._target_gone is None and self.target is not None:
@@ -242,6 +246,15 @@ class _ServerRelay:
                 await asyncio.sleep(0.001)
             if self.target is not None:
                 self.target.half_close()
+
+
+def drop_handover(value: Any) -> None:
+    """Close the socket of a :class:`_Handover` nobody will adopt (its call ended during
+    the hand-over), with a reset as an aborted dial would."""
+    sock = value.sock if isinstance(value, _Handover) else None
+    if sock is not None and sock.fileno() >= 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
 
 
 def _half_close(transport: Any) -> None:
@@ -295,11 +308,19 @@ class _Handover(Protocol):
     sock: socket.socket | None = None
     host: Any = None
     peer: Any = None
+    #: why the socket could not be taken (no file descriptor to spare): the call ends
+    #: UNAVAILABLE with it and the connection is aborted
+    error: str | None = None
 
     def connectionMade(self) -> None:
         t = self.transport
         self.host, self.peer = t.getHost(), t.getPeer()
-        self.sock = t.socket.dup()
+        try:
+            self.sock = t.socket.dup()
+        except OSError as exc:
+            self.error = f"cannot take over the target connection: {exc.strerror or exc}"
+            t.abortConnection()
+            return
         t.stopReading()
         # tcp.Connection's switch between an orderly close with and without shutdown(2)
         t._shouldShutdown = False
@@ -377,8 +398,13 @@ class _LoopTarget(asyncio.Protocol):
         self._write_closed = True
         if self._read_closed:
             t.close()  # flushes what is buffered, then closes
-        else:
+            return
+        try:
             t.write_eof()  # after what is buffered
+        except OSError:
+            # the target reset while we were not reading: asyncio has not noticed; the
+            # reset reports it (connection_lost: "target connection lost")
+            reset(t)
 
     def drop(self) -> None:
         """The reactor that dialled shuts down: close at once, as it closes its own."""

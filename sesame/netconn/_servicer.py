@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from twisted.internet import defer
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,6 +41,7 @@ from sesame.netconn._relay import (
     _ServerRelay,
     _TargetProtocol,
     _UpProducer,
+    drop_handover,
     loop_targets_enabled,
 )
 from sesame.netconn._wire import METHOD
@@ -159,7 +161,8 @@ class NetConnServicer:
         fut: asyncio.Future[Any] = relay.loop.create_future()
         dialled = _where(host, port)
         # the target joins the loop unless the reactor runs on this very loop already
-        on_loop = loop_targets_enabled() and not hop.same_loop()
+        on_loop = (loop_targets_enabled() and not hop.same_loop()
+                   and isinstance(hop.reactor, PosixReactorBase))  # whose TCP has .socket
         build = _Handover if on_loop else (lambda: _TargetProtocol(relay))
 
         def failed(f: Failure) -> None:
@@ -187,11 +190,15 @@ class NetConnServicer:
             # posted after dial_in_reactor, so it runs after it: cancels the dial, or closes
             # a connection that was made while the cancellation was on its way
             hop.to_reactor(_abandon_dial, relay)
+            if fut.done():  # settled, then cancelled before this resumed: nobody adopts it
+                drop_handover(fut.result())
             raise
         if isinstance(proto, Failure):
             st = _dial_status(proto, dialled, timeout)
             raise _Refusal(grpc_code(st.code), st.message)
         if on_loop:
+            if proto.sock is None:
+                raise _Refusal(grpc.StatusCode.UNAVAILABLE, f"{dialled}: {proto.error}")
             local, remote = proto.host, proto.peer
             target: _LoopTarget | _ReactorTarget = await _LoopTarget.attach(relay, proto.sock)
         else:
@@ -259,8 +266,8 @@ def _abandon_dial(relay: _ServerRelay) -> None:
 def _settle(fut: asyncio.Future, value: Any, failure: Failure | None) -> None:
     if not fut.done():
         fut.set_result(failure if failure is not None else value)
-    elif isinstance(value, _Handover) and value.sock is not None:
-        value.sock.close()  # the call went while its socket was on the way: nobody else will
+    else:
+        drop_handover(value)  # the call went while its socket was on the way
 
 
 class _NetConnHandler(grpc.GenericRpcHandler):

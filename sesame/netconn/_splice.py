@@ -68,10 +68,15 @@ class LoopConnections:
 
     def __init__(self) -> None:
         self._live: dict[int, set[Any]] = {}
+        self._stopped: set[int] = set()
 
     def add(self, hop: Any, conn: Any) -> None:
-        """(loop) Track ``conn``, moved from ``hop.reactor``."""
+        """(loop) Track ``conn``, moved from ``hop.reactor`` (dropped at once if that
+        reactor has shut down already)."""
         key = id(hop.reactor)
+        if key in self._stopped:
+            conn.drop()
+            return
         live = self._live.get(key)
         if live is None:
             live = self._live[key] = set()
@@ -89,6 +94,7 @@ class LoopConnections:
             live.discard(conn)
 
     def _drop(self, key: int) -> None:
+        self._stopped.add(key)
         for conn in list(self._live.pop(key, ())):
             conn.drop()
 
@@ -127,20 +133,31 @@ def can_splice(sock_transport: Any, netconn_transport: Any) -> bool:
 
 
 def splice(sock_transport: Any, netconn_transport: NetConnTransport,
-           hooks: SpliceHooks | None = None) -> None:
+           hooks: SpliceHooks | None = None, first: bytes = b"") -> bool:
     """
     (reactor) Relay ``sock_transport`` and ``netconn_transport`` on the bridge loop from
     now on; :func:`can_splice` must have said yes.  Both protocols are let go: neither
-    gets another event (``hooks.done`` says when the relay is over).
+    gets another event (``hooks.done`` says when the relay is over).  ``first``: bytes
+    the socket sent before (read while the far side was dialled), written ahead.
+
+    :returns: False, with nothing changed, when the socket could not be duplicated (no
+        file descriptor left): relay the two on the reactor instead.
     """
     global _spliced
-    _spliced += 1
-    hooks = hooks or SpliceHooks()
     side = netconn_transport.loop_side
     assert side is not None
-    collector = _Collector(netconn_transport, side, _detach(sock_transport), hooks)
+    try:
+        sock = sock_transport.socket.dup()
+    except OSError:
+        return False
+    _spliced += 1
+    hooks = hooks or SpliceHooks()
+    if first:
+        netconn_transport.write(first)
+    collector = _Collector(netconn_transport, side, _detach(sock_transport, sock), hooks)
     netconn_transport.protocol = collector
     netconn_transport.hop.to_loop(side.splice_begin, collector.release)
+    return True
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -152,11 +169,10 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-def _detach(t: Any) -> socket.socket:
-    """Take the socket from a Twisted TCP transport without closing the connection: a
-    duplicate is ours, and Twisted closes its descriptor without ``shutdown(2)`` (and
-    with a protocol that no longer listens)."""
-    sock = t.socket.dup()
+def _detach(t: Any, sock: socket.socket) -> socket.socket:
+    """Take the socket from a Twisted TCP transport without closing the connection:
+    ``sock``, a duplicate, is ours, and Twisted closes its descriptor without
+    ``shutdown(2)`` (and with a protocol that no longer listens)."""
     t.stopReading()
     t.protocol = Protocol()
     t._shouldShutdown = False  # tcp.Connection's orderly close without shutdown(2)
@@ -215,10 +231,10 @@ class SplicedSocket(asyncio.Protocol):
         loop_connections.add(self.side.hop, self)
 
     def data_received(self, data: bytes) -> None:
-        self.hooks.count_in(len(data))
         call = self.side.call
         if call is None or call.status is not None:
-            return
+            return  # the call is over: nothing takes these any more
+        self.hooks.count_in(len(data))
         if len(data) <= MAX_MESSAGE:
             call.send(encode_bytes(data))
         else:
@@ -263,22 +279,37 @@ class SplicedSocket(asyncio.Protocol):
             t.resume_reading()
 
     def call_event(self, kind: str, data: bytes) -> None:
+        """One event of the call, in order: ``data``, ``eof`` (the target half-closed) or
+        ``end``.  Never raises: a socket that fails here (a client that reset while we
+        were not reading, so asyncio has not noticed) is reset and the call cancelled."""
+        try:
+            self._call_event(kind, data)
+        except Exception:  # noqa: BLE001 - the socket is gone; the relay must end, not raise
+            self.side.abort()
+            t = self.transport
+            if t is not None and not t.is_closing():
+                reset(t)
+            if kind == "end":
+                self._call_over = True
+                self._finish()
+
+    def _call_event(self, kind: str, data: bytes) -> None:
         t = self.transport
         assert t is not None
         if kind == "data":
-            if not t.is_closing():
+            if not t.is_closing() and not self._write_closed:  # nothing after the EOF
                 self.hooks.count_out(len(data))
                 t.write(data)
         elif kind == "eof":
+            if self._write_closed:
+                return
             self._write_closed = True
             if t.is_closing():
                 pass
-            elif self._read_closed:
+            elif self._read_closed or not t.can_write_eof():
                 t.close()
-            elif t.can_write_eof():
-                t.write_eof()  # after what is buffered
             else:
-                t.close()
+                t.write_eof()  # after what is buffered (raises if the peer reset meanwhile)
         else:  # the call is over: the socket goes once what it was sent is written
             self._call_over = True
             if self._grace is not None:
@@ -298,8 +329,3 @@ class SplicedSocket(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
-    def abort(self) -> None:
-        """Drop the socket with a reset."""
-        t = self.transport
-        if t is not None and not t.is_closing():
-            reset(t)
