@@ -20,6 +20,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, endpoints, protocol, reactor, ssl
 from twisted.web import resource, server
 
+from sesame import netconn
 from sesame.bridge._loop import get_bridge, to_deferred
 from sesame.hub import _sniff as S
 from sesame.hub._calls import parse_target
@@ -666,6 +667,7 @@ async def test_sni_passthrough_client_sees_the_remotes_certificate(sesame_hub, d
     sni_port = doors.address("sni").port
 
     trust = ssl.Certificate.loadPEM(remote_tls.ca_pem)
+    spliced = netconn.splice_count()
     f = protocol.ClientFactory.forProtocol(_CertCheck)
     f.made, f.got, f.data = defer.Deferred(), defer.Deferred(), b""
     ep = endpoints.wrapClientTLS(ssl.optionsForClientTLS("secure.edge-1.example", trust),
@@ -680,6 +682,7 @@ async def test_sni_passthrough_client_sees_the_remotes_certificate(sesame_hub, d
     assert "secure.edge-1.example" in sans.get_values_for_type(x509.DNSName)
     hub_cert = x509.load_pem_x509_certificate(sesame_hub.tls.cert_pem)
     assert peer == x509.load_pem_x509_certificate(remote_tls.cert_pem) != hub_cert
+    assert netconn.splice_count() == spliced + 1  # after the ClientHello: relayed on the loop
     p.transport.loseConnection()
 
     # an unknown name gets a TLS alert, not the hub's certificate

@@ -225,7 +225,8 @@ class _Door(Side):
             out.transport.abortConnection()
             return
         out.stats = self._stats
-        if (self.factory.kind == "tcp" and not self._eof
+        # tcp and sni relay bytes untouched once connected: those can leave the reactor
+        if (self.factory.kind in ("tcp", "sni") and not self._eof
                 and can_splice(self.transport, out.transport) and self._splice(out)):
             return
         pair(self, out)
@@ -243,11 +244,11 @@ class _Door(Side):
         self.transport.resumeProducing()
 
     def _splice(self, out: _Out) -> bool:
-        """A port map's connection from here on is relayed on the bridge loop alone
+        """A port map's (or an SNI route's) connection from here on is relayed on the bridge loop alone
         (:func:`sesame.netconn.splice`); the counters follow it there.  False: it could
         not be (no file descriptor to spare), nothing changed."""
         stats = self._stats
-        rest = bytes(self._buf)
+        rest = self._first + bytes(self._buf)  # sni: the ClientHello that chose the route
 
         def count_in(n: int) -> None:
             stats.bytes_in += n
@@ -260,6 +261,7 @@ class _Door(Side):
                       first=rest):
             return False
         self._buf.clear()
+        self._first = b""
         stats.bytes_in += len(rest)
         return True
 
