@@ -319,6 +319,15 @@ def stub(env: Env) -> interop_pb2_grpc.TestServiceStub:
     return env.stub
 
 
+def _thread_kinds() -> dict[str, int]:
+    """Live threads by name with the counter taken out ("Thread-12 (_run)" -> "Thread (_run)"),
+    so that a failure says which kind stayed behind, not the first few names."""
+    import collections
+    import re
+
+    return dict(collections.Counter(re.sub(r"[-_]?\d+", "", t.name) for t in threading.enumerate()))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     """After a module, no request-pump threads are left and the thread count is bounded."""
@@ -331,7 +340,7 @@ def no_thread_leaks() -> Iterator[None]:
     # The bridge loop, the bounded handler pool (16) and grpcio's own few threads may have
     # started during the module; nothing else may stay behind.
     assert wait_until(lambda: threading.active_count() <= before + 16 + 1 + 8, WAIT), (
-        before, [t.name for t in threading.enumerate()])
+        before, threading.active_count(), _thread_kinds())
 
 
 # --- real processes (the end-to-end tests) ----------------------------------------------------

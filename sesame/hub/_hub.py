@@ -114,7 +114,11 @@ class Session:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def revoke(self) -> None:
-        """Its token was revoked: the control stream ends with UNAUTHENTICATED."""
+        """Its token was revoked: the control stream ends with UNAUTHENTICATED (said once,
+        naming the remote, whichever path found the revocation first)."""
+        if not self.ended.is_set():
+            log.warning("token of remote %s/%s was revoked; ending its session",
+                        self.namespace, self.remote)
         self.ended.set()
 
     async def send(self, msg: tunnel_pb2.TunnelResponse) -> None:
