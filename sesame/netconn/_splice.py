@@ -28,6 +28,7 @@ import asyncio
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,38 +65,43 @@ class LoopConnections:
     Sockets moved from a reactor to the bridge loop (spliced relays, NetConn targets):
     when that reactor shuts down they are dropped, as the reactor drops its own
     connections, instead of outliving it.  Each member has ``drop()`` (on the loop).
+    Reactors are held weakly (tests build and discard many; an ``id`` could be reused).
     """
 
     def __init__(self) -> None:
-        self._live: dict[int, set[Any]] = {}
-        self._stopped: set[int] = set()
+        self._live: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+        self._stopped: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def add(self, hop: Any, conn: Any) -> None:
         """(loop) Track ``conn``, moved from ``hop.reactor`` (dropped at once if that
         reactor has shut down already)."""
-        key = id(hop.reactor)
-        if key in self._stopped:
+        reactor = hop.reactor
+        if reactor in self._stopped:
             conn.drop()
             return
-        live = self._live.get(key)
+        live = self._live.get(reactor)
         if live is None:
-            live = self._live[key] = set()
+            live = self._live[reactor] = set()
+            ref = weakref.ref(reactor)
 
             def stopping() -> None:  # reactor thread, while it shuts down
-                hop.to_loop(self._drop, key)
+                hop.to_loop(self._drop, ref)
 
-            hop.to_reactor(hop.reactor.addSystemEventTrigger, "during", "shutdown", stopping)
+            hop.to_reactor(reactor.addSystemEventTrigger, "during", "shutdown", stopping)
         live.add(conn)
 
     def discard(self, hop: Any, conn: Any) -> None:
         """(loop) ``conn`` is closed."""
-        live = self._live.get(id(hop.reactor))
+        live = self._live.get(hop.reactor)
         if live is not None:
             live.discard(conn)
 
-    def _drop(self, key: int) -> None:
-        self._stopped.add(key)
-        for conn in list(self._live.pop(key, ())):
+    def _drop(self, ref: weakref.ref) -> None:
+        reactor = ref()
+        if reactor is None:
+            return
+        self._stopped.add(reactor)
+        for conn in list(self._live.pop(reactor, ())):
             conn.drop()
 
 
