@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.error import ConnectingCancelledError
 
 from sesame.hub.tls import ensure_hub_tls, issue_client_cert
@@ -420,6 +420,10 @@ async def _next_connection(svc: ClientService, old, timeout: float = 20.0):
         if p is not old:
             return p
         await old.lost
+        # old.lost fires inside the protocol's connectionLost, before ClientService hears of
+        # the loss (its proxy tells it afterwards): without a reactor turn here this loop
+        # would ask again at once, get ``old`` again, and spin until the deadline
+        await task.deferLater(reactor, 0, lambda: None)
     raise AssertionError("ClientService did not reconnect")
 
 
