@@ -898,3 +898,18 @@ class ReadTests(NetConnUnitCase):
         transport.resumeProducing()
         self.assertEqual(protocol.kinds(), ["made", "data", "lost"])
         self.assertLostOnce(protocol, ConnectionDone)
+
+
+def test_encode_chunks_splits_at_max_message_and_keeps_every_byte() -> None:
+    from sesame.netconn._wire import MAX_MESSAGE, decode_bytes, encode_bytes, encode_chunks
+    from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
+
+    assert list(encode_chunks(b"")) == []
+    assert list(encode_chunks(b"abc")) == [encode_bytes(b"abc")]
+    for n in (MAX_MESSAGE, MAX_MESSAGE + 1, 3 * MAX_MESSAGE + 17):
+        data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        msgs = list(encode_chunks(data))
+        assert len(msgs) == -(-n // MAX_MESSAGE)
+        parts = [decode_bytes(m, rc_pb.NetConnRequest) for m in msgs]
+        assert all(len(p) <= MAX_MESSAGE for p in parts)
+        assert b"".join(parts) == data

@@ -29,10 +29,9 @@ from sesame.netconn._transport import NetConnTransport
 from sesame.netconn._wire import (
     HIGH_WATER,
     LOW_WATER,
-    MAX_MESSAGE,
     METHOD,
     decode_bytes,
-    encode_bytes,
+    encode_chunks,
 )
 from sesame.type import netaddr_pb2
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
@@ -355,12 +354,8 @@ class _ClientLoopSide:
         self._out.clear()
         self._out_bytes = 0
         if call is not None and call.status is None:
-            if 0 < len(data) <= MAX_MESSAGE:  # the usual case: no slice, no copy
-                call.send(encode_bytes(data))
-            elif data:
-                view = memoryview(data)
-                for i in range(0, len(data), MAX_MESSAGE):
-                    call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
+            for msg in encode_chunks(data):
+                call.send(msg)
             if self._half_close_pending:
                 self._half_close_pending = False
                 call.half_close()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import struct
 from typing import Any
 
 import grpc
@@ -41,8 +40,8 @@ from zope.interface import implementer
 
 from sesame.bridge import Hop, write_now
 from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
-from sesame.netconn._splice import loop_connections, reset
-from sesame.netconn._wire import HIGH_WATER, MAX_MESSAGE, decode_bytes, encode_bytes
+from sesame.netconn._splice import loop_connections, reset, reset_on_close, take_socket
+from sesame.netconn._wire import HIGH_WATER, decode_bytes, encode_chunks
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
 HALF_CLOSE_SETTLE = 0.02  # how long a client EOF waits for a cancellation to show up
@@ -178,12 +177,8 @@ class _ServerRelay:
                 if self._target_paused and self.target is not None:
                     self._target_paused = False
                     self.target.resume()
-                if len(data) <= MAX_MESSAGE:  # the usual case: no slice, no copy
-                    await self.context.write(encode_bytes(data))
-                    continue
-                view = memoryview(data)
-                for i in range(0, len(data), MAX_MESSAGE):
-                    await self.context.write(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
+                for msg in encode_chunks(data):
+                    await self.context.write(msg)
                 continue
             if self._target_gone is not None:
                 clean, why = self._target_gone
@@ -252,8 +247,8 @@ def drop_handover(value: Any) -> None:
     """Close the socket of a :class:`_Handover` nobody will adopt (its call ended during
     the hand-over), with a reset as an aborted dial would."""
     sock = value.sock if isinstance(value, _Handover) else None
-    if sock is not None and sock.fileno() >= 0:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if sock is not None:
+        reset_on_close(sock)
         sock.close()
 
 
@@ -316,15 +311,10 @@ class _Handover(Protocol):
         t = self.transport
         self.host, self.peer = t.getHost(), t.getPeer()
         try:
-            self.sock = t.socket.dup()
+            self.sock = take_socket(t)
         except OSError as exc:
             self.error = f"cannot take over the target connection: {exc.strerror or exc}"
             t.abortConnection()
-            return
-        t.stopReading()
-        # tcp.Connection's switch between an orderly close with and without shutdown(2)
-        t._shouldShutdown = False
-        t.loseConnection()
 
 
 class _LoopTarget(asyncio.Protocol):

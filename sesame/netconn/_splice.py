@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sesame.netconn._transport import CLOSE_GRACE, NetConnTransport
-from sesame.netconn._wire import HIGH_WATER, LOW_WATER, MAX_MESSAGE, encode_bytes
+from sesame.netconn._wire import HIGH_WATER, LOW_WATER, encode_chunks
 
 
 def _noop(*_: Any) -> None:
@@ -153,32 +153,42 @@ def splice(sock_transport: Any, netconn_transport: NetConnTransport,
     side = netconn_transport.loop_side
     assert side is not None
     try:
-        sock = sock_transport.socket.dup()
+        sock = take_socket(sock_transport)
     except OSError:
         return False
     _spliced += 1
     hooks = hooks or SpliceHooks()
     if first:
         netconn_transport.write(first)
-    collector = _Collector(netconn_transport, side, _detach(sock_transport, sock), hooks)
+    collector = _Collector(netconn_transport, side, sock, hooks)
     netconn_transport.protocol = collector
     netconn_transport.hop.to_loop(side.splice_begin, collector.release)
     return True
 
 
-def reset(transport: asyncio.Transport) -> None:
-    """Close an asyncio socket transport with a reset, as Twisted's ``abortConnection``
-    does (a plain close is a FIN, which a half-closing peer takes for an EOF)."""
-    sock = transport.get_extra_info("socket")
+def reset_on_close(sock: Any) -> None:
+    """Make closing ``sock`` (a socket, or asyncio's wrapper of one) send a reset, as
+    Twisted's ``abortConnection`` does (a plain close is a FIN, which a half-closing peer
+    takes for an EOF)."""
     if sock is not None and sock.fileno() >= 0:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close an asyncio socket transport with a reset (:func:`reset_on_close`)."""
+    reset_on_close(transport.get_extra_info("socket"))
     transport.abort()
 
 
-def _detach(t: Any, sock: socket.socket) -> socket.socket:
-    """Take the socket from a Twisted TCP transport without closing the connection:
-    ``sock``, a duplicate, is ours, and Twisted closes its descriptor without
-    ``shutdown(2)`` (and with a protocol that no longer listens)."""
+def take_socket(t: Any) -> socket.socket:
+    """(reactor) The socket of a connected Twisted TCP transport, ours from now on: a
+    duplicate, while Twisted closes its own descriptor without ``shutdown(2)`` (so the
+    connection stays open) and with a protocol that no longer listens; nothing more is
+    read on the reactor.
+
+    :raises OSError: no file descriptor for the duplicate; nothing was changed.
+    """
+    sock = t.socket.dup()
     t.stopReading()
     t.protocol = Protocol()
     t._shouldShutdown = False  # tcp.Connection's orderly close without shutdown(2)
@@ -241,12 +251,8 @@ class SplicedSocket(asyncio.Protocol):
         if call is None or call.status is not None:
             return  # the call is over: nothing takes these any more
         self.hooks.count_in(len(data))
-        if len(data) <= MAX_MESSAGE:
-            call.send(encode_bytes(data))
-        else:
-            view = memoryview(data)
-            for i in range(0, len(data), MAX_MESSAGE):
-                call.send(encode_bytes(bytes(view[i:i + MAX_MESSAGE])))
+        for msg in encode_chunks(data):
+            call.send(msg)
         if not self._reading_paused and call.buffered() > HIGH_WATER:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]

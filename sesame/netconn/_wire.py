@@ -8,6 +8,8 @@ No Twisted, no gRPC calls: the client (:mod:`._client`), the transport
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from sesame._wire import only_field, wrap_field
 
 METHOD = "/sesame.v1alpha1.RemoteControl/NetConn"
@@ -22,6 +24,18 @@ LOW_WATER = 256 * 1024
 def encode_bytes(data: bytes) -> bytes:
     """A ``bytes`` message (field 2 in both NetConnRequest and NetConnResponse)."""
     return wrap_field(0x12, data)
+
+
+def encode_chunks(data: bytes) -> Iterator[bytes]:
+    """``data`` as ``bytes`` messages of at most :data:`MAX_MESSAGE` each: one message,
+    with no slice, in the usual case; none for empty data."""
+    if len(data) <= MAX_MESSAGE:
+        if data:
+            yield encode_bytes(data)
+        return
+    view = memoryview(data)
+    for i in range(0, len(data), MAX_MESSAGE):
+        yield encode_bytes(bytes(view[i:i + MAX_MESSAGE]))
 
 
 def decode_bytes(msg: bytes, cls: type, *, view: bool = False) -> bytes | memoryview | None:
