@@ -141,6 +141,8 @@ class FakeCall(LoopCall):
         self.events: list[tuple[Any, ...]] = []  # ("message", raw) / ("half_close",) / ("cancel", status)
         self.reading: list[str] = []  # "pause" / "resume", as asked
         self.backlog = 0  # what buffered() reports
+        self.busy = False  # the call's writer is writing (after_write holds callbacks)
+        self.after: list[Callable[[], None]] = []
 
     # LoopCall
     def send(self, data: bytes) -> None:
@@ -149,6 +151,19 @@ class FakeCall(LoopCall):
 
     def buffered(self) -> int:
         return self.backlog
+
+    def after_write(self, cb: Callable[[], None]) -> bool:
+        if not self.busy:
+            return False
+        self.after.append(cb)
+        return True
+
+    def written(self) -> None:
+        """The writer is done: idle, and whoever waited is called."""
+        self.busy = False
+        cbs, self.after = self.after, []
+        for cb in cbs:
+            cb()
 
     def half_close(self) -> None:
         self.events.append(("half_close",))
@@ -480,6 +495,36 @@ class WriteTests(NetConnUnitCase):
         self.settle()
         self.assertEqual([len(c) for c in call.chunks()], [MAX_MESSAGE, len(data) - MAX_MESSAGE])
         self.assertEqual(call.payload(), data)
+        self.end(call)
+
+    def test_writes_while_the_call_is_busy_make_one_message_after_it(self) -> None:
+        _, transport, call = self.connect()
+        call.busy = True
+        transport.write(b"one ")
+        self.settle()
+        transport.write(b"two ")
+        self.settle()
+        transport.write(b"three")
+        self.settle()
+        self.assertEqual(call.chunks(), [])  # all waiting for the writer
+        call.written()
+        self.assertEqual(call.chunks(), [b"one two three"])
+        transport.write(b"idle")  # an idle writer: at once
+        self.settle()
+        self.assertEqual(call.chunks(), [b"one two three", b"idle"])
+        self.end(call)
+
+    def test_half_close_while_busy_sends_the_waiting_bytes_first(self) -> None:
+        _, transport, call = self.connect()
+        call.busy = True
+        transport.write(b"request")
+        self.settle()
+        transport.loseWriteConnection()
+        self.settle()
+        self.assertEqual(call.kinds(), ["message", "half_close"])
+        self.assertEqual(call.payload(), b"request")
+        call.written()  # nothing left for the callback
+        self.assertEqual(call.kinds(), ["message", "half_close"])
         self.end(call)
 
     def test_writeSequence(self) -> None:

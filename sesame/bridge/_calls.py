@@ -74,6 +74,12 @@ class LoopCall:
     def cancel(self, status: Status | None = None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def after_write(self, cb: Callable[[], None]) -> bool:
+        """Call ``cb`` once what the call is writing now has been written, and return
+        True; False (and no call) when nothing is being written: what is sent now leaves
+        at once.  A relay coalesces what arrives meanwhile into one message."""
+        return False
+
     def pause_reading(self) -> None:
         self._reading_paused = True
 
@@ -97,6 +103,8 @@ class AioLoopCall(LoopCall):
         self._wake_writer: asyncio.Future[None] | None = None
         self._wake_reader: asyncio.Future[None] | None = None
         self._closing = False
+        self._writing = False
+        self._after: list[Callable[[], None]] = []
         self._writer = self.loop.create_task(self._write_loop())
         self._reader = self.loop.create_task(self._read_loop())
 
@@ -113,6 +121,17 @@ class AioLoopCall(LoopCall):
     def half_close(self) -> None:
         self._closing = True
         self._kick_writer()
+
+    def after_write(self, cb: Callable[[], None]) -> bool:
+        if self.status is not None or not (self._writing or self._out):
+            return False
+        self._after.append(cb)
+        return True
+
+    def _run_after(self) -> None:
+        cbs, self._after = self._after, []
+        for cb in cbs:
+            cb()
 
     def cancel(self, status: Status | None = None) -> None:
         if self.status is None:
@@ -143,15 +162,22 @@ class AioLoopCall(LoopCall):
                     self._wake_writer = None
                     continue
                 data = self._out.popleft()
+                self._writing = True
                 await self.call.write(data)
+                self._writing = False
                 before = self._out_bytes
                 self._out_bytes -= len(data)
                 if before > LOW_WATER >= self._out_bytes:
                     self.on_writable()
+                if self._after and not self._out:
+                    self._run_after()
         except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
             return
         except Exception:  # noqa: BLE001 - the read side reports the call's fate
             return
+        finally:
+            self._writing = False
+            self._run_after()
 
     async def _read_loop(self) -> None:
         call = self.call
@@ -209,6 +235,9 @@ class TunnelLoopCall(LoopCall):
 
     def buffered(self) -> int:
         return self.conn.core.queued_bytes(self.sid) if self.sid is not None else 0
+
+    def after_write(self, cb: Callable[[], None]) -> bool:
+        return self.status is None and self.sid is not None and self.conn.after_write(cb)
 
     def half_close(self) -> None:
         if self.sid is not None and self.status is None:

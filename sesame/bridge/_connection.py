@@ -290,6 +290,8 @@ class TunnelConnection:
         self._outq: list[Frame] = []
         self._wake: asyncio.Future[None] | None = None
         self._writer_done = False
+        self._writing = False  # the writer is awaiting a batch's writes
+        self._after_write: list[Callable[[], Any]] = []
         self.closed: asyncio.Future[Status] = self.loop.create_future()
         self._drained_waiters: list[asyncio.Future[None]] = []
         self._close_callbacks: list[Callable[[Status], Any]] = []
@@ -468,17 +470,43 @@ class TunnelConnection:
                     self._wake = None
                     continue
                 batch, self._outq = self._outq, []
+                self._writing = True
                 for frame in batch:
                     two = parts(frame)
                     if two is not None:
                         await write_parts(*two)
                     else:
                         await write(encode(frame))
+                self._writing = False
+                if self._after_write:
+                    self._run_after_write()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
             if not self.is_closed:
                 self.terminate(Status(UNAVAILABLE, f"tunnel write failed: {exc}"))
+        finally:
+            self._writing = False
+            self._writer_done = True
+            self._run_after_write()  # nobody waits for a writer that is gone
+
+    def after_write(self, cb: Callable[[], Any]) -> bool:
+        """Call ``cb`` once the writer has written what it is writing and what is queued,
+        and return True; or return False (and never call it) when the writer is idle: what
+        is sent now leaves at once.  Byte relays use it to coalesce what arrives while the
+        outer call is busy into one message (:class:`sesame.netconn.Coalescer`)."""
+        if self._writer_done or not (self._writing or self._outq):
+            return False
+        self._after_write.append(cb)
+        return True
+
+    def _run_after_write(self) -> None:
+        cbs, self._after_write = self._after_write, []
+        for cb in cbs:
+            try:
+                cb()
+            except Exception:
+                log.exception("after-write callback failed")
 
     def _kick(self) -> None:
         w = self._wake

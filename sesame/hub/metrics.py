@@ -92,8 +92,11 @@ def payload_len(msg: bytes) -> int:
     n = len(msg)
     if not n or msg[0] != 0x12:
         return 0
-    # tag + varint(len) + payload; a NetConn message is at most 256 KiB (3-byte varint)
-    return n - 2 if n <= 129 else n - 3 if n <= 16386 else n - 4
+    # tag + varint(len) + payload; ours are at most 1 MiB (3-byte varint), a peer's may
+    # be as large as the call's 4 MiB message limit (4 bytes)
+    if n <= 16386:
+        return n - 2 if n <= 129 else n - 3
+    return n - 4 if n <= 2097155 else n - 5
 
 
 class ConnStats:

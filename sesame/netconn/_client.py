@@ -30,8 +30,8 @@ from sesame.netconn._wire import (
     HIGH_WATER,
     LOW_WATER,
     METHOD,
+    Coalescer,
     decode_bytes,
-    encode_chunks,
 )
 from sesame.type import netaddr_pb2
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
@@ -117,6 +117,8 @@ class _ClientLoopSide:
         self.d = d
         self.via = via
         self.call: LoopCall | None = None
+        #: what goes up the call: coalesced while the call is busy writing
+        self.up: Coalescer | None = None
         self.connected = False
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -162,6 +164,7 @@ class _ClientLoopSide:
         call.on_message = self._on_message
         call.on_end = self._on_end
         call.on_writable = self._on_writable
+        self.up = Coalescer(call.send, call.after_write)
         dial = rc_pb.NetConnRequest.Dial(address=netaddr_pb2.NetAddr(network=network, address=address))
         if timeout:
             dial.timeout.CopyFrom(duration_pb2.Duration(
@@ -354,12 +357,14 @@ class _ClientLoopSide:
         self._out.clear()
         self._out_bytes = 0
         if call is not None and call.status is None:
-            for msg in encode_chunks(data):
-                call.send(msg)
+            up = self.up
+            assert up is not None
+            up.push(data)
             if self._half_close_pending:
                 self._half_close_pending = False
+                up.flush()
                 call.half_close()
-            if call.buffered() > HIGH_WATER and not self._writers_paused:
+            if call.buffered() + up.pending > HIGH_WATER and not self._writers_paused:
                 self._writers_paused = True
                 self.hop.to_reactor(self.transport._pause_writers)
         if n:
@@ -370,6 +375,8 @@ class _ClientLoopSide:
         if self._flush_scheduled:
             self._half_close_pending = True
         elif self.call is not None:
+            if self.up is not None:
+                self.up.flush()
             self.call.half_close()
 
     def abort(self) -> None:

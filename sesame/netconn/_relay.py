@@ -41,7 +41,7 @@ from zope.interface import implementer
 from sesame.bridge import Hop, write_now
 from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
 from sesame.netconn._splice import loop_connections, reset, reset_on_close, take_socket
-from sesame.netconn._wire import HIGH_WATER, decode_bytes, encode_chunks
+from sesame.netconn._wire import HIGH_WATER, decode_bytes, encode_joined
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
 HALF_CLOSE_SETTLE = 0.02  # how long a client EOF waits for a cancellation to show up
@@ -169,16 +169,22 @@ class _ServerRelay:
     async def pump_down(self) -> Status:
         """target → client until the target is gone; returns the call status."""
         eof_sent = False
+        # a tunnelled call's write returns once queued: wait for the tunnel's writer
+        # (a grpc.aio call's write returns once written)
+        flushed = getattr(self.context, "flushed", None)
         while True:
             if self._down:
-                data = b"".join(self._down)
-                self._down.clear()
+                parts, n = self._down, self._down_bytes
+                self._down = []
                 self._down_bytes = 0
                 if self._target_paused and self.target is not None:
                     self._target_paused = False
                     self.target.resume()
-                for msg in encode_chunks(data):
+                for msg in encode_joined(parts, n):
                     await self.context.write(msg)
+                if flushed is not None:
+                    # what the target sends while the tunnel writes joins the next message
+                    await flushed()
                 continue
             if self._target_gone is not None:
                 clean, why = self._target_gone

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sesame.netconn._transport import CLOSE_GRACE, NetConnTransport
-from sesame.netconn._wire import HIGH_WATER, LOW_WATER, encode_chunks
+from sesame.netconn._wire import HIGH_WATER, LOW_WATER
 
 
 def _noop(*_: Any) -> None:
@@ -251,9 +251,9 @@ class SplicedSocket(asyncio.Protocol):
         if call is None or call.status is not None:
             return  # the call is over: nothing takes these any more
         self.hooks.count_in(len(data))
-        for msg in encode_chunks(data):
-            call.send(msg)
-        if not self._reading_paused and call.buffered() > HIGH_WATER:
+        up = self.side.up
+        up.push(data)
+        if not self._reading_paused and call.buffered() + up.pending > HIGH_WATER:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 

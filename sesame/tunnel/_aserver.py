@@ -44,6 +44,12 @@ class AsyncTunnelContext(ServedContext):
     async def write(self, message: Any) -> None:
         await self._s.write(message)
 
+    async def flushed(self) -> None:
+        """Return once the tunnel's writer has written what is queued now (at once when
+        it is idle).  ``write`` returns as soon as a message is queued; a byte relay that
+        awaits this after its writes coalesces what arrives meanwhile into one message."""
+        await self._s.flushed()
+
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
         self._s.send_headers(tuple(initial_metadata))
 
@@ -149,6 +155,18 @@ class AsyncServedStream(ServedCall):
             self._write_wake = self.loop.create_future()
             await self._write_wake
             self._write_wake = None
+
+    async def flushed(self) -> None:
+        if self.ended:
+            return
+        fut = self.loop.create_future()
+
+        def done() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if self.conn.after_write(done):
+            await fut
 
     def send_headers(self, headers: tuple) -> None:
         self._send_headers_now(headers)  # sent twice: ignored

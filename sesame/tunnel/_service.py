@@ -86,7 +86,7 @@ EXT_CHUNK_KEY = "sesame-tunnel-chunk"
 # window updates the other) plus one update batch; 4 MiB held a 20 ms link at ~100 MiB/s
 # (docs/PERFORMANCE.md).  It is also what a slow reader may leave buffered per stream.
 EXT_WINDOW = 16 * 1024 * 1024
-EXT_CHUNK = 256 * 1024
+EXT_CHUNK = 1024 * 1024  # one NetConn message of MAX_MESSAGE per frame
 
 
 def ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
