@@ -410,12 +410,14 @@ def _profile(stack: SesameStack) -> list[subprocess.Popen]:
     """``SESAME_BENCH_PROFILE=DIR``: ``py-spy record`` the hub and the remote for the whole
     measured part (DIR/hub.txt, DIR/remote.txt, collapsed stacks; extra py-spy arguments in
     ``SESAME_BENCH_PYSPY``, e.g. ``--native``).  ``SESAME_BENCH_PERF=DIR``: ``perf record``
-    them instead (DIR/hub.data, DIR/remote.data)."""
+    them instead (DIR/hub.data, DIR/remote.data; extra arguments in ``SESAME_BENCH_PERF_ARGS``,
+    e.g. ``--call-graph dwarf``)."""
     perf = os.environ.get("SESAME_BENCH_PERF")
     if perf:  # `perf record` instead: C, kernel and Python (as the interpreter's frames)
         Path(perf).mkdir(parents=True, exist_ok=True)
         return [subprocess.Popen(["perf", "record", "-F", "999", "-p", str(p.pid), "-o",
-                                  str(Path(perf) / f"{name}.data")],
+                                  str(Path(perf) / f"{name}.data"),
+                                  *os.environ.get("SESAME_BENCH_PERF_ARGS", "").split()],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for name, p in (("hub", stack.hub), ("remote", stack.remote))]
     where = os.environ.get("SESAME_BENCH_PROFILE")

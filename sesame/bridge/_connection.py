@@ -22,6 +22,8 @@ from sesame import core as _core
 from sesame._wire import only_field, varint, wrap_field
 from sesame.bridge._loop import Bridge
 from sesame.core import (
+    BATCH_BYTES,
+    BATCH_FRAME_MAX,
     CANCELLED,
     UNAVAILABLE,
     Codec,
@@ -30,6 +32,7 @@ from sesame.core import (
     Settings,
     Status,
     TunnelCore,
+    encode_batch,
 )
 
 log = logging.getLogger("sesame.tunnel")
@@ -291,6 +294,8 @@ class TunnelConnection:
         self._wake: asyncio.Future[None] | None = None
         self._writer_done = False
         self._writing = False  # the writer is awaiting a batch's writes
+        #: the peer reads several frames per outer message (sesame.tunnel.ext_apply)
+        self.batch = False
         self._after_write: list[Callable[[], Any]] = []
         self.closed: asyncio.Future[Status] = self.loop.create_future()
         self._drained_waiters: list[asyncio.Future[None]] = []
@@ -406,6 +411,7 @@ class TunnelConnection:
 
     async def _reader(self) -> None:
         decode = self.codec.decode
+        batched = self.codec.decode_batch
         core = self.core
         status = Status(UNAVAILABLE, "tunnel closed by peer")
         try:
@@ -414,10 +420,20 @@ class TunnelConnection:
                 if data is None:
                     self.eof = True
                     break
-                events = core.receive_frame(decode(data))
-                if core.terminated is not None and self.role is Role.CLIENT:
-                    events = _peer_broke_protocol(events, core.terminated)
-                self.pump(events)
+                frames = batched(data)
+                if frames is None:
+                    events = core.receive_frame(decode(data))
+                    if core.terminated is not None and self.role is Role.CLIENT:
+                        events = _peer_broke_protocol(events, core.terminated)
+                    self.pump(events)
+                else:
+                    for frame in frames:
+                        events = core.receive_frame(frame)
+                        if core.terminated is not None and self.role is Role.CLIENT:
+                            events = _peer_broke_protocol(events, core.terminated)
+                        self.pump(events)
+                        if core.terminated is not None:
+                            break
                 if core.terminated is not None:
                     status = core.terminated
                     break
@@ -471,12 +487,15 @@ class TunnelConnection:
                     continue
                 batch, self._outq = self._outq, []
                 self._writing = True
-                for frame in batch:
-                    two = parts(frame)
-                    if two is not None:
-                        await write_parts(*two)
-                    else:
-                        await write(encode(frame))
+                if self.batch and len(batch) > 1:
+                    await self._write_batched(batch, parts, write_parts)
+                else:
+                    for frame in batch:
+                        two = parts(frame)
+                        if two is not None:
+                            await write_parts(*two)
+                        else:
+                            await write(encode(frame))
                 self._writing = False
                 if self._after_write:
                     self._run_after_write()
@@ -489,6 +508,34 @@ class TunnelConnection:
             self._writing = False
             self._writer_done = True
             self._run_after_write()  # nobody waits for a writer that is gone
+
+    async def _write_batched(self, batch: list[Frame], parts: Callable, write_parts: Any) -> None:
+        """``batch`` as few outer messages as the peer takes: small frames together
+        (:func:`sesame.core.encode_batch`), large ones alone as usual."""
+        encode = self.codec.encode
+        write = self.outer.write
+        group: list[bytes] = []
+        size = 0
+        for frame in batch:
+            data = getattr(frame, "data", None)
+            if data is not None and len(data) >= BATCH_FRAME_MAX:
+                if group:
+                    await write(group[0] if len(group) == 1 else encode_batch(group))
+                    group, size = [], 0
+                two = parts(frame)
+                if two is not None:
+                    await write_parts(*two)
+                else:
+                    await write(encode(frame))
+                continue
+            f = encode(frame)
+            group.append(f)
+            size += len(f)
+            if size >= BATCH_BYTES:
+                await write(group[0] if len(group) == 1 else encode_batch(group))
+                group, size = [], 0
+        if group:
+            await write(group[0] if len(group) == 1 else encode_batch(group))
 
     def after_write(self, cb: Callable[[], Any]) -> bool:
         """Call ``cb`` once the writer has written what it is writing and what is queued,

@@ -18,12 +18,15 @@ compatibility promise to users.
 from __future__ import annotations
 
 from sesame.core._codec import (
+    BATCH_BYTES,
+    BATCH_FRAME_MAX,
     CODECS,
     NEGOTIATE_KEY,
     STATUS_DETAILS_KEY,
     Codec,
     GrpcTunnelCodec,
     SesameCodec,
+    encode_batch,
     handler_status,
     parse_timeout,
     status_from_proto,
@@ -96,6 +99,8 @@ from sesame.core._machine import (
 from sesame.core._window import FlowControlError, FlowWindow
 
 __all__ = [
+    "BATCH_BYTES",
+    "BATCH_FRAME_MAX",
     "CODECS",
     "ABORTED",
     "ALREADY_EXISTS",
@@ -158,6 +163,7 @@ __all__ = [
     "TunnelClosedError",
     "TunnelCore",
     "TunnelError",
+    "encode_batch",
     "TunnelTerminated",
     "UNAUTHENTICATED",
     "UNAVAILABLE",

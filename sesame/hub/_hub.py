@@ -58,7 +58,7 @@ from sesame.hub._auth import Need, Refused, VerifiedTokens, authorize, context_t
 from sesame.hub.metrics import HubMetrics, payload_len
 from sesame.hub.store import AlreadyExists, Store, StoreUnavailable, parse_token
 from sesame.netconn import METHOD as NETCONN_METHOD
-from sesame.tunnel import ext_apply, ext_metadata, ext_parse
+from sesame.tunnel import PeerExt, ext_apply, ext_metadata, ext_parse
 from sesame.v1alpha1 import tunnel_pb2
 
 log = logging.getLogger("sesame.hub")
@@ -427,7 +427,7 @@ class Hub:
             self._unregister(session)
             log.info("remote %s/%s disconnected", ns, name)
 
-    def stream_tunnel(self, outer: StreamOuter, peer_ext: tuple[int, int] | None) -> TunnelConnection:
+    def stream_tunnel(self, outer: StreamOuter, peer_ext: PeerExt | None) -> TunnelConnection:
         """The started tunnel over a remote's ``Stream``, the hub as its client."""
         conn = TunnelConnection(self.bridge, SesameCodec(Role.CLIENT), outer, Role.CLIENT)
         ext_apply(conn, peer_ext, own=True)  # large windows and frames between our peers
@@ -691,7 +691,7 @@ class Hub:
         return None if first is grpc.aio.EOF else first
 
     async def _relay(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
-                     peer_ext: tuple[int, int] | None = None, *, namespace: str = N.DEFAULT_NAMESPACE,
+                     peer_ext: PeerExt | None = None, *, namespace: str = N.DEFAULT_NAMESPACE,
                      route: str = "", revocable: _Revocable | None = None) -> None:
         """Carry one client NetConn call through a fresh Stream tunnel."""
         stats = self.metrics.open_connection(namespace, remote, route)
@@ -702,7 +702,7 @@ class Hub:
             stats.close()
 
     async def _relay_counted(self, context: Any, outer: StreamOuter, remote: str, first: bytes,
-                             peer_ext: tuple[int, int] | None, stats: Any,
+                             peer_ext: PeerExt | None, stats: Any,
                              revocable: _Revocable) -> None:
         conn = self.stream_tunnel(outer, peer_ext)
         call = TunnelLoopCall(conn, NETCONN_METHOD, ())

@@ -83,8 +83,6 @@ PEER_METHOD = "/sesame.cluster.v1.Peer/Stream"
 MD_PEER_AUTH = "sesame-peer-auth"
 #: The presence key of the session a relay asks for (the holding hub prefers it).
 MD_PEER_SESSION = "sesame-peer-session"
-#: Keys of the remote's tunnel extension metadata, forwarded by the peer.
-_EXT_KEYS = ("sesame-tunnel-window", "sesame-tunnel-chunk")
 #: Seconds a peer has to answer a relay with its stream before the next is tried.
 PEER_OPEN_TIMEOUT = 5.0
 
@@ -688,6 +686,8 @@ class Cluster:
     async def serve_peer_stream(self, request_iterator: Any, context: Any) -> None:
         """``Peer/Stream``: a peer hub asks for a Stream of one of *our* sessions and
         relays its tunnel's frames.  Only local sessions serve it (never a further hop)."""
+        from sesame.tunnel import ext_forward
+
         md = tuple(context.invocation_metadata() or ())
         if not self.authentic(md):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -712,8 +712,7 @@ class Cluster:
 
             await context.abort(grpc_code(getattr(exc, "code", 14), grpc.StatusCode.UNAVAILABLE),
                                 str(exc))
-        await context.send_initial_metadata(
-            tuple(zip(_EXT_KEYS, map(str, _ext), strict=True)) if _ext else ())
+        await context.send_initial_metadata(ext_forward(_ext))
         self.served_for_peers += 1
         session.connections += 1
         read_raw, write_raw = outer.raw()

@@ -28,9 +28,11 @@ from sesame.tunnel._server import (
 # Used by the layers above (remote agent, hub); not part of the public __all__.
 from sesame.tunnel._service import (  # noqa: F401
     DIALECTS,
+    PeerExt,
     ReverseTunnelServer,
     TunnelHost,
     ext_apply,
+    ext_forward,
     ext_metadata,
     ext_parse,
     open_tunnel,

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -82,6 +82,9 @@ async def _accept(context: grpc.aio.ServicerContext, codec: type[Codec]) -> tupl
 # dominate bulk transfers (DESIGN.md).
 EXT_WINDOW_KEY = "sesame-tunnel-window"
 EXT_CHUNK_KEY = "sesame-tunnel-chunk"
+# "I read outer messages that carry several frames" (SesameCodec.encode_batch): a unary
+# call is then one outer message each way (and a header), not three.
+EXT_BATCH_KEY = "sesame-tunnel-batch"
 # 16 MiB: a stream needs about twice its bandwidth-delay product in credit (data one way,
 # window updates the other) plus one update batch; 4 MiB held a 20 ms link at ~100 MiB/s
 # (docs/PERFORMANCE.md).  It is also what a slow reader may leave buffered per stream.
@@ -89,17 +92,27 @@ EXT_WINDOW = 16 * 1024 * 1024
 EXT_CHUNK = 1024 * 1024  # one NetConn message of MAX_MESSAGE per frame
 
 
+class PeerExt(NamedTuple):
+    """What a sesame peer's outer-call metadata grants: the window and largest frame it
+    takes, and whether it reads batched outer messages."""
+
+    window: int
+    chunk: int
+    batch: bool = False
+
+
 def ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
     if codec is not SesameCodec:
         return ()
-    return ((EXT_WINDOW_KEY, str(EXT_WINDOW)), (EXT_CHUNK_KEY, str(EXT_CHUNK)))
+    return ((EXT_WINDOW_KEY, str(EXT_WINDOW)), (EXT_CHUNK_KEY, str(EXT_CHUNK)),
+            (EXT_BATCH_KEY, "1"))
 
 
-def ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
-    """The peer's ``(window, chunk)`` from its outer-call metadata, or None (the fixed
-    sizes) unless both keys are there as ASCII digits in range: ``int`` alone would read
-    ``٦٥٥٣٥``, ``+65535`` or ``65_535``."""
-    d = {k: v for k, v in md or () if k in (EXT_WINDOW_KEY, EXT_CHUNK_KEY)}
+def ext_parse(md: Sequence[tuple[str, Any]]) -> PeerExt | None:
+    """The peer's :class:`PeerExt` from its outer-call metadata, or None (the fixed
+    sizes, one frame per message) unless the window and chunk keys are there as ASCII
+    digits in range: ``int`` alone would read ``٦٥٥٣٥``, ``+65535`` or ``65_535``."""
+    d = {k: v for k, v in md or () if k in (EXT_WINDOW_KEY, EXT_CHUNK_KEY, EXT_BATCH_KEY)}
     window_text, chunk_text = d.get(EXT_WINDOW_KEY), d.get(EXT_CHUNK_KEY)
     if not all(isinstance(t, str) and len(t) <= 10 and N.ascii_digits(t)
                for t in (window_text, chunk_text)):
@@ -107,17 +120,27 @@ def ext_parse(md: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
     window, chunk = int(window_text), int(chunk_text)
     if not (65535 <= window <= 2**31 - 1 and 1024 <= chunk <= 4 * 1024 * 1024):
         return None
-    return window, chunk
+    return PeerExt(window, chunk, d.get(EXT_BATCH_KEY) == "1")
 
 
-def ext_apply(conn: TunnelConnection, peer: tuple[int, int] | None, own: bool) -> None:
+def ext_forward(peer: PeerExt | None) -> tuple[tuple[str, str], ...]:
+    """``peer``'s extension as metadata again, for a relay that passes a peer's frames on
+    verbatim (the cluster's hub-to-hub relay): the far end sees what the peer granted."""
+    if peer is None:
+        return ()
+    md = ((EXT_WINDOW_KEY, str(peer.window)), (EXT_CHUNK_KEY, str(peer.chunk)))
+    return (*md, (EXT_BATCH_KEY, "1")) if peer.batch else md
+
+
+def ext_apply(conn: TunnelConnection, peer: PeerExt | None, own: bool) -> None:
     if not isinstance(conn.codec, SesameCodec):
         return
     pol = conn.core.policy
     if own:
         pol = replace(pol, recv_window=EXT_WINDOW, update_threshold=EXT_WINDOW // 8)
     if peer is not None:
-        pol = replace(pol, send_window=peer[0], max_chunk=min(EXT_CHUNK, peer[1]))
+        pol = replace(pol, send_window=peer.window, max_chunk=min(EXT_CHUNK, peer.chunk))
+        conn.batch = peer.batch
     conn.core.policy = pol
 
 
