@@ -88,9 +88,15 @@ class NetConn:
         self.call = channel.stream_stream(METHOD)(
             self._requests(), timeout=timeout,
             metadata=(("authorization", f"Bearer {token}"), ("sesame-remote", remote)))
-        first = next(self.call)
-        if rc_pb.NetConnResponse.FromString(first).WhichOneof("data") != "conn":
-            raise AssertionError(f"first NetConn answer is not conn: {first!r}")
+        try:
+            first = next(self.call)
+            if rc_pb.NetConnResponse.FromString(first).WhichOneof("data") != "conn":
+                raise AssertionError(f"first NetConn answer is not conn: {first!r}")
+        except BaseException:
+            # grpc's thread consuming _requests() would wait in _q.get() for ever: one
+            # leaked thread per refused attempt (a probe retried for 20 s left 156)
+            self.close()
+            raise
         self._buf = b""
 
     def _requests(self) -> Iterator[bytes]:
