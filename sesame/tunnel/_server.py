@@ -213,6 +213,17 @@ class _ServedStream(ServedCall):
     def _loop_finish(self, status: Status, trailers: tuple) -> None:
         self.conn.close_stream(self.sid, status, trailers)
 
+    def _loop_reply(self, data: bytes, status: Status, trailers: tuple) -> None:
+        """A unary method's one response and its status, together."""
+        conn = self.conn
+        if conn.core.is_live(self.sid):
+            try:
+                conn.send_message(self.sid, data)
+            except TunnelError as exc:
+                conn.cancel(self.sid, Status(exc.code, str(exc)))
+                return
+        self._loop_finish(status, trailers)
+
     # --- handler thread side ----------------------------------------------------
 
     def add_callback(self, cb: Callable[[], Any]) -> bool:
@@ -256,6 +267,9 @@ class _ServedStream(ServedCall):
     def _run(self) -> None:
         ctx = TunnelServicerContext(self)
         h = self.handler
+        # a single response leaves with the status in one hand-off to the loop, so that
+        # header, message and close_stream go out together (one outer message, batched)
+        reply: bytes | None = None
         try:
             if self.ended:
                 return
@@ -263,11 +277,11 @@ class _ServedStream(ServedCall):
             if h.unary_unary is not None:
                 resp = h.unary_unary(arg, ctx)
                 if ctx.code() is None or ctx.code() == grpc.StatusCode.OK:
-                    self.send(self._serialize(resp))
+                    reply = self._serialize(resp)
             elif h.stream_unary is not None:
                 resp = h.stream_unary(arg, ctx)
                 if ctx.code() is None or ctx.code() == grpc.StatusCode.OK:
-                    self.send(self._serialize(resp))
+                    reply = self._serialize(resp)
             else:
                 fn = h.unary_stream if h.unary_stream is not None else h.stream_stream
                 for resp in fn(arg, ctx):
@@ -289,7 +303,11 @@ class _ServedStream(ServedCall):
             elif ctx.details() is None:
                 status = Status(status.code, f"Exception calling application: {exc}",
                                 status.details)
-        self.bridge.post(self._loop_finish, status, trailers)
+            reply = None
+        if reply is not None:
+            self.bridge.post(self._loop_reply, reply, status, trailers)
+        else:
+            self.bridge.post(self._loop_finish, status, trailers)
 
 
 def _quietly(cb: Callable[[], Any]) -> None:
