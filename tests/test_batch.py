@@ -193,3 +193,17 @@ def test_a_broken_batch_ends_its_tunnel_and_no_other() -> None:
     assert "batch" in details and "past the end" in details, details
     assert [type(f) for f in got] == [Headers, Message, CloseStream]
     assert got[2].status.code == 0
+
+
+def test_the_batch_key_is_granted_only_where_the_reader_reads_batches() -> None:
+    from sesame.core import GrpcTunnelCodec
+    from sesame.tunnel import PeerExt, ext_forward, ext_metadata, ext_parse
+
+    assert ("sesame-tunnel-batch", "1") in ext_metadata(SesameCodec)
+    # a peer hub of an earlier release relays the frames: no batches for it
+    assert all(k != "sesame-tunnel-batch" for k, _ in ext_metadata(SesameCodec, batch=False))
+    assert ext_metadata(GrpcTunnelCodec) == ()
+    # a relay passes on exactly what the far end granted
+    for peer in (PeerExt(65535, 16256, False), PeerExt(16 << 20, 1 << 20, True)):
+        assert ext_parse(ext_forward(peer)) == peer
+    assert ext_forward(None) == ()

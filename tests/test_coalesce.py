@@ -136,6 +136,7 @@ def test_every_byte_in_order_and_no_message_over_the_cap(ops: list) -> None:
             if not w.busy:
                 assert c.pending == 0
         assert c.pending <= MAX_MESSAGE
+        assert len(w.waiting) <= 1  # one callback per wait, however many pushes
     w.done()
     c.flush()
     payloads = w.payloads()
@@ -226,3 +227,42 @@ def test_tunnel_after_write_waits_for_the_writer_and_for_its_end() -> None:
         assert conn.after_write(lambda: called.append("never")) is False
 
     asyncio.run(main())
+
+
+def test_batching_writer_groups_small_frames_and_sends_large_ones_alone() -> None:
+    from sesame._wire import only_field
+    from sesame.core import BATCH_FRAME_MAX
+    from sesame.core._frames import Message, NewStream
+    from sesame.tunnel import PeerExt, ext_apply
+
+    big = b"B" * BATCH_FRAME_MAX
+
+    async def main() -> list[list]:
+        conn, gates, written = await _tunnel_with_gated_writes()
+        # a peer that grants 1 MiB frames and said sesame-tunnel-batch: 1
+        ext_apply(conn, PeerExt(16 << 20, 1 << 20, batch=True), own=True)
+        assert conn.batch
+        sid = conn.open_stream("/x.Y/Z", (), _Handler())
+        for data in (b"small one", big, b"small two", b"small three"):
+            conn.send_message(sid, data)
+        await _release_until(gates, lambda: len(written) >= 3)
+        dec = SesameCodec(Role.SERVER)
+        out = []
+        for msg in written:
+            frame_bytes = only_field(msg, 0x1A)  # the Stream envelope's tunnel field
+            assert frame_bytes is not None
+            batch = dec.decode_batch(frame_bytes)
+            out.append(batch if batch is not None else [dec.decode(frame_bytes)])
+        conn._writer_task.cancel()
+        await _turns()
+        return out
+
+    out = asyncio.run(main())
+    shapes = [[(type(f).__name__, len(getattr(f, "data", b""))) for f in m] for m in out]
+    assert shapes == [
+        [("NewStream", 0), ("Message", 9)],  # small frames together, in order
+        [("Message", len(big))],  # a large one alone (no batch container)
+        [("Message", 9), ("Message", 11)],
+    ], shapes
+    assert isinstance(out[0][0], NewStream) and isinstance(out[1][0], Message)
+    assert out[1][0].data == big

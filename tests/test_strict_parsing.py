@@ -21,7 +21,7 @@ from twisted.python import usage
 from sesame import _names as N
 from sesame.core import parse_timeout
 from sesame.tunnel._served import split_timeout
-from sesame.tunnel._service import EXT_CHUNK_KEY, EXT_WINDOW_KEY, ext_parse
+from sesame.tunnel._service import EXT_CHUNK_KEY, EXT_WINDOW_KEY, PeerExt, ext_parse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,9 +143,14 @@ def test_tunnel_metadata_numbers_are_ascii_digits(window, chunk):
 
 
 def test_tunnel_metadata_ascii_digits_in_range():
-    assert ext_parse(_ext("4194304", "262144")) == (4194304, 262144)
-    assert ext_parse(_ext("65535", "1024")) == (65535, 1024)
-    assert ext_parse(_ext("0000065535", "1024")) == (65535, 1024)
+    assert ext_parse(_ext("4194304", "262144")) == PeerExt(4194304, 262144, batch=False)
+    assert ext_parse(_ext("65535", "1024")) == PeerExt(65535, 1024, batch=False)
+    assert ext_parse(_ext("0000065535", "1024")) == PeerExt(65535, 1024, batch=False)
+    # batches only for exactly "1", and only with valid sizes
+    assert ext_parse((*_ext("65535", "1024"), ("sesame-tunnel-batch", "1"))).batch is True
+    for no in ("0", "yes", " 1", "١"):
+        assert ext_parse((*_ext("65535", "1024"), ("sesame-tunnel-batch", no))).batch is False
+    assert ext_parse((*_ext("65534", "1024"), ("sesame-tunnel-batch", "1"))) is None
     assert ext_parse(_ext("65534", "1024")) is None  # out of range, as before
     assert ext_parse(((EXT_WINDOW_KEY, "65535"),)) is None
     assert ext_parse(()) is None

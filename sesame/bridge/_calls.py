@@ -123,7 +123,7 @@ class AioLoopCall(LoopCall):
         self._kick_writer()
 
     def after_write(self, cb: Callable[[], None]) -> bool:
-        if self.status is not None or not (self._writing or self._out):
+        if self.status is not None or self._writer.done() or not (self._writing or self._out):
             return False
         self._after.append(cb)
         return True

@@ -538,10 +538,12 @@ class TunnelConnection:
             await write(group[0] if len(group) == 1 else encode_batch(group))
 
     def after_write(self, cb: Callable[[], Any]) -> bool:
-        """Call ``cb`` once the writer has written what it is writing and what is queued,
-        and return True; or return False (and never call it) when the writer is idle: what
-        is sent now leaves at once.  Byte relays use it to coalesce what arrives while the
-        outer call is busy into one message (:class:`sesame.netconn.Coalescer`)."""
+        """Call ``cb`` once the writer has written the batch of frames it is writing (or,
+        idle with frames queued, the batch it takes next), and return True; or return False
+        (and never call it) when there is nothing to write: what is sent now leaves at
+        once.  Byte relays use it to coalesce what arrives while the outer call is busy
+        into one message (:class:`sesame.netconn.Coalescer`).  The writer ending calls
+        every waiting ``cb``."""
         if self._writer_done or not (self._writing or self._outq):
             return False
         self._after_write.append(cb)

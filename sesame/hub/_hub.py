@@ -90,6 +90,8 @@ PROXY_MAX_RECEIVE = 4 * 1024 * 1024 + 64 * 1024
 class _PendingStream:
     endpoint: str
     future: asyncio.Future
+    #: whoever reads the stream's frames reads batches (sesame.tunnel.PeerExt.batch)
+    batch: bool = True
 
 
 @dataclass(eq=False)  # identity: sessions go in sets (the token holders)
@@ -472,7 +474,8 @@ class Hub:
                 log.info("relay of %s/%s through hub %s failed: %s", namespace, remote, p.hub, why)
         raise _HubError(UNAVAILABLE, f"no hub could open a stream to remote {remote}: {why}")
 
-    async def request_stream(self, session: Session, endpoint: str) -> Any:
+    async def request_stream(self, session: Session, endpoint: str, *,
+                             batch: bool = True) -> Any:
         """Ask the remote for a new Stream; returns its ``_StreamCall`` once dialled."""
         try:
             await self.verify(session.token, Need("register", session.namespace, session.remote))
@@ -497,14 +500,14 @@ class Hub:
                             f"remote {session.remote} has {len(session.pending)} stream "
                             f"requests outstanding for {STREAM_REQUEST_TIMEOUT:g}s") from None
         try:
-            return await self._ask_for_stream(session, endpoint)
+            return await self._ask_for_stream(session, endpoint, batch)
         finally:
             session.slots.release()
 
-    async def _ask_for_stream(self, session: Session, endpoint: str) -> Any:
+    async def _ask_for_stream(self, session: Session, endpoint: str, batch: bool) -> Any:
         k = next(self._stream_ids)
         fut = asyncio.get_running_loop().create_future()
-        pending = session.pending[k] = _PendingStream(endpoint, fut)
+        pending = session.pending[k] = _PendingStream(endpoint, fut, batch)
         self._pending[k] = (session, pending)
         try:
             await session.send(tunnel_pb2.TunnelResponse(id=k, stream={"endpoint": endpoint}))
@@ -558,7 +561,8 @@ class Hub:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND,
                                 f"no outstanding stream request {sid!r} for remote {name}",
                                 drain=False)
-        await context.send_initial_metadata(ext_metadata(SesameCodec))
+        # a peer hub relaying this stream reads its frames: batches only if it said so
+        await context.send_initial_metadata(ext_metadata(SesameCodec, batch=pending.batch))
         await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
         t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (sesame.hub.metrics)
         await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})

@@ -647,7 +647,7 @@ class Cluster:
         peer_ext)`` as :meth:`sesame.hub.Hub.request_stream` returns.  Raises
         ``grpc.aio.AioRpcError`` when the peer cannot give one."""
         from sesame.bridge import StreamOuter
-        from sesame.tunnel import ext_parse
+        from sesame.tunnel import EXT_BATCH_KEY, ext_parse
         from sesame.v1alpha1 import tunnel_pb2
 
         peer = self.peers.get(p.hub)
@@ -655,7 +655,7 @@ class Cluster:
             raise _PeerGone(f"hub {p.hub} left the cluster")
         md = ((MD_PEER_AUTH, self._secret),
               (N.MD_REMOTE, N.resource_name(p.namespace, p.remote)), (N.MD_ENDPOINT, endpoint),
-              (MD_PEER_SESSION, p.key))
+              (MD_PEER_SESSION, p.key), (EXT_BATCH_KEY, "1"))  # we read batched frames
         call = self._channel(peer).stream_stream(PEER_METHOD)(metadata=md)
         try:
             try:
@@ -686,7 +686,7 @@ class Cluster:
     async def serve_peer_stream(self, request_iterator: Any, context: Any) -> None:
         """``Peer/Stream``: a peer hub asks for a Stream of one of *our* sessions and
         relays its tunnel's frames.  Only local sessions serve it (never a further hop)."""
-        from sesame.tunnel import ext_forward
+        from sesame.tunnel import EXT_BATCH_KEY, ext_forward
 
         md = tuple(context.invocation_metadata() or ())
         if not self.authentic(md):
@@ -706,7 +706,10 @@ class Cluster:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"hub {self.id}: {self.hub.unrouted(ns, name, endpoint)}")
         try:
-            outer, done, _ext = await self.hub.request_stream(session, endpoint)
+            # the remote batches frames only if the asking hub reads batches (a hub of an
+            # earlier release does not say so)
+            outer, done, _ext = await self.hub.request_stream(
+                session, endpoint, batch=N.md_get(md, EXT_BATCH_KEY) == "1")
         except Exception as exc:  # noqa: BLE001 - the holding hub's _HubError
             from sesame.bridge import grpc_code
 

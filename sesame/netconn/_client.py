@@ -364,7 +364,7 @@ class _ClientLoopSide:
                 self._half_close_pending = False
                 up.flush()
                 call.half_close()
-            if call.buffered() + up.pending > HIGH_WATER and not self._writers_paused:
+            if call.buffered() > HIGH_WATER and not self._writers_paused:
                 self._writers_paused = True
                 self.hop.to_reactor(self.transport._pause_writers)
         if n:

@@ -251,9 +251,10 @@ class SplicedSocket(asyncio.Protocol):
         if call is None or call.status is not None:
             return  # the call is over: nothing takes these any more
         self.hooks.count_in(len(data))
-        up = self.side.up
-        up.push(data)
-        if not self._reading_paused and call.buffered() + up.pending > HIGH_WATER:
+        self.side.up.push(data)
+        # what the coalescer holds (under 1 MiB) is not counted: only the call's own
+        # backlog going back under its low mark resumes us (on_writable)
+        if not self._reading_paused and call.buffered() > HIGH_WATER:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 

@@ -28,6 +28,7 @@ from sesame.tunnel._server import (
 # Used by the layers above (remote agent, hub); not part of the public __all__.
 from sesame.tunnel._service import (  # noqa: F401
     DIALECTS,
+    EXT_BATCH_KEY,
     PeerExt,
     ReverseTunnelServer,
     TunnelHost,

@@ -45,8 +45,8 @@ class AsyncTunnelContext(ServedContext):
         await self._s.write(message)
 
     async def flushed(self) -> None:
-        """Return once the tunnel's writer has written what is queued now (at once when
-        it is idle).  ``write`` returns as soon as a message is queued; a byte relay that
+        """Return once the tunnel's writer has written the batch it is writing (at once
+        when it has nothing to write).  ``write`` returns as soon as a message is queued; a byte relay that
         awaits this after its writes coalesces what arrives meanwhile into one message."""
         await self._s.flushed()
 

@@ -83,7 +83,7 @@ async def _accept(context: grpc.aio.ServicerContext, codec: type[Codec]) -> tupl
 EXT_WINDOW_KEY = "sesame-tunnel-window"
 EXT_CHUNK_KEY = "sesame-tunnel-chunk"
 # "I read outer messages that carry several frames" (SesameCodec.encode_batch): a unary
-# call is then one outer message each way (and a header), not three.
+# call is then one outer message each way, not three.
 EXT_BATCH_KEY = "sesame-tunnel-batch"
 # 16 MiB: a stream needs about twice its bandwidth-delay product in credit (data one way,
 # window updates the other) plus one update batch; 4 MiB held a 20 ms link at ~100 MiB/s
@@ -101,11 +101,14 @@ class PeerExt(NamedTuple):
     batch: bool = False
 
 
-def ext_metadata(codec: type[Codec]) -> tuple[tuple[str, str], ...]:
+def ext_metadata(codec: type[Codec], *, batch: bool = True) -> tuple[tuple[str, str], ...]:
+    """What this side grants its peer (``batch``: it reads batched outer messages; off
+    when another process reads the frames, e.g. a peer hub relaying them, that did not say
+    so itself)."""
     if codec is not SesameCodec:
         return ()
-    return ((EXT_WINDOW_KEY, str(EXT_WINDOW)), (EXT_CHUNK_KEY, str(EXT_CHUNK)),
-            (EXT_BATCH_KEY, "1"))
+    md = ((EXT_WINDOW_KEY, str(EXT_WINDOW)), (EXT_CHUNK_KEY, str(EXT_CHUNK)))
+    return (*md, (EXT_BATCH_KEY, "1")) if batch else md
 
 
 def ext_parse(md: Sequence[tuple[str, Any]]) -> PeerExt | None:
