@@ -1699,7 +1699,8 @@ async def run_remote_tunnel(env: Env, case: dict) -> Result:
     async with env.remote_lock:  # one at a time, so the remote's new tunnel is this case's
         before = set(env.remote._streams)
         try:
-            outer, done, _ = await env.hub.request_stream(session, "netconn")
+            # this harness reads the remote's frames one per message: no batches for it
+            outer, done, _ = await env.hub.request_stream(session, "netconn", batch=False)
         except Exception as exc:  # noqa: BLE001
             res.fail(f"the remote did not open a stream: {exc!r}")
             return res
