@@ -203,6 +203,9 @@ def test_the_batch_key_is_granted_only_where_the_reader_reads_batches() -> None:
     # a peer hub of an earlier release relays the frames: no batches for it
     assert all(k != "sesame-tunnel-batch" for k, _ in ext_metadata(SesameCodec, batch=False))
     assert ext_metadata(GrpcTunnelCodec) == ()
+    # and the grpctunnel.v1 dialect never reads one (a 2047 field is an undecodable frame)
+    assert GrpcTunnelCodec(Role.SERVER).decode_batch(
+        encode_batch([SesameCodec(Role.CLIENT).encode(HalfClose(1))])) is None
     # a relay passes on exactly what the far end granted
     for peer in (PeerExt(65535, 16256, False), PeerExt(16 << 20, 1 << 20, True)):
         assert ext_parse(ext_forward(peer)) == peer

@@ -469,15 +469,6 @@ class GrpcTunnelCodec(Codec):
             return Invalid(0, f"undecodable frame: {exc}")
         return self._decode_one(pb)
 
-    def decode_batch(self, data: Any) -> list[Frame] | None:
-        try:
-            frames = split_batch(data)
-        except ValueError as exc:
-            return [Invalid(0, f"undecodable batch of frames: {exc}")]
-        if frames is None:
-            return None
-        return [self.decode(f) for f in frames]
-
     def _decode_c2s(self, pb: Any) -> Frame:
         sid = pb.stream_id
         which = pb.WhichOneof("frame")

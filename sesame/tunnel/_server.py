@@ -193,13 +193,21 @@ class _ServedStream(ServedCall):
         except RuntimeError:  # pool shut down
             self.conn.cancel(self.sid, Status(CANCELLED, "server shutting down"))
 
-    def _loop_send(self, data: bytes) -> None:
+    def _send_now(self, data: bytes) -> bool:
+        """Queue ``data`` on the stream while it lives; False when the core refused it
+        (the stream is cancelled with the reason)."""
         conn = self.conn
         if conn.core.is_live(self.sid):
             try:
                 conn.send_message(self.sid, data)
             except TunnelError as exc:
                 conn.cancel(self.sid, Status(exc.code, str(exc)))
+                return False
+        return True
+
+    def _loop_send(self, data: bytes) -> None:
+        conn = self.conn
+        self._send_now(data)
         with self.cond:
             self.unsent -= len(data)
             if conn.core.queued_bytes(self.sid) > conn.core.send_low_water:
@@ -215,14 +223,8 @@ class _ServedStream(ServedCall):
 
     def _loop_reply(self, data: bytes, status: Status, trailers: tuple) -> None:
         """A unary method's one response and its status, together."""
-        conn = self.conn
-        if conn.core.is_live(self.sid):
-            try:
-                conn.send_message(self.sid, data)
-            except TunnelError as exc:
-                conn.cancel(self.sid, Status(exc.code, str(exc)))
-                return
-        self._loop_finish(status, trailers)
+        if self._send_now(data):
+            self._loop_finish(status, trailers)
 
     # --- handler thread side ----------------------------------------------------
 
