@@ -542,7 +542,7 @@ class TunnelConnection:
         idle with frames queued, the batch it takes next), and return True; or return False
         (and never call it) when there is nothing to write: what is sent now leaves at
         once.  Byte relays use it to coalesce what arrives while the outer call is busy
-        into one message (:class:`sesame.netconn.Coalescer`).  The writer ending calls
+        into one message (:class:`sesame.netconn._wire.Coalescer`).  The writer ending calls
         every waiting ``cb``."""
         if self._writer_done or not (self._writing or self._outq):
             return False
