@@ -15,7 +15,7 @@ from sesame._wire import only_field, varint, wrap_field
 METHOD = "/sesame.v1alpha1.RemoteControl/NetConn"
 # Coalescing cap for one bytes message (receivers take any size up to the call's
 # message limit, 4 MiB by default).  1 MiB: grpcio spends ~0.2 ms of CPU per message
-# sent whatever its size (docs/PERFORMANCE.md, "Larger messages"), so a bulk relay wants
+# sent whatever its size (docs/PERFORMANCE.md, "Data path, third pass"), so a relay wants
 # few large messages.  Kept a little under 1 MiB so that, framed, one message fits one
 # tunnel frame of the window extension (EXT_CHUNK) instead of spilling into a second.
 MAX_MESSAGE = 1024 * 1024 - 64
