@@ -489,7 +489,7 @@ def client_main(args: argparse.Namespace) -> None:
             ssh_note = nc.SSHD.available()
             if ssh_note is None:
                 try:
-                    sshd = nc.SSHD()
+                    sshd = nc.SSHD(cipher=args.ssh_cipher)
                     sshd.start()
                     ssh_ports = dict(zip(names, sshd.forward(
                         "-R", [targets[k] for k in names],
@@ -739,6 +739,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the median round")
     p.add_argument("--write-size", type=int, default=64 * 1024, help="bytes per transport.write when uploading")
     p.add_argument("--no-ssh", dest="ssh", action="store_false", help="skip the ssh -R peer")
+    p.add_argument("--ssh-cipher", default=None,
+                   help="the ssh -R client's cipher (-c), e.g. aes128-gcm@openssh.com; "
+                        "default: ssh's own default")
     p.add_argument("--wan-delay-ms", type=float, default=0,
                    help="one-way delay (bench/delayproxy.py) between the hub and the remote, "
                         "and between sshd and ssh -R: a far-away remote (10: 20 ms RTT)")

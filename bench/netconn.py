@@ -595,10 +595,13 @@ def _free_port() -> int:
 class SSHD:
     """A throw-away sshd on 127.0.0.1 with temp keys, and ssh -R forwards through it."""
 
-    def __init__(self) -> None:
+    def __init__(self, cipher: str | None = None) -> None:
+        """``cipher``: the ssh client's ``-c`` (e.g. ``aes128-gcm@openssh.com``); None: its
+        default."""
         self.dir = Path(tempfile.mkdtemp(prefix="nc-bench-ssh-"))
         self.procs: list[subprocess.Popen] = []
         self.port = _free_port()
+        self._cipher = cipher
 
     @staticmethod
     def available() -> str | None:
@@ -640,13 +643,15 @@ class SSHD:
             ["ssh", "-N", "-p", str(via_port or self.port), "-i", str(self.dir / "client"),
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
              "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
-             *fwd, f"{user}@127.0.0.1"],
+             *(["-c", self._cipher] if self._cipher else []), *fwd, f"{user}@127.0.0.1"],
             stdin=subprocess.DEVNULL)
         self.procs.append(proc)
         _wait_port(lports[-1], 10)
         return lports
 
     def cipher(self) -> str:
+        if self._cipher:
+            return self._cipher
         out = subprocess.run(["ssh", "-G", "-p", str(self.port), "127.0.0.1"], capture_output=True, text=True)
         for line in out.stdout.splitlines():
             if line.startswith("ciphers "):
