@@ -266,3 +266,28 @@ def test_batching_writer_groups_small_frames_and_sends_large_ones_alone() -> Non
     ], shapes
     assert isinstance(out[0][0], NewStream) and isinstance(out[1][0], Message)
     assert out[1][0].data == big
+
+
+def test_relayed_sockets_read_a_whole_message_per_recv() -> None:
+    import socket
+
+    from sesame.netconn._splice import read_whole_messages
+
+    async def main() -> tuple[int, int]:
+        a, b = socket.socketpair()
+        try:
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                asyncio.Protocol, a)
+            before = transport.max_size  # type: ignore[attr-defined]
+            read_whole_messages(transport)
+            after = transport.max_size  # type: ignore[attr-defined]
+            transport.close()
+            return before, after
+        finally:
+            b.close()
+
+    before, after = asyncio.run(main())
+    assert before < MAX_MESSAGE == after
+    other = types.SimpleNamespace()  # a transport of another loop: left alone
+    read_whole_messages(other)
+    assert not hasattr(other, "max_size")

@@ -40,7 +40,13 @@ from zope.interface import implementer
 
 from sesame.bridge import Hop, write_now
 from sesame.core import INTERNAL, INVALID_ARGUMENT, OK, UNAVAILABLE, Status
-from sesame.netconn._splice import loop_connections, reset, reset_on_close, take_socket
+from sesame.netconn._splice import (
+    loop_connections,
+    read_whole_messages,
+    reset,
+    reset_on_close,
+    take_socket,
+)
 from sesame.netconn._wire import HIGH_WATER, decode_bytes, encode_joined
 from sesame.v1alpha1 import remotecontrol_pb2 as rc_pb
 
@@ -344,6 +350,7 @@ class _LoopTarget(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        read_whole_messages(transport)
         loop_connections.add(self.relay.hop, self)
 
     def data_received(self, data: bytes) -> None:
