@@ -105,16 +105,6 @@ def test_cap_sends_full_messages_while_busy() -> None:
     assert [len(p) for p in w.payloads()] == [1, 2 * len(chunk), len(chunk)]
 
 
-def test_discard_drops_what_waits() -> None:
-    w = Writer()
-    c = Coalescer(w.send, w.after_write)
-    c.push(b"a")
-    c.push(b"lost")
-    c.discard()
-    w.done()
-    assert w.payloads() == [b"a"]
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(
     st.binary(min_size=0, max_size=300),
@@ -291,3 +281,18 @@ def test_relayed_sockets_read_a_whole_message_per_recv() -> None:
     other = types.SimpleNamespace()  # a transport of another loop: left alone
     read_whole_messages(other)
     assert not hasattr(other, "max_size")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 300), st.integers(MAX_MESSAGE // 3, 2 * MAX_MESSAGE + 5)),
+                max_size=6))
+def test_joined_parts_become_capped_messages_in_order(sizes: list[int]) -> None:
+    from sesame.netconn._wire import encode_joined
+
+    parts = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    msgs = list(encode_joined(parts, sum(sizes)))
+    payloads = [bytes(decode_bytes(m, rc_pb.NetConnResponse)) for m in msgs]
+    assert b"".join(payloads) == b"".join(parts)
+    assert all(0 < len(p) <= MAX_MESSAGE for p in payloads)
+    if 0 < sum(sizes) <= MAX_MESSAGE:
+        assert len(msgs) == 1  # what fits one message is one message

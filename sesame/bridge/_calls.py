@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from sesame.bridge._connection import TunnelConnection
+from sesame.bridge._connection import TunnelConnection, call_each
 from sesame.core import CANCELLED, UNAVAILABLE, Status, TunnelError
 
 MessageCallback = Callable[[bytes], None]
@@ -130,8 +130,7 @@ class AioLoopCall(LoopCall):
 
     def _run_after(self) -> None:
         cbs, self._after = self._after, []
-        for cb in cbs:
-            cb()
+        call_each(cbs)
 
     def cancel(self, status: Status | None = None) -> None:
         if self.status is None:

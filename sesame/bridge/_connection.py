@@ -229,6 +229,16 @@ class StreamOuter(OuterStream):
         return ()
 
 
+def call_each(cbs: list[Callable[[], Any]]) -> None:
+    """Call every callback in order; one that raises is logged and the rest still run
+    (after-write callbacks run inside a writer, which must not die of them)."""
+    for cb in cbs:
+        try:
+            cb()
+        except Exception:
+            log.exception("after-write callback failed")
+
+
 def _peer_broke_protocol(events: list[_core.Event], status: Status) -> list[_core.Event]:
     """(tunnel client) The events of a frame that ended the tunnel as a protocol error,
     with the calls' ends turned into UNAVAILABLE: the calls' own side did nothing wrong,
@@ -514,28 +524,29 @@ class TunnelConnection:
         (:func:`sesame.core.encode_batch`), large ones alone as usual."""
         encode = self.codec.encode
         write = self.outer.write
+
+        def message(group: list[bytes]) -> bytes:  # a lone frame needs no container
+            return group[0] if len(group) == 1 else encode_batch(group)
+
         group: list[bytes] = []
         size = 0
         for frame in batch:
             data = getattr(frame, "data", None)
             if data is not None and len(data) >= BATCH_FRAME_MAX:
                 if group:
-                    await write(group[0] if len(group) == 1 else encode_batch(group))
+                    await write(message(group))
                     group, size = [], 0
                 two = parts(frame)
-                if two is not None:
-                    await write_parts(*two)
-                else:
-                    await write(encode(frame))
+                await (write_parts(*two) if two is not None else write(encode(frame)))
                 continue
             f = encode(frame)
             group.append(f)
             size += len(f)
             if size >= BATCH_BYTES:
-                await write(group[0] if len(group) == 1 else encode_batch(group))
+                await write(message(group))
                 group, size = [], 0
         if group:
-            await write(group[0] if len(group) == 1 else encode_batch(group))
+            await write(message(group))
 
     def after_write(self, cb: Callable[[], Any]) -> bool:
         """Call ``cb`` once the writer has written the batch of frames it is writing (or,
@@ -551,11 +562,7 @@ class TunnelConnection:
 
     def _run_after_write(self) -> None:
         cbs, self._after_write = self._after_write, []
-        for cb in cbs:
-            try:
-                cb()
-            except Exception:
-                log.exception("after-write callback failed")
+        call_each(cbs)
 
     def _kick(self) -> None:
         w = self._wake

@@ -41,13 +41,26 @@ def encode_chunks(data: bytes) -> Iterator[bytes]:
 
 
 def encode_joined(parts: list[bytes], n: int) -> Iterator[bytes]:
-    """The ``n`` bytes of ``parts`` (in order) as ``bytes`` messages: one copy of each
-    byte when they fit one message."""
+    """The ``n`` bytes of ``parts`` (in order) as ``bytes`` messages of at most
+    :data:`MAX_MESSAGE`, each byte copied once: consecutive parts go together while they
+    fit one message (no join of everything followed by slicing it)."""
     if n <= MAX_MESSAGE:
         if n:
             yield b"".join([b"\x12", varint(n), *parts])
         return
-    yield from encode_chunks(b"".join(parts))
+    group: list[bytes] = []
+    size = 0
+    for part in parts:
+        if group and size + len(part) > MAX_MESSAGE:
+            yield b"".join([b"\x12", varint(size), *group])
+            group, size = [], 0
+        if len(part) > MAX_MESSAGE:
+            yield from encode_chunks(part)
+        elif part:
+            group.append(part)
+            size += len(part)
+    if group:
+        yield b"".join([b"\x12", varint(size), *group])
 
 
 def decode_bytes(msg: bytes, cls: type, *, view: bool = False) -> bytes | memoryview | None:
@@ -123,10 +136,6 @@ class Coalescer:
         self._n = 0
         for msg in encode_joined(parts, n):
             self._send(msg)
-
-    def discard(self) -> None:
-        self._parts = []
-        self._n = 0
 
     def _flushed(self) -> None:
         self._armed = False
