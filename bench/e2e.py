@@ -68,6 +68,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from sesame._grpcio import choose_grpc_io  # noqa: E402
+
+# hub, remote and `sesame forward` inherit it; SESAME_GRPC_IO=event-engine for an A/B
+GRPC_IO = choose_grpc_io()
+
 
 def _load_netconn_bench():
     spec = importlib.util.spec_from_file_location("bench_netconn", HERE / "netconn.py")
@@ -710,7 +715,7 @@ def client_main(args: argparse.Namespace) -> None:
     load_after = _load()
     print(f"load after: {json.dumps(load_after)}", file=sys.stderr, flush=True)
     doc = {
-        "bench": "e2e", "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "bench": "e2e", "grpc_io": GRPC_IO, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "cpus": os.cpu_count(), "python": sys.version.split()[0], "grpcio": grpc.__version__,
         "twisted": __import__("twisted").__version__, "reactor": type(reactor).__name__,
         "tls": "generated hub CA (grpc ssl credentials) on client→hub and remote→hub",

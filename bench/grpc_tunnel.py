@@ -30,11 +30,15 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sesame.tunnel import ReverseTunnelServer, ServiceRegistry, TunnelHost, open_tunnel
+from sesame._grpcio import choose_grpc_io
+
+GRPC_IO = choose_grpc_io()  # the engine the sesame command runs on (SESAME_GRPC_IO)
+
+import grpc  # noqa: E402
+
+from sesame.tunnel import ReverseTunnelServer, ServiceRegistry, TunnelHost, open_tunnel  # noqa: E402
 
 ECHO = "/bench.Bench/Echo"  # returns the request
 SINK = "/bench.Bench/Sink"  # returns 8 bytes whatever the request
@@ -199,7 +203,7 @@ def main() -> None:
             r["calls_vs_direct"] = round(r["calls_per_s_32"] / d["calls_per_s_32"], 2)
             r["bulk_vs_direct"] = round(r["bulk_1mib_MiBps"] / d["bulk_1mib_MiBps"], 2)
         print(json.dumps({
-            "bench": "grpc_tunnel", "dialect": args.dialect, "seconds": args.seconds,
+            "bench": "grpc_tunnel", "grpc_io": GRPC_IO, "dialect": args.dialect, "seconds": args.seconds,
             "tunnel_handlers": "async" if args.async_handlers else "sync",
             "cpus": os.cpu_count(), "python": sys.version.split()[0],
             "grpcio": grpc.__version__, "results": results,

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from sesame import _grpcio
 from sesame._cliutil import (
     STORE_HELP,
     CLIError,
@@ -647,6 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # grpc's C core logs connection teardown at INFO on stderr; a CLI user
     # wants our messages, not those.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    try:  # before anything imports grpc: it reads its engine choice once (sesame._grpcio)
+        _grpcio.choose_grpc_io()
+    except ValueError as exc:
+        print(f"sesame: {exc}", file=sys.stderr)
+        return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("hub", "remote"):
         # these take twistd-style options of their own (sesame.tap)

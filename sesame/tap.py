@@ -20,8 +20,13 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from sesame import _grpcio, _routecli
 from sesame import _names as N
-from sesame import _routecli
+
+try:  # before anything below imports grpc: it reads its engine choice once
+    GRPC_IO: str | ValueError = _grpcio.choose_grpc_io()
+except ValueError as _exc:
+    GRPC_IO = _exc
 
 DEFAULT_LISTEN = "tcp:7443:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "./.sesame"
@@ -300,6 +305,8 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        if isinstance(GRPC_IO, ValueError):
+            raise usage.UsageError(str(GRPC_IO))
         if self.subCommand is None:
             raise usage.UsageError("name a subcommand: hub, remote or host")
 
@@ -695,6 +702,9 @@ def makeService(options: Options) -> service.IService:
     from sesame._cliutil import quiet_repeated_stop_signals
 
     reactor.callWhenRunning(quiet_repeated_stop_signals, reactor)
+    Logger().info("sesame: grpc I/O engine: {engine} ({env} chooses: {iomgr} or {ee})",
+                  engine=GRPC_IO, env=_grpcio.ENV, iomgr=_grpcio.IOMGR,
+                  ee=_grpcio.EVENT_ENGINE)
     top = service.MultiService()
     sub = options.subOptions
     if options.subCommand == "hub":

@@ -85,6 +85,22 @@ def test_broken_dropin_cache_cannot_break_discovery(installed: Path, tmp_path: P
         plugins.chmod(0o755)
 
 
+def _env_without_grpc_choice(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GRPC_EXPERIMENTS", "SESAME_GRPC_IO")}
+    return {**env, **extra}
+
+
+def test_twistd_sesame_refuses_a_bad_grpc_engine(tmp_path: Path):
+    out = subprocess.run(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "sesame", "host"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=_env_without_grpc_choice(SESAME_GRPC_IO="quick"),
+    )
+    assert out.returncode != 0
+    assert "SESAME_GRPC_IO='quick': use iomgr or event-engine" in out.stdout + out.stderr
+
+
 def test_twistd_sesame_host_serves_a_tunnel(tmp_path: Path):
     from sesame.tunnel import open_tunnel
 
@@ -92,6 +108,7 @@ def test_twistd_sesame_host_serves_a_tunnel(tmp_path: Path):
         [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "sesame", "host",
          "--listen", "127.0.0.1:0"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env_without_grpc_choice(),
     )
     lines: queue.Queue[str] = queue.Queue()
     def pump() -> None:
@@ -109,6 +126,9 @@ def test_twistd_sesame_host_serves_a_tunnel(tmp_path: Path):
             m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
             if m:
                 break
+        # twistd sesame chose grpc's engine itself (sesame._grpcio), and says which
+        assert any("sesame: grpc I/O engine: iomgr (SESAME_GRPC_IO chooses" in line
+                   for line in seen), seen
         ch = open_tunnel(m.group(1))
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING

@@ -16,6 +16,9 @@ class SesameClientParser:
     prefix = "sesame"
 
     def parseStreamClient(self, reactor, *args, **kwargs):
+        from sesame._grpcio import choose_grpc_io
+
+        choose_grpc_io()  # before sesame.endpoints imports grpc (SESAME_GRPC_IO)
         from sesame.endpoints import client_from_kwargs
 
         if args:
@@ -31,6 +34,9 @@ class SesameServerParser:
     prefix = "sesame"
 
     def parseStreamServer(self, reactor, *args, **kwargs):
+        from sesame._grpcio import choose_grpc_io
+
+        choose_grpc_io()  # before sesame.endpoints imports grpc (SESAME_GRPC_IO)
         from sesame.endpoints import server_from_kwargs
 
         if args:
