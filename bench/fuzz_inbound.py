@@ -105,6 +105,7 @@ from hypothesis import strategies as st
 from sesame import _names as N
 from sesame import _wire
 from sesame.admin.v1alpha1 import admin_pb2  # registers the Admin types
+from sesame.core._codec import split_batch
 from sesame.grpctunnel.v1 import tunnel_pb2 as gt_pb
 from sesame.hub import _hub
 from sesame.netconn import METHOD as NETCONN
@@ -1542,7 +1543,24 @@ class FrameSession:
                 self.used.append(sid)
 
     def on_frame(self, data: bytes) -> None:
-        """A ServerToClient frame arrived: record closes, credit data at once."""
+        """A ServerToClient message arrived: one frame, or several when the case asked for
+        batches (``sesame-tunnel-batch``, granted with the window extension)."""
+        if not self.gt:
+            try:
+                frames = split_batch(data)
+            except ValueError as exc:
+                self.frames_in += 1
+                self.res.fail(f"peer sent an unparsable batch of frames: {exc}")
+                return
+            if frames is not None:
+                self.res.sent["ServerToClient:batch"] += 1
+                for frame in frames:
+                    self._on_one_frame(bytes(frame))
+                return
+        self._on_one_frame(data)
+
+    def _on_one_frame(self, data: bytes) -> None:
+        """One ServerToClient frame: record closes, credit data at once."""
         self.frames_in += 1
         try:
             f = (gt_pb if self.gt else st_pb).ServerToClient.FromString(data)

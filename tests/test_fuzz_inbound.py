@@ -124,6 +124,43 @@ async def _stream_call(hub, path: str, metadata: tuple, messages: list[bytes]) -
         return await asyncio.wait_for(call.code(), 10)
 
 
+def test_the_harness_reads_a_batch_of_frames_from_a_host():
+    """Found by a full run: a case with the window extension also asks for batches, and a
+    NetConn call refused right after a half-close sends its header and its status in one
+    batch.  The harness read that as one unknown frame and waited for a close that had
+    come: every frame of a batch counts, and a malformed batch is a failure."""
+    from sesame.core._codec import encode_batch
+
+    res = F.Result("host.sesame")
+    fs = F.FrameSession("sesame", lambda data: None, res)
+    header = st_pb.ServerToClient(stream_id=1)
+    header.header.SetInParent()
+    close = st_pb.ServerToClient(stream_id=1)
+    close.close_stream.status.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    close.close_stream.status.message = "no dial request before end of stream"
+    fs.opened.add(1)
+    fs.on_frame(encode_batch([header.SerializeToString(), close.SerializeToString()]))
+    assert dict(fs.closes) == {1: [grpc.StatusCode.INVALID_ARGUMENT.value[0]]}
+    assert fs.frames_in == 2 and res.failures == []
+    cut = encode_batch([header.SerializeToString()])[:-1]
+    fs.on_frame(cut)
+    assert res.failures == ["peer sent an unparsable batch of frames: a batched frame of "
+                            f"{len(cut) - 2} bytes at byte 3: empty or past the end"], res.failures
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_netconn_refused_at_once_closes_its_stream_on_a_batching_tunnel(fuzz_env):
+    """The case the full run shrank to, against the real TunnelHost: new NetConn stream,
+    half-close, no dial: INVALID_ARGUMENT on the stream, the tunnel itself ends OK."""
+    case = {"dialect": "sesame", "negotiate": False, "ext": True, "nscripts": 1,
+            "order": [(0, ("new", "self", NETCONN, [], None, None)), (0, ("half", "self"))]}
+    for _ in range(5):
+        r = await to_deferred(get_bridge().submit(
+            F.run_host_tunnel(fuzz_env, case, "host.sesame")))
+        assert r.failures == [] and r.code == "OK", (r.failures, r.code, r.details)
+        assert r.stream_codes == {"INVALID_ARGUMENT": 1}, r.stream_codes
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_unparsable_management_request_is_invalid_argument(sesame_hub):
     """Found by the fuzz: grpc's own deserializer ended it UNKNOWN, before the token was
