@@ -20,8 +20,8 @@ So the ``sesame`` command and ``twistd sesame`` ask for it before they import gr
   only once), and so does a grpcio outside :data:`KNOWN_VERSIONS`, where these
   experiments may not exist (grpcio logs an error for an unknown one).
 
-Library users choose for their own processes: call :func:`choose_grpc_io` first thing,
-or set the variable themselves.
+Library users choose for their own processes: call ``sesame.choose_grpc_io()`` first
+thing, or set the variable themselves.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import MutableMapping
-from importlib import metadata
 
 ENV = "SESAME_GRPC_IO"
 IOMGR = "iomgr"
@@ -41,6 +40,8 @@ EXPERIMENTS = ("event_engine_client", "event_engine_listener")
 
 
 def _grpcio_version() -> tuple[int, int] | None:
+    from importlib import metadata  # only when choosing: `import sesame` stays light
+
     try:
         text = metadata.version("grpcio")
     except metadata.PackageNotFoundError:
