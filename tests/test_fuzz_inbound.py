@@ -162,6 +162,37 @@ async def test_a_netconn_refused_at_once_closes_its_stream_on_a_batching_tunnel(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_remote_that_hangs_up_before_its_ack_fails_the_client_at_once(fuzz_env):
+    """Found by a full run: the remote opens the Stream, reads connect and dial, then
+    cancels.  When that cancellation reached the hub as CancelledError (not as the end of
+    the requests), the client's NetConn waited out the stream request timeout (3 s) for
+    an answer that could no longer come.  Now it is UNAVAILABLE at once."""
+    case = {"first": ("dial_echo", fuzz_env.shapes.dial_echo()), "ack": "cancel",
+            "script": [], "client_half_close": False, "end": "eof"}
+
+    async def run() -> list:
+        out = []
+        channel = fuzz_env.channel()
+        try:
+            for i in range(6):
+                fake = fuzz_env.fakes[i % len(fuzz_env.fakes)]
+                t0 = asyncio.get_running_loop().time()
+                r = await F.run_stream_tunnel(fuzz_env, case, fake, channel)
+                out.append((r.code, r.details, r.failures,
+                            asyncio.get_running_loop().time() - t0))
+        finally:
+            await channel.close()
+        return out
+
+    for code, details, failures, took in await to_deferred(get_bridge().submit(run())):
+        assert failures == [], (code, details, failures)
+        assert code == "UNAVAILABLE", (code, details)
+        # not the stream request timeout's "did not open a stream in 3s"
+        assert details.startswith(("remote fz-", "the remote")), details
+        assert "did not open a stream in" not in details, (details, took)
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_unparsable_management_request_is_invalid_argument(sesame_hub):
     """Found by the fuzz: grpc's own deserializer ended it UNKNOWN, before the token was
     looked at.  The token comes first (UNAUTHENTICATED), then INVALID_ARGUMENT naming the

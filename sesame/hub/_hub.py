@@ -561,13 +561,24 @@ class Hub:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND,
                                 f"no outstanding stream request {sid!r} for remote {name}",
                                 drain=False)
-        # a peer hub relaying this stream reads its frames: batches only if it said so
-        await context.send_initial_metadata(ext_metadata(SesameCodec, batch=pending.batch))
-        await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
-        t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (sesame.hub.metrics)
-        await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})
-                            .SerializeToString())
-        ack = await context.read()
+
+        def unanswered(why: str) -> None:
+            # settle the client's request first: it must not wait out STREAM_REQUEST_TIMEOUT
+            if not pending.future.done():
+                pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} {why}"))
+                pending.future.exception()
+
+        try:
+            # a peer hub relaying this stream reads its frames: batches only if it said so
+            await context.send_initial_metadata(ext_metadata(SesameCodec, batch=pending.batch))
+            await context.write(tunnel_pb2.StreamResponse(connect={}).SerializeToString())
+            t0 = time.monotonic()  # dial -> ack: the hub's tunnel RTT sample (metrics)
+            await context.write(tunnel_pb2.StreamResponse(dial={"endpoint": pending.endpoint})
+                                .SerializeToString())
+            ack = await context.read()
+        except BaseException:  # cancelled: the remote hung up before its answer
+            unanswered("hung up before answering the stream's dial")
+            raise
         self.metrics.rtt(ns, name, time.monotonic() - t0)
         garbled: DecodeError | None = None
         dialled = False
@@ -577,10 +588,7 @@ class Hub:
             except DecodeError as exc:
                 garbled = exc
         if not dialled:
-            # settle the client's request first: it must not wait out STREAM_REQUEST_TIMEOUT
-            if not pending.future.done():
-                pending.future.set_exception(_HubError(UNAVAILABLE, f"remote {name} refused the stream"))
-                pending.future.exception()
+            unanswered("refused the stream")
             if garbled is not None:
                 await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                     f"Stream message 2 does not parse as StreamRequest: {garbled}",
