@@ -86,9 +86,24 @@ class ObservedServicer(NetConnServicer):
             raise
         except BaseException as exc:  # abort() raises
             outcome = type(exc).__name__
+            code = getattr(context, "code", None)
+            if callable(code):  # which status, for a failing assertion to show
+                outcome += f" {code()} {context.details()!r}"
             raise
         finally:
             reactor.callFromThread(self.outcomes.append, outcome)
+
+
+def _accept_queue(port: int) -> int:
+    """How many connections wait in the accept queue of the 127.0.0.1 listener on ``port``
+    (/proc/net/tcp: a LISTEN socket's rx_queue is its accept queue)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "0A":
+                return int(fields[4].split(":")[1], 16)
+    return 0
 
 
 @dataclass
@@ -423,6 +438,12 @@ class Lab:
         port = s.getsockname()[1]
         filler = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         self.raw_sockets += [s, filler]
+        # the filler is "connected" once its ACK is sent; until the listener has queued it,
+        # a dial's SYN could still take the one place (seen once in a full-suite run)
+        deadline = time.monotonic() + WAIT
+        while _accept_queue(port) < 1:
+            assert time.monotonic() < deadline, "the blackhole's accept queue never filled"
+            time.sleep(0.001)
         return port
 
     async def close(self) -> None:

@@ -88,6 +88,9 @@ class NetConn:
         self.call = channel.stream_stream(METHOD)(
             self._requests(), timeout=timeout,
             metadata=(("authorization", f"Bearer {token}"), ("sesame-remote", remote)))
+        # however the call ends (a revoked token, a killed hub), grpc's thread consuming
+        # _requests() must not wait in _q.get() for ever
+        self.call.add_callback(lambda: self._q.put(None))
         try:
             first = next(self.call)
             if rc_pb.NetConnResponse.FromString(first).WhichOneof("data") != "conn":
