@@ -5,13 +5,15 @@ grpcio 1.80 and later do their socket I/O through the "EventEngine" by default; 
 engine before it (the "iomgr" poller) is still built in and is chosen with
 ``GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener`` in the environment,
 read once, when ``grpc`` is first imported.  Measured on the project's 2-core machines
-(docs/PERFORMANCE.md, "The gRPC I/O engine"), the older engine does the same work with
-less CPU: a bare grpc.aio round trip costs ~220 µs of server CPU instead of ~300 and
-takes ~300 µs instead of ~480, and a 1 MiB message costs ~1.05 ms/MiB to receive
-instead of ~1.45.
+(docs/PERFORMANCE.md, "Data path, fourth pass"; ``bench/grpc_engines.py``), the older
+engine spends less per message: a bare grpc.aio round trip over TLS takes ~340 µs
+instead of ~450 and ~250 µs of server CPU instead of ~280, and receiving 1 MiB messages
+costs ~12 % less.  End to end, a hub's CPU per port-map round trip went from ~580 µs to
+~480-530 and ``sesame forward`` bulk from 190-231 to 220-242 MiB/s.
 
-So the ``sesame`` command and ``twistd sesame`` ask for it before they import grpc
-(:func:`choose_grpc_io`), unless told otherwise:
+So the ``sesame`` command, ``twistd sesame`` and the ``sesame:`` endpoint-string
+parsers ask for it before they import grpc (:func:`choose_grpc_io`), unless told
+otherwise:
 
 * ``SESAME_GRPC_IO=event-engine`` keeps grpcio's default; ``SESAME_GRPC_IO=iomgr``
   (the default) asks for the older engine;
