@@ -87,7 +87,8 @@ def _choose(env: MutableMapping[str, str], version: tuple[int, int] | None,
     if imported:
         return "grpcio's default: grpc was imported first"
     current = env.get("GRPC_EXPERIMENTS", "")
-    if any(name in current for name in EXPERIMENTS):
+    named = {item.strip().lstrip("-") for item in current.split(",")}
+    if named & set(EXPERIMENTS):  # by name: event_engine_client_channel_resolver is another
         return "as GRPC_EXPERIMENTS says"
     have = _grpcio_version() if version is None else version
     low, high = KNOWN_VERSIONS

@@ -32,6 +32,8 @@ def _engine_files(stderr: str) -> set[str]:
 @pytest.mark.parametrize("given, expected", [
     ({}, FLAGS),
     ({"GRPC_EXPERIMENTS": "some_other_experiment"}, f"some_other_experiment,{FLAGS}"),
+    ({"GRPC_EXPERIMENTS": "event_engine_client_channel_resolver"},
+     f"event_engine_client_channel_resolver,{FLAGS}"),
     ({"GRPC_EXPERIMENTS": "  "}, FLAGS),
     ({_grpcio.ENV: "IOMGR"}, FLAGS),
     ({_grpcio.ENV: ""}, FLAGS),

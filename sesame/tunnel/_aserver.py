@@ -46,8 +46,9 @@ class AsyncTunnelContext(ServedContext):
 
     async def flushed(self) -> None:
         """Return once the tunnel's writer has written the batch it is writing (at once
-        when it has nothing to write).  ``write`` returns as soon as a message is queued; a byte relay that
-        awaits this after its writes coalesces what arrives meanwhile into one message."""
+        when it has nothing to write).  ``write`` returns as soon as a message is queued;
+        a byte relay that awaits this after its writes coalesces what arrives meanwhile
+        into one message."""
         await self._s.flushed()
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
